@@ -1,0 +1,38 @@
+# etha: every target sets itself up (virtualenv + pinned installs) on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+N ?= 8
+
+.PHONY: install lint fmt typecheck test test-fast demo bench bench-quick chaos clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[tcpstore,operator,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff format etha operator tests bench examples
+	$(VENV)/bin/ruff check --fix etha operator tests bench examples
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check etha operator tests bench examples
+	$(VENV)/bin/ruff format --check etha operator tests bench examples
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+## The whole suite: lint, types, then every test against real etcd/TCPStore/kopf.
+test: lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -x -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis bench/out .demo

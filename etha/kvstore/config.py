@@ -1,0 +1,351 @@
+"""The ``ETHA_KV_*`` environment contract, parsed into typed configurations.
+
+The operator writes these variables into each KVNamespace's Secret and the admission
+webhook injects them into worker pods; :func:`etha.kvstore.from_env` reads them. The
+contract is documented in ``docs/configuration.md``; :meth:`EtcdConfig.to_env` is the
+inverse of :func:`parse_env`, so both sides share one definition.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+from etha.kvstore.errors import ConfigurationError, InvalidKeyError
+from etha.kvstore.keys import validate_name
+
+PREFIX = "ETHA_KV_"
+BACKEND = "ETHA_KV_BACKEND"
+NAMESPACE = "ETHA_KV_NAMESPACE"
+COMPONENT = "ETHA_KV_COMPONENT"
+ENDPOINTS = "ETHA_KV_ENDPOINTS"
+USERNAME = "ETHA_KV_USERNAME"
+PASSWORD = "ETHA_KV_PASSWORD"  # noqa: S105 - a variable name, not a password
+CA_FILE = "ETHA_KV_CA_FILE"
+CA_PEM = "ETHA_KV_CA_PEM"
+CERT_FILE = "ETHA_KV_CERT_FILE"
+KEY_FILE = "ETHA_KV_KEY_FILE"
+TIMEOUT = "ETHA_KV_TIMEOUT"
+TCPSTORE_HOST = "ETHA_KV_TCPSTORE_HOST"
+TCPSTORE_PORT = "ETHA_KV_TCPSTORE_PORT"
+TCPSTORE_IS_SERVER = "ETHA_KV_TCPSTORE_IS_SERVER"
+TCPSTORE_WORLD_SIZE = "ETHA_KV_TCPSTORE_WORLD_SIZE"
+
+#: Variables that carry secrets: never log them, never put them in a status or event.
+SECRET_VARIABLES = frozenset({PASSWORD})
+#: Every variable of the contract; the webhook treats all of them as reserved.
+ALL_VARIABLES = frozenset(
+    {
+        BACKEND, NAMESPACE, COMPONENT, ENDPOINTS, USERNAME, PASSWORD, CA_FILE, CA_PEM,
+        CERT_FILE, KEY_FILE, TIMEOUT, TCPSTORE_HOST, TCPSTORE_PORT, TCPSTORE_IS_SERVER,
+        TCPSTORE_WORLD_SIZE,
+    }
+)
+
+DEFAULT_COMPONENT = "default"
+DEFAULT_TIMEOUT = 10.0
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One etcd client endpoint."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """Everything needed to open an :class:`~etha.kvstore.etcd.EtcdKVStore`."""
+
+    namespace: str
+    endpoints: tuple[Endpoint, ...]
+    component: str = DEFAULT_COMPONENT
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_file: str | None = None
+    ca_pem: str | None = field(default=None, repr=False)
+    cert_file: str | None = None
+    key_file: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    backend: Literal["etcd"] = "etcd"
+
+    def to_env(self) -> dict[str, str]:
+        """The ``ETHA_KV_*`` variables that :func:`parse_env` turns back into this config."""
+        scheme = "https" if self.tls else "http"
+        env = {
+            BACKEND: "etcd",
+            NAMESPACE: self.namespace,
+            COMPONENT: self.component,
+            ENDPOINTS: ",".join(f"{scheme}://{ep}" for ep in self.endpoints),
+            TIMEOUT: _format_float(self.timeout),
+        }
+        optional = {
+            USERNAME: self.username,
+            PASSWORD: self.password,
+            CA_FILE: self.ca_file,
+            CA_PEM: self.ca_pem,
+            CERT_FILE: self.cert_file,
+            KEY_FILE: self.key_file,
+        }
+        env.update({name: value for name, value in optional.items() if value is not None})
+        return env
+
+
+@dataclass(frozen=True)
+class TCPStoreConfig:
+    """Everything needed to open a :class:`~etha.kvstore.tcpstore.TCPStoreKVStore`."""
+
+    namespace: str
+    host: str
+    port: int
+    is_server: bool
+    component: str = DEFAULT_COMPONENT
+    world_size: int | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    backend: Literal["tcpstore"] = "tcpstore"
+
+    def to_env(self) -> dict[str, str]:
+        """The ``ETHA_KV_*`` variables that :func:`parse_env` turns back into this config."""
+        env = {
+            BACKEND: "tcpstore",
+            NAMESPACE: self.namespace,
+            COMPONENT: self.component,
+            TCPSTORE_HOST: self.host,
+            TCPSTORE_PORT: str(self.port),
+            TCPSTORE_IS_SERVER: "true" if self.is_server else "false",
+            TIMEOUT: _format_float(self.timeout),
+        }
+        if self.world_size is not None:
+            env[TCPSTORE_WORLD_SIZE] = str(self.world_size)
+        return env
+
+
+StoreConfig = EtcdConfig | TCPStoreConfig
+
+
+def _format_float(value: float) -> str:
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    """The variable's value with surrounding blanks removed; unset and empty are None."""
+    value = env.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def _require(env: Mapping[str, str], name: str, why: str) -> str:
+    value = _get(env, name)
+    if value is None:
+        raise ConfigurationError(f"{name} is not set: {why}")
+    return value
+
+
+def _parse_name(env: Mapping[str, str], name: str, value: str) -> str:
+    try:
+        return validate_name(value, name)
+    except InvalidKeyError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def _parse_timeout(env: Mapping[str, str]) -> float:
+    raw = _get(env, TIMEOUT)
+    if raw is None:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{TIMEOUT}={raw!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigurationError(f"{TIMEOUT}={raw!r} must be a positive number of seconds")
+    return value
+
+
+def _parse_port(name: str, raw: str) -> int:
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise ConfigurationError(f"{name}={raw!r} is not a port number between 1 and 65535")
+    return port
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigurationError(f"{name}={raw!r} must be one of true/false, 1/0, yes/no")
+
+
+def parse_endpoints(raw: str, name: str = ENDPOINTS) -> tuple[tuple[Endpoint, ...], bool | None]:
+    """Parse ``host:port[,...]`` with optional ``http://``/``https://`` schemes.
+
+    :returns: the endpoints, and True/False when a scheme asked for TLS or plaintext
+        (None when no endpoint named a scheme)
+    """
+    endpoints: list[Endpoint] = []
+    schemes: set[str] = set()
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            raise ConfigurationError(f"{name}={raw!r} has an empty endpoint")
+        url = item if "://" in item else f"//{item}"
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigurationError(f"{name}: endpoint {item!r} is invalid ({exc})") from None
+        if parts.scheme:
+            if parts.scheme not in ("http", "https"):
+                raise ConfigurationError(
+                    f"{name}: endpoint {item!r} has scheme {parts.scheme!r}; use http or https"
+                )
+            schemes.add(parts.scheme)
+        if not parts.hostname or port is None or parts.path not in ("", "/"):
+            raise ConfigurationError(f"{name}: endpoint {item!r} must look like [https://]host:port")
+        endpoints.append(Endpoint(parts.hostname, port))
+    if len(schemes) > 1:
+        raise ConfigurationError(f"{name}={raw!r} mixes http:// and https:// endpoints")
+    tls = None if not schemes else schemes == {"https"}
+    return tuple(endpoints), tls
+
+
+def _check_file(env: Mapping[str, str], name: str) -> str | None:
+    path = _get(env, name)
+    if path is not None and not os.path.isfile(path):
+        raise ConfigurationError(f"{name}={path!r}: no such file")
+    return path
+
+
+def parse_env(environ: Mapping[str, str] | None = None) -> StoreConfig:
+    """Parse the ``ETHA_KV_*`` variables (default: ``os.environ``) into a config.
+
+    :raises ConfigurationError: naming the variable that is missing, malformed, or in
+        contradiction with another one
+    """
+    env = os.environ if environ is None else environ
+    backend = (_get(env, BACKEND) or "etcd").lower()
+    namespace = _parse_name(
+        env, NAMESPACE, _require(env, NAMESPACE, "it names the key namespace of this job")
+    )
+    component = _parse_name(env, COMPONENT, _get(env, COMPONENT) or DEFAULT_COMPONENT)
+    timeout = _parse_timeout(env)
+    if backend == "etcd":
+        return _parse_etcd(env, namespace, component, timeout)
+    if backend == "tcpstore":
+        return _parse_tcpstore(env, namespace, component, timeout)
+    raise ConfigurationError(f"{BACKEND}={backend!r} is not a backend; use 'etcd' or 'tcpstore'")
+
+
+def _parse_etcd(
+    env: Mapping[str, str], namespace: str, component: str, timeout: float
+) -> EtcdConfig:
+    for name in (TCPSTORE_HOST, TCPSTORE_PORT, TCPSTORE_IS_SERVER, TCPSTORE_WORLD_SIZE):
+        if _get(env, name) is not None:
+            raise ConfigurationError(
+                f"{name} is set but {BACKEND} is etcd; unset it or set {BACKEND}=tcpstore"
+            )
+    endpoints, scheme_tls = parse_endpoints(
+        _require(env, ENDPOINTS, "list the etcd endpoints as host:port[,host:port]")
+    )
+    username, password = _get(env, USERNAME), env.get(PASSWORD)
+    if password is not None and password == "":
+        password = None
+    if (username is None) != (password is None):
+        missing = PASSWORD if password is None else USERNAME
+        raise ConfigurationError(f"{missing} is not set: {USERNAME} and {PASSWORD} go together")
+    ca_file, ca_pem = _check_file(env, CA_FILE), _get(env, CA_PEM)
+    if ca_file and ca_pem:
+        raise ConfigurationError(f"{CA_FILE} and {CA_PEM} are both set; set one of them")
+    if ca_pem is not None and "BEGIN CERTIFICATE" not in ca_pem:
+        raise ConfigurationError(f"{CA_PEM} does not hold a PEM certificate")
+    cert_file, key_file = _check_file(env, CERT_FILE), _check_file(env, KEY_FILE)
+    if (cert_file is None) != (key_file is None):
+        missing = KEY_FILE if key_file is None else CERT_FILE
+        raise ConfigurationError(f"{missing} is not set: {CERT_FILE} and {KEY_FILE} go together")
+    wants_tls = bool(ca_file or ca_pem or cert_file)
+    if scheme_tls is False and wants_tls:
+        raise ConfigurationError(
+            f"{ENDPOINTS} uses http:// but TLS files are set; use https:// endpoints"
+        )
+    return EtcdConfig(
+        namespace=namespace,
+        component=component,
+        endpoints=endpoints,
+        username=username,
+        password=password,
+        tls=bool(scheme_tls) or wants_tls,
+        ca_file=ca_file,
+        ca_pem=ca_pem,
+        cert_file=cert_file,
+        key_file=key_file,
+        timeout=timeout,
+    )
+
+
+def _parse_tcpstore(
+    env: Mapping[str, str], namespace: str, component: str, timeout: float
+) -> TCPStoreConfig:
+    for name in (ENDPOINTS, USERNAME, PASSWORD, CA_FILE, CA_PEM, CERT_FILE, KEY_FILE):
+        if _get(env, name) is not None:
+            raise ConfigurationError(
+                f"{name} is set but {BACKEND} is tcpstore, which has no such setting; unset it"
+            )
+    host = _get(env, TCPSTORE_HOST) or _get(env, "MASTER_ADDR")
+    if host is None:
+        raise ConfigurationError(f"{TCPSTORE_HOST} is not set (nor MASTER_ADDR)")
+    port_name = TCPSTORE_PORT if _get(env, TCPSTORE_PORT) is not None else "MASTER_PORT"
+    raw_port = _get(env, port_name)
+    if raw_port is None:
+        raise ConfigurationError(f"{TCPSTORE_PORT} is not set (nor MASTER_PORT)")
+    port = _parse_port(port_name, raw_port)
+    raw_server = _get(env, TCPSTORE_IS_SERVER)
+    if raw_server is not None:
+        is_server = _parse_bool(TCPSTORE_IS_SERVER, raw_server)
+    else:
+        rank = _get(env, "RANK")
+        if rank is None:
+            raise ConfigurationError(
+                f"{TCPSTORE_IS_SERVER} is not set (nor RANK): say whether this process"
+                " hosts the TCPStore server"
+            )
+        try:
+            is_server = int(rank) == 0
+        except ValueError:
+            raise ConfigurationError(f"RANK={rank!r} is not an integer") from None
+    world_name = TCPSTORE_WORLD_SIZE if _get(env, TCPSTORE_WORLD_SIZE) is not None else "WORLD_SIZE"
+    raw_world = _get(env, world_name)
+    world_size = None
+    if raw_world is not None:
+        try:
+            world_size = int(raw_world)
+        except ValueError:
+            raise ConfigurationError(f"{world_name}={raw_world!r} is not an integer") from None
+        if world_size < 1:
+            raise ConfigurationError(f"{world_name}={raw_world!r} must be at least 1")
+    return TCPStoreConfig(
+        namespace=namespace,
+        component=component,
+        host=host,
+        port=port,
+        is_server=is_server,
+        world_size=world_size,
+        timeout=timeout,
+    )

@@ -1,0 +1,57 @@
+"""The one exception hierarchy of :mod:`etha.kvstore`.
+
+Every error the library raises derives from :class:`KVStoreError`. Where Python has a
+built-in exception with the same meaning, the etha class also derives from it, so that
+``except TimeoutError`` and ``except ValueError`` keep working as the spec promises.
+"""
+
+from __future__ import annotations
+
+
+class KVStoreError(Exception):
+    """Base class of every error raised by etha.kvstore."""
+
+
+class InvalidArgumentError(KVStoreError, ValueError):
+    """An argument was rejected before anything was sent to the server."""
+
+
+class InvalidKeyError(InvalidArgumentError):
+    """A namespace, component, key or pattern is not valid."""
+
+
+class InvalidValueError(InvalidArgumentError):
+    """A value has the wrong type, is not UTF-8, or is too large for the backend."""
+
+
+class ConfigurationError(InvalidArgumentError):
+    """The store configuration (for example the ``ETHA_KV_*`` environment) is wrong."""
+
+
+class PermissionDeniedError(KVStoreError, PermissionError):
+    """The server refused the operation: bad credentials or a key outside the grant."""
+
+
+class UnavailableError(KVStoreError, ConnectionError):
+    """No server could be reached, or the connection broke and could not be recovered."""
+
+
+class KVTimeoutError(KVStoreError, TimeoutError):
+    """A wait or a request did not complete within its timeout."""
+
+
+class StoreClosedError(KVStoreError):
+    """The store was used after :meth:`KVStore.close`."""
+
+
+__all__ = [
+    "ConfigurationError",
+    "InvalidArgumentError",
+    "InvalidKeyError",
+    "InvalidValueError",
+    "KVStoreError",
+    "KVTimeoutError",
+    "PermissionDeniedError",
+    "StoreClosedError",
+    "UnavailableError",
+]

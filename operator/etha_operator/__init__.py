@@ -1,0 +1,1 @@
+"""The etha operator: provisions per-KVNamespace etcd credentials with kopf."""

@@ -1,0 +1,1 @@
+"""Test support: real servers (etcd, TCPStore) and the Kubernetes API emulator."""

