@@ -1,0 +1,456 @@
+"""The etcd v3 backend of :class:`~etha.kvstore.base.KVStore`.
+
+Keys are stored as ``{namespace}/{component}/{key}`` (UTF-8); values are stored as the
+bytes given (``set`` stores the UTF-8 encoding of its str), so ``get`` and
+``get_bytes`` return the same thing. Waits read at a revision ``R`` and then watch
+from ``R + 1`` on the client's shared watch stream: no polling, and no event between
+the read and the watch is missed. See ``docs/etcd-backend.md``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from pyetcd import etcdrpc
+
+from etha.kvstore import keys as _keys
+from etha.kvstore.base import (
+    DEFAULT_WAIT_TIMEOUT,
+    KVStore,
+    check_bytes_value,
+    check_expected_count,
+    check_str_value,
+    check_timeout,
+)
+from etha.kvstore.config import (
+    DEFAULT_COMPONENT,
+    DEFAULT_TIMEOUT,
+    Endpoint,
+    EtcdConfig,
+    parse_endpoints,
+)
+from etha.kvstore.errors import (
+    ConfigurationError,
+    InvalidValueError,
+    KVStoreError,
+    KVTimeoutError,
+    StoreClosedError,
+    UnavailableError,
+)
+from etha.kvstore.etcd_client import RAFT_OVERHEAD_BYTES, EtcdClient, prefix_range_end
+from etha.kvstore.etcd_watch import PUT, WatchCompacted
+
+#: etcd's default ``--max-txn-ops``.
+MAX_TXN_OPS = 128
+#: Protobuf framing of a PutRequest around its key and value (tags and lengths).
+_PUT_FRAMING = 16
+
+T = TypeVar("T")
+
+
+def _endpoints_of(endpoints: Sequence[str | Endpoint] | str) -> tuple[tuple[Endpoint, ...], bool]:
+    items = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    result: list[Endpoint] = []
+    tls = False
+    for item in items:
+        if isinstance(item, Endpoint):
+            result.append(item)
+            continue
+        if not isinstance(item, str):
+            raise ConfigurationError(f"etcd endpoint {item!r} must be a str like 'host:port'")
+        parsed, scheme_tls = parse_endpoints(item, "endpoints")
+        tls = tls or bool(scheme_tls)
+        result.extend(parsed)
+    if not result:
+        raise ConfigurationError("no etcd endpoints given; pass at least one 'host:port'")
+    return tuple(result), tls
+
+
+def _show(value: bytes, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class EtcdKVStore(KVStore):
+    """KVStore on etcd v3.
+
+    All stores of one process with the same connection settings share one
+    :class:`EtcdClient` (one authenticated channel, one watch stream) through
+    :meth:`EtcdClient.shared`; pass ``client`` to use a client you manage yourself
+    (the store then never closes it).
+
+    *Coordination keys* are the keys this store object wrote with :meth:`set` or
+    :meth:`set_bytes` (and has not deleted since). ``close(cleanup=True)`` deletes exactly
+    those keys; keys written by other store objects or processes are left alone.
+
+    :param endpoints: ``"host:port"`` or ``"http(s)://host:port"``, a comma-separated
+        string or a sequence of them
+    :param tls: force TLS on or off; None (default) decides from the endpoint scheme and
+        the TLS files given
+    :param timeout: deadline of each request to etcd (failover and re-login included)
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        component: str = DEFAULT_COMPONENT,
+        *,
+        endpoints: Sequence[str | Endpoint] | str,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool | None = None,
+        ca_file: str | None = None,
+        ca_pem: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        client: EtcdClient | None = None,
+    ) -> None:
+        super().__init__(namespace, component)
+        self._lock = threading.Lock()
+        self._tracked: set[bytes] = set()
+        self._closed = False
+        if client is not None:
+            self._client = client
+            self._owns_client = False
+        else:
+            parsed, scheme_tls = _endpoints_of(endpoints)
+            if tls is None:
+                tls = scheme_tls or bool(ca_file or ca_pem or cert_file)
+            config = EtcdConfig(
+                namespace=namespace,
+                component=component,
+                endpoints=parsed,
+                username=username,
+                password=password,
+                tls=tls,
+                ca_file=ca_file,
+                ca_pem=ca_pem,
+                cert_file=cert_file,
+                key_file=key_file,
+                timeout=float(timeout),
+            )
+            self._client = EtcdClient.shared(config)
+            self._owns_client = True
+        self._prefix_len = len(self._component_prefix(None))
+
+    @classmethod
+    def from_config(cls, config: EtcdConfig) -> EtcdKVStore:
+        """Open a store for ``config`` (as parsed from ``ETHA_KV_*``)."""
+        return cls(
+            config.namespace,
+            config.component,
+            endpoints=config.endpoints,
+            username=config.username,
+            password=config.password,
+            tls=config.tls,
+            ca_file=config.ca_file,
+            ca_pem=config.ca_pem,
+            cert_file=config.cert_file,
+            key_file=config.key_file,
+            timeout=config.timeout,
+        )
+
+    @property
+    def client(self) -> EtcdClient:
+        """The (possibly shared) low-level client of this store."""
+        return self._client
+
+    @property
+    def coordination_keys(self) -> frozenset[str]:
+        """The full keys that ``close(cleanup=True)`` would delete now."""
+        with self._lock:
+            return frozenset(k.decode() for k in self._tracked)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{self!r} is closed; open a new store")
+
+    # -- plain operations ----------------------------------------------------------------
+
+    def get(self, key: str, *, component: str | None = None) -> bytes | None:
+        """The value of ``key`` (bytes), or None if it does not exist."""
+        self._check_open()
+        full = self._full_key(key, component).encode()
+        kvs = self._client.range(full).kvs
+        return kvs[0].value if kvs else None
+
+    def get_bytes(self, key: str, *, component: str | None = None) -> bytes | None:
+        """Same as :meth:`get` on etcd: values are stored as native bytes."""
+        return self.get(key, component=component)
+
+    def exists(self, key: str, *, component: str | None = None) -> bool:
+        self._check_open()
+        full = self._full_key(key, component).encode()
+        return bool(self._client.range(full, count_only=True).count)
+
+    def set(self, key: str, value: str, *, component: str | None = None) -> None:
+        """Store the UTF-8 encoding of ``value``; the key becomes a coordination key."""
+        self._check_open()
+        self._put(self._full_key(key, component), check_str_value(value))
+
+    def set_bytes(self, key: str, data: bytes, *, component: str | None = None) -> None:
+        """Store ``data`` as is; the key becomes a coordination key."""
+        self._check_open()
+        self._put(self._full_key(key, component), check_bytes_value(data))
+
+    def _put(self, full_key: str, data: bytes) -> None:
+        key = full_key.encode()
+        limit = self._client.max_request_bytes
+        if len(key) + len(data) + _PUT_FRAMING + RAFT_OVERHEAD_BYTES > limit:
+            raise InvalidValueError(
+                f"value for {full_key!r} is {len(data)} bytes; etcd refuses requests over"
+                f" {limit} bytes (--max-request-bytes): split the value or store it elsewhere"
+            )
+        self._client.put(key, data)
+        with self._lock:
+            self._tracked.add(key)
+
+    def delete(self, key: str, *, component: str | None = None) -> bool:
+        """Delete ``key``; True if it existed."""
+        self._check_open()
+        full = self._full_key(key, component).encode()
+        deleted = self._client.delete_range(full)
+        with self._lock:
+            self._tracked.discard(full)
+        return deleted > 0
+
+    # -- waits ---------------------------------------------------------------------------
+
+    def wait_for_key(
+        self, key: str, timeout: float = DEFAULT_WAIT_TIMEOUT, *, component: str | None = None
+    ) -> bytes:
+        """Wait until ``key`` exists; return its value.
+
+        :raises KVTimeoutError: (a TimeoutError) when ``timeout`` seconds pass first
+        """
+        self._check_open()
+        full = self._full_key(key, component)
+        seconds = check_timeout(timeout)
+
+        def found(value: bytes | None) -> bytes | None:
+            return value
+
+        return self._wait_single(full, seconds, found, f"key {full!r} to exist")
+
+    def wait_for_value(
+        self,
+        key: str,
+        expected: str,
+        timeout: float = DEFAULT_WAIT_TIMEOUT,
+        *,
+        component: str | None = None,
+    ) -> bytes:
+        """Wait until ``key`` holds ``expected`` (UTF-8); return the value.
+
+        :raises KVTimeoutError: (a TimeoutError) when ``timeout`` seconds pass first
+        """
+        self._check_open()
+        full = self._full_key(key, component)
+        want = check_str_value(expected, "expected")
+        seconds = check_timeout(timeout)
+
+        def found(value: bytes | None) -> bytes | None:
+            return value if value == want else None
+
+        return self._wait_single(full, seconds, found, f"key {full!r} to hold {_show(want)}")
+
+    def _wait_single(
+        self,
+        full_key: str,
+        timeout: float,
+        match: Callable[[bytes | None], bytes | None],
+        what: str,
+    ) -> bytes:
+        key = full_key.encode()
+        deadline = time.monotonic() + timeout
+        last: list[bytes | None] = [None]
+
+        def read() -> tuple[bytes | None, int]:
+            response = self._client.range(key, timeout=self._request_timeout(deadline, what))
+            value = response.kvs[0].value if response.kvs else None
+            last[0] = value
+            return match(value), response.header.revision
+
+        def apply(events: Iterable[Any]) -> bytes | None:
+            for event in events:
+                value = event.kv.value if event.type == PUT else None
+                last[0] = value
+                result = match(value)
+                if result is not None:
+                    return result
+            return None
+
+        def seen() -> str:
+            value = last[0]
+            return "the key does not exist" if value is None else f"last value {_show(value)}"
+
+        return self._wait(key, None, deadline, timeout, what, read, apply, seen)
+
+    def wait_for_keys(
+        self,
+        key_pattern: str,
+        expected_count: int,
+        value: str = "1",
+        timeout: float = DEFAULT_WAIT_TIMEOUT,
+        candidate_keys: list[str] | None = None,
+        *,
+        component: str | None = None,
+    ) -> list[str]:
+        """Wait until ``expected_count`` keys matching ``key_pattern`` hold ``value``.
+
+        ``*`` matches any characters, ``/`` included. ``candidate_keys`` is ignored: one
+        prefix read (the pattern's literal prefix) plus a watch sees every key.
+
+        :returns: every matching key holding ``value``, relative to the component, sorted
+        :raises KVTimeoutError: (a TimeoutError) when ``timeout`` seconds pass first,
+            saying how many keys were seen
+        """
+        self._check_open()
+        comp_prefix, regex = self._full_pattern(key_pattern, component)
+        count = check_expected_count(expected_count)
+        want = check_str_value(value, "value")
+        seconds = check_timeout(timeout)
+        prefix = (comp_prefix + _keys.literal_prefix(key_pattern)).encode()
+        range_end = prefix_range_end(prefix)
+        strip = len(comp_prefix.encode())
+        deadline = time.monotonic() + seconds
+        what = f"{count} keys matching {comp_prefix + key_pattern!r} to hold {_show(want)}"
+        matched: set[str] = set()
+        fullmatch = regex.fullmatch
+
+        def relative(raw: bytes) -> str | None:
+            rel = raw[strip:].decode("utf-8", "replace")
+            return rel if fullmatch(rel) else None
+
+        def done() -> list[str] | None:
+            return sorted(matched) if len(matched) >= count else None
+
+        def read() -> tuple[list[str] | None, int]:
+            response = self._client.range(
+                prefix, range_end, timeout=self._request_timeout(deadline, what)
+            )
+            matched.clear()
+            for kv in response.kvs:
+                rel = relative(kv.key)
+                if rel is not None and kv.value == want:
+                    matched.add(rel)
+            return done(), response.header.revision
+
+        def apply(events: Iterable[Any]) -> list[str] | None:
+            for event in events:
+                rel = relative(event.kv.key)
+                if rel is None:
+                    continue
+                if event.type == PUT and event.kv.value == want:
+                    matched.add(rel)
+                else:
+                    matched.discard(rel)
+            return done()
+
+        def seen() -> str:
+            return f"{len(matched)} of {count} keys matched"
+
+        return self._wait(prefix, range_end, deadline, seconds, what, read, apply, seen)
+
+    def _request_timeout(self, deadline: float, what: str) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            # A zero-timeout wait still gets one read.
+            return min(self._client.timeout, 1.0)
+        return remaining
+
+    def _wait(
+        self,
+        key: bytes,
+        range_end: bytes | None,
+        deadline: float,
+        timeout: float,
+        what: str,
+        read: Callable[[], tuple[T | None, int]],
+        apply: Callable[[Iterable[Any]], T | None],
+        seen: Callable[[], str],
+    ) -> T:
+        """Read at revision R, then apply watch events from R + 1 until a result."""
+        while True:
+            try:
+                result, revision = read()
+            except (UnavailableError, KVTimeoutError) as exc:
+                if time.monotonic() < deadline:
+                    raise
+                raise KVTimeoutError(
+                    f"timed out after {timeout:g}s waiting for {what}: {exc}"
+                ) from exc
+            if result is not None:
+                return result
+            if time.monotonic() >= deadline:
+                raise KVTimeoutError(f"timed out after {timeout:g}s waiting for {what} ({seen()})")
+            hub = self._client.watch_hub
+            watcher = hub.watch(key, range_end, revision + 1)
+            try:
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise KVTimeoutError(
+                            f"timed out after {timeout:g}s waiting for {what} ({seen()};"
+                            f" {hub.describe()})"
+                        )
+                    try:
+                        events = watcher.get(remaining)
+                    except WatchCompacted:
+                        break  # re-read at the current revision, then watch again
+                    if events is None:
+                        continue
+                    result = apply(events)
+                    if result is not None:
+                        return result
+            finally:
+                watcher.cancel()
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self, cleanup: bool = True) -> None:
+        """Close the store; with ``cleanup`` delete its coordination keys first.
+
+        Coordination keys are the keys this object wrote with :meth:`set` or
+        :meth:`set_bytes` and did not delete. They are deleted in transactions of at most
+        128 deletes. Then the shared client is released: when the last store of the
+        process closes, its channels and watch thread are gone. Idempotent; any other
+        method of a closed store raises :class:`StoreClosedError`.
+
+        :raises KVStoreError: if the cleanup failed (the store is closed anyway)
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            tracked = sorted(self._tracked)
+            self._tracked.clear()
+        try:
+            if cleanup and tracked:
+                self._delete_keys(tracked)
+        finally:
+            if self._owns_client:
+                self._client.release()
+
+    def _delete_keys(self, keys: list[bytes]) -> None:
+        for start in range(0, len(keys), MAX_TXN_OPS):
+            chunk = keys[start : start + MAX_TXN_OPS]
+            request = etcdrpc.TxnRequest(
+                success=[
+                    etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=k))
+                    for k in chunk
+                ]
+            )
+            try:
+                self._client.txn(request)
+            except KVStoreError as exc:
+                raise type(exc)(
+                    f"closing {self!r}: could not delete {len(keys)} coordination keys: {exc}"
+                ) from exc
+
+
+__all__ = ["MAX_TXN_OPS", "EtcdKVStore"]
