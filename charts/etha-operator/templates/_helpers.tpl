@@ -1,0 +1,152 @@
+{{/* Chart name, truncated to the 63 characters a label value allows. */}}
+{{- define "etha-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Resource name prefix: <release>-<chart>, or the release name when it already contains the chart name. */}}
+{{- define "etha-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "etha-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "etha-operator.labels" -}}
+helm.sh/chart: {{ include "etha-operator.chart" . }}
+app.kubernetes.io/name: {{ include "etha-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: etha
+{{- end }}
+
+{{/* Selector labels of the operator pod (immutable once installed). */}}
+{{- define "etha-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "etha-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/* Selector labels of the bundled etcd pod. */}}
+{{- define "etha-operator.etcdSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "etha-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: etcd
+{{- end }}
+
+{{- define "etha-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "etha-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "etha-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "etha-operator.webhookServiceName" -}}
+{{- printf "%s-webhook" (include "etha-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "etha-operator.webhookSecretName" -}}
+{{- printf "%s-webhook-tls" (include "etha-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "etha-operator.etcdName" -}}
+{{- printf "%s-etcd" (include "etha-operator.fullname" .) | trunc 52 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Client URL of the bundled etcd, resolvable from every namespace. */}}
+{{- define "etha-operator.bundledEtcdURL" -}}
+{{- printf "http://%s.%s.svc:2379" (include "etha-operator.etcdName" .) .Release.Namespace }}
+{{- end }}
+
+{{/* Comma list of the endpoints the operator uses. */}}
+{{- define "etha-operator.etcdEndpoints" -}}
+{{- if .Values.etcd.bundled.enabled }}
+{{- include "etha-operator.bundledEtcdURL" . }}
+{{- else }}
+{{- join "," .Values.etcd.endpoints }}
+{{- end }}
+{{- end }}
+
+{{/* Comma list of the endpoints written into the workers' Secrets. */}}
+{{- define "etha-operator.workerEndpoints" -}}
+{{- if .Values.etcd.workerEndpoints }}
+{{- join "," .Values.etcd.workerEndpoints }}
+{{- else }}
+{{- include "etha-operator.etcdEndpoints" . }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret with etcd's root credentials: the user's, or the one the chart generates for the bundled etcd. */}}
+{{- define "etha-operator.rootSecretName" -}}
+{{- if .Values.etcd.rootCredentials.secretName }}
+{{- .Values.etcd.rootCredentials.secretName }}
+{{- else }}
+{{- printf "%s-root" (include "etha-operator.etcdName" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Pod-level security context of the restricted Pod Security Standard. */}}
+{{- define "etha-operator.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid }}
+runAsGroup: {{ .uid }}
+fsGroup: {{ .uid }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Container-level security context of the restricted Pod Security Standard. */}}
+{{- define "etha-operator.containerSecurityContext" -}}
+runAsNonRoot: true
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Value combinations the schema cannot express in a readable way. */}}
+{{- define "etha-operator.validate" -}}
+{{- if not .Values.etcd.bundled.enabled }}
+{{- if not .Values.etcd.endpoints }}
+{{- fail "etcd.endpoints is required when etcd.bundled.enabled is false: list your etcd cluster's client URLs" }}
+{{- end }}
+{{- if not .Values.etcd.rootCredentials.secretName }}
+{{- fail "etcd.rootCredentials.secretName is required when etcd.bundled.enabled is false: create a Secret with the etcd root user's password first" }}
+{{- end }}
+{{- else }}
+{{- if .Values.etcd.endpoints }}
+{{- fail "etcd.endpoints must stay empty while etcd.bundled.enabled is true (the chart points the operator at the bundled etcd)" }}
+{{- end }}
+{{- if .Values.etcd.tls.enabled }}
+{{- fail "etcd.tls applies to an external etcd cluster; the bundled etcd serves plain HTTP inside the cluster" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.etcd.tls.enabled (not .Values.etcd.tls.secretName) }}
+{{- fail "etcd.tls.secretName is required when etcd.tls.enabled is true" }}
+{{- end }}
+{{- if and .Values.etcd.tls.clientCert (not .Values.etcd.tls.enabled) }}
+{{- fail "etcd.tls.clientCert needs etcd.tls.enabled" }}
+{{- end }}
+{{- end }}
