@@ -38,9 +38,9 @@ from pyetcd import etcdrpc
 from torch._C._distributed_c10d import Store as _C10dStore
 
 from etha.kvstore.config import EtcdConfig, parse_env
-from etha.kvstore.errors import ConfigurationError, KVStoreError
+from etha.kvstore.errors import ConfigurationError, InvalidKeyError, KVStoreError
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
-from etha.kvstore.keys import validate_name
+from etha.kvstore.keys import validate_key, validate_name
 
 #: etcd's default ``--max-txn-ops``.
 MAX_TXN_OPS = 128
@@ -84,8 +84,9 @@ class EthaStore(_C10dStore):
         (the ``ETHA_KV_*`` variables the operator injects)
     :param component: the component under the namespace (``{ns}/{component}/...``);
         default ``"torch"``
-    :param scope: an optional further path segment (for example a run id) so that
-        separate runs in one namespace never see each other's keys
+    :param scope: an optional further path (``/``-separated segments with the key
+        rules of :mod:`etha.kvstore.keys`, for example a run id) so that separate runs
+        in one namespace never see each other's keys
     :param timeout: the store timeout for ``get``/``wait``/``multi_get``; default 300 s
         like torch's stores. ``set_timeout`` changes it later. (The config's ``timeout``
         bounds each etcd request.)
@@ -113,7 +114,12 @@ class EthaStore(_C10dStore):
             config = parsed
         self._config = config
         self._component = validate_name(component, "component")
-        self._scope = None if scope is None else validate_name(scope, "scope")
+        if scope is not None:
+            try:
+                validate_key(scope)
+            except InvalidKeyError as exc:
+                raise InvalidKeyError(f"scope: {exc}") from None
+        self._scope = scope
         prefix = f"{config.namespace}/{self._component}/"
         if self._scope is not None:
             prefix += f"{self._scope}/"

@@ -1,0 +1,193 @@
+"""``torchrun --rdzv-backend=etha``: torch elastic's dynamic rendezvous on etcd.
+
+The rendezvous state (torch's pickled ``_RendezvousState``) lives in ONE etcd key,
+``{namespace}/{component}/{run_id}/state``, and every update is a compare-and-swap: an
+etcd transaction that puts the new state only if the key's ``mod_revision`` is still
+the fencing token the caller read (or, for the first write, only if the key does not
+exist). The agents' c10d store is an :class:`~etha.distributed.store.EthaStore` under
+``{namespace}/{component}/{run_id}/store/``. Everything stays inside the namespace.
+
+torch discovers this backend through the ``torchrun.handlers`` entry point
+(``etha = "etha.distributed.elastic:torchrun_handler"``).
+
+``--rdzv-endpoint`` is optional: empty means the ``ETHA_KV_ENDPOINTS`` of the
+environment; ``host:port[,host:port]`` overrides them. ``--rdzv-conf`` keys:
+``read_timeout`` (store timeout in seconds, default 60) and ``component`` (default
+``torchelastic``), plus the usual ones of the dynamic rendezvous (``join_timeout``,
+``last_call_timeout``, ``close_timeout``, ``heartbeat``...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from pyetcd import etcdrpc
+from torch.distributed.elastic.rendezvous import (
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousHandler,
+    RendezvousParameters,
+)
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
+    RendezvousBackend,
+    Token,
+    create_handler,
+)
+
+from etha.distributed.store import EthaStore
+from etha.kvstore.config import EtcdConfig, parse_endpoints, parse_env
+from etha.kvstore.errors import (
+    ConfigurationError,
+    InvalidKeyError,
+    KVStoreError,
+    PermissionDeniedError,
+)
+from etha.kvstore.etcd_client import EtcdClient
+from etha.kvstore.keys import validate_name
+
+BACKEND_NAME = "etha"
+DEFAULT_COMPONENT = "torchelastic"
+DEFAULT_READ_TIMEOUT = 60
+
+
+def _backend_error(action: str, exc: KVStoreError) -> RendezvousError:
+    if isinstance(exc, PermissionDeniedError):
+        return RendezvousError(f"etha rendezvous: {action} was refused by etcd: {exc}")
+    return RendezvousConnectionError(f"etha rendezvous: {action} failed: {exc}")
+
+
+class EthaRendezvousBackend(RendezvousBackend):  # type: ignore[misc]
+    """The dynamic rendezvous state in one etcd key, updated by compare-and-swap.
+
+    The fencing token is the key's ``mod_revision`` (an int).
+
+    :param client: the etcd client (its credentials must grant the key's prefix)
+    :param key: the full etcd key of the state
+    """
+
+    def __init__(self, client: EtcdClient, key: str) -> None:
+        if not key:
+            raise ValueError("the rendezvous state key must not be empty")
+        self._client = client
+        self.key = key
+        self._key = key.encode("utf-8")
+
+    @property
+    def name(self) -> str:
+        return BACKEND_NAME
+
+    def get_state(self) -> tuple[bytes, Token] | None:
+        """The state and its token, or None when no state was written yet."""
+        try:
+            response = self._client.range(self._key)
+        except KVStoreError as exc:
+            raise _backend_error(f"reading {self.key!r}", exc) from exc
+        if not response.kvs:
+            return None
+        kv = response.kvs[0]
+        return bytes(kv.value), int(kv.mod_revision)
+
+    def set_state(
+        self, state: bytes, token: Token | None = None
+    ) -> tuple[bytes, Token, bool] | None:
+        """Put ``state`` if ``token`` is still current (None: if no state exists).
+
+        :returns: ``(state, token, True)`` when written; else the current state, its
+            token and False (None if the key vanished meanwhile)
+        """
+        if token is None:
+            compare = etcdrpc.Compare(
+                result=etcdrpc.Compare.EQUAL,
+                target=etcdrpc.Compare.CREATE,
+                key=self._key,
+                create_revision=0,
+            )
+        else:
+            try:
+                revision = int(token)
+            except (TypeError, ValueError):
+                # Not a token of this backend: it cannot match the current state.
+                current = self.get_state()
+                return None if current is None else (*current, False)
+            compare = etcdrpc.Compare(
+                result=etcdrpc.Compare.EQUAL,
+                target=etcdrpc.Compare.MOD,
+                key=self._key,
+                mod_revision=revision,
+            )
+        request = etcdrpc.TxnRequest(
+            compare=[compare],
+            success=[etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=self._key, value=state))],
+            failure=[etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=self._key))],
+        )
+        try:
+            response = self._client.txn(request)
+        except KVStoreError as exc:
+            raise _backend_error(f"updating {self.key!r}", exc) from exc
+        if response.succeeded:
+            # The put of a successful transaction is at the transaction's revision.
+            return state, int(response.header.revision), True
+        kvs = response.responses[0].response_range.kvs
+        if not kvs:
+            return None
+        return bytes(kvs[0].value), int(kvs[0].mod_revision), False
+
+
+def _config(params: RendezvousParameters) -> EtcdConfig:
+    config = parse_env()
+    if not isinstance(config, EtcdConfig):
+        raise ConfigurationError(
+            f"ETHA_KV_BACKEND is {config.backend!r}; --rdzv-backend=etha needs the etcd"
+            " backend (ETHA_KV_BACKEND=etcd)"
+        )
+    endpoint = (params.endpoint or "").strip()
+    if endpoint:
+        endpoints, tls = parse_endpoints(endpoint, "--rdzv-endpoint")
+        config = dataclasses.replace(
+            config, endpoints=endpoints, tls=config.tls if tls is None else tls
+        )
+    return config
+
+
+def _name(value: str, what: str) -> str:
+    try:
+        return validate_name(value, what)
+    except InvalidKeyError as exc:
+        raise ConfigurationError(f"--rdzv-backend=etha: {exc}") from None
+
+
+def create_backend(params: RendezvousParameters) -> tuple[EthaRendezvousBackend, EthaStore]:
+    """The state backend and the agents' store for ``params`` (torchrun's arguments)."""
+    config = _config(params)
+    run_id = _name(params.run_id, "run id (--rdzv-id)")
+    component = _name(params.get("component", DEFAULT_COMPONENT), "component")
+    read_timeout = params.get_as_int("read_timeout", DEFAULT_READ_TIMEOUT)
+    if read_timeout is None or read_timeout <= 0:
+        raise ConfigurationError("--rdzv-conf read_timeout must be a positive number of seconds")
+    store = EthaStore(config, component=component, scope=f"{run_id}/store", timeout=read_timeout)
+    key = f"{config.namespace}/{component}/{run_id}/state"
+    return EthaRendezvousBackend(store.client, key), store
+
+
+def create_rdzv_handler(params: RendezvousParameters) -> RendezvousHandler:
+    """torch's DynamicRendezvousHandler on the etha backend."""
+    backend, store = create_backend(params)
+    handler: RendezvousHandler = create_handler(store, backend, params)
+    return handler
+
+
+def torchrun_handler() -> Callable[[RendezvousParameters], Any]:
+    """The ``torchrun.handlers`` entry point: torch calls it, then registers the result."""
+    return create_rdzv_handler
+
+
+__all__ = [
+    "BACKEND_NAME",
+    "DEFAULT_COMPONENT",
+    "EthaRendezvousBackend",
+    "create_backend",
+    "create_rdzv_handler",
+    "torchrun_handler",
+]
