@@ -27,7 +27,8 @@ MAX_KEY_LENGTH = 1024
 _NAME_RE = re.compile(r"[A-Za-z0-9._:-]+")
 _SEGMENT_CHARS = r"A-Za-z0-9._:=@+,~%-"
 _SEGMENT_RE = re.compile(f"[{_SEGMENT_CHARS}]+")
-_PATTERN_SEGMENT_RE = re.compile(f"[{_SEGMENT_CHARS}*]+")
+# "*" goes first: after the trailing "-" of _SEGMENT_CHARS it would form a range "%-*".
+_PATTERN_SEGMENT_RE = re.compile(f"[*{_SEGMENT_CHARS}]+")
 
 
 def _describe(value: object) -> str:
