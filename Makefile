@@ -36,3 +36,10 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis bench/out .demo
+
+## Benchmarks (issue 5): start their own etcd/TCPStore, print a table, write bench/out/latest.json.
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+bench-quick: $(STAMP)
+	$(PY) -m bench.run --quick
