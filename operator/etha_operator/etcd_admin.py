@@ -1,0 +1,214 @@
+"""etcd administration for KVNamespaces: roles, users, grants, key clean-up.
+
+Every operation is idempotent, so a provisioning run that crashed at any point can be
+repeated. Passwords are passed through to etcd and never logged or returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pyetcd import etcdrpc
+from pyetcd.etcdrpc import auth_pb2
+
+from etha.kvstore.errors import KVStoreError
+from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
+from etha.kvstore.keys import namespace_prefix
+from etha_operator import model
+from etha_operator.settings import OperatorSettings
+
+logger = logging.getLogger(__name__)
+
+READWRITE = auth_pb2.Permission.READWRITE
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One permission of a role: ``[key, range_end)`` with a READ/WRITE/READWRITE type."""
+
+    key: bytes
+    range_end: bytes
+    perm_type: int
+
+
+def prefix_grant(prefix: str) -> Grant:
+    """The only grant a KVNamespace's role has: read-write on exactly ``<prefix>/``."""
+    key = namespace_prefix(prefix).encode()
+    return Grant(key, prefix_range_end(key), READWRITE)
+
+
+def _missing(exc: KVStoreError) -> bool:
+    return "not found" in str(exc)
+
+
+def _exists(exc: KVStoreError) -> bool:
+    return "already exists" in str(exc)
+
+
+class EtcdAdmin:
+    """Root-privileged operations on one etcd cluster (thread-safe via the client)."""
+
+    def __init__(self, client: EtcdClient) -> None:
+        self.client = client
+
+    @classmethod
+    def from_settings(cls, settings: OperatorSettings) -> EtcdAdmin:
+        client = EtcdClient(
+            settings.etcd_endpoints,
+            username=settings.etcd_username if settings.etcd_password else None,
+            password=settings.etcd_password,
+            tls=settings.etcd_tls,
+            ca_file=settings.etcd_ca_file,
+            cert_file=settings.etcd_cert_file,
+            key_file=settings.etcd_key_file,
+            timeout=settings.etcd_timeout,
+        )
+        return cls(client)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _auth(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        return self.client.call("Auth", method, request, timeout=timeout)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def list_users(self, timeout: float | None = None) -> list[str]:
+        return list(self._auth("UserList", etcdrpc.AuthUserListRequest(), timeout).users)
+
+    def list_roles(self, timeout: float | None = None) -> list[str]:
+        return list(self._auth("RoleList", etcdrpc.AuthRoleListRequest(), timeout).roles)
+
+    def user_roles(self, user: str) -> list[str] | None:
+        """The roles granted to ``user``, or None if the user does not exist."""
+        try:
+            return list(self._auth("UserGet", etcdrpc.AuthUserGetRequest(name=user)).roles)
+        except KVStoreError as exc:
+            if _missing(exc):
+                return None
+            raise
+
+    def role_grants(self, role: str, timeout: float | None = None) -> list[Grant] | None:
+        """The permissions of ``role``, or None if the role does not exist."""
+        try:
+            response = self._auth("RoleGet", etcdrpc.AuthRoleGetRequest(role=role), timeout)
+        except KVStoreError as exc:
+            if _missing(exc):
+                return None
+            raise
+        return [Grant(p.key, p.range_end, p.permType) for p in response.perm]
+
+    def prefix_owner(self, prefix: str, *, exclude: str) -> str | None:
+        """The operator-made role (other than ``exclude``) that already grants ``prefix``."""
+        wanted = prefix_grant(prefix)
+        for role in self.list_roles():
+            if role == exclude or model.uid_of_etcd_name(role) is None:
+                continue
+            grants = self.role_grants(role) or []
+            if any(g.key == wanted.key for g in grants):
+                return role
+        return None
+
+    def authenticate(self, user: str, password: str, timeout: float | None = None) -> None:
+        """Check that ``password`` logs ``user`` in.
+
+        :raises PermissionDeniedError: it does not
+        """
+        request = etcdrpc.AuthenticateRequest(name=user, password=password)
+        self._auth("Authenticate", request, timeout)
+
+    # -- provisioning ----------------------------------------------------------------------
+
+    def ensure_role(self, role: str, prefix: str) -> None:
+        """Create ``role`` if needed; make it grant read-write on ``<prefix>/`` and nothing else."""
+        wanted = prefix_grant(prefix)
+        grants = self.role_grants(role)
+        if grants is None:
+            try:
+                self._auth("RoleAdd", etcdrpc.AuthRoleAddRequest(name=role))
+            except KVStoreError as exc:
+                if not _exists(exc):
+                    raise
+            grants = []
+        for grant in grants:
+            if grant != wanted:
+                self._auth(
+                    "RoleRevokePermission",
+                    etcdrpc.AuthRoleRevokePermissionRequest(
+                        role=role, key=grant.key, range_end=grant.range_end
+                    ),
+                )
+        if wanted not in grants:
+            permission = auth_pb2.Permission(
+                permType=READWRITE, key=wanted.key, range_end=wanted.range_end
+            )
+            self._auth(
+                "RoleGrantPermission",
+                etcdrpc.AuthRoleGrantPermissionRequest(name=role, perm=permission),
+            )
+
+    def set_user(self, user: str, password: str, role: str) -> bool:
+        """Create ``user`` with ``password`` (or reset the password) and grant only ``role``.
+
+        :returns: True if the user was created, False if it existed and got the new password
+        """
+        created = True
+        try:
+            self._auth("UserAdd", etcdrpc.AuthUserAddRequest(name=user, password=password))
+        except KVStoreError as exc:
+            if not _exists(exc):
+                raise
+            created = False
+            self._auth(
+                "UserChangePassword",
+                etcdrpc.AuthUserChangePasswordRequest(name=user, password=password),
+            )
+        self.ensure_user_role(user, role)
+        return created
+
+    def ensure_user_role(self, user: str, role: str) -> None:
+        roles = self.user_roles(user) or []
+        for other in roles:
+            if other != role:
+                self._auth(
+                    "UserRevokeRole", etcdrpc.AuthUserRevokeRoleRequest(name=user, role=other)
+                )
+        if role not in roles:
+            self._auth("UserGrantRole", etcdrpc.AuthUserGrantRoleRequest(user=user, role=role))
+
+    # -- clean-up --------------------------------------------------------------------------
+
+    def delete_keys(self, prefix: str, timeout: float | None = None) -> int:
+        """Delete every key under ``<prefix>/`` with ONE DeleteRange; returns how many."""
+        key = namespace_prefix(prefix).encode()
+        return self.client.delete_range(key, prefix_range_end(key), timeout=timeout)
+
+    def delete_user(self, user: str, timeout: float | None = None) -> bool:
+        """Delete ``user``; False if it did not exist."""
+        try:
+            self._auth("UserDelete", etcdrpc.AuthUserDeleteRequest(name=user), timeout)
+        except KVStoreError as exc:
+            if _missing(exc):
+                return False
+            raise
+        return True
+
+    def delete_role(self, role: str, timeout: float | None = None) -> bool:
+        """Delete ``role``; False if it did not exist."""
+        try:
+            self._auth("RoleDelete", etcdrpc.AuthRoleDeleteRequest(role=role), timeout)
+        except KVStoreError as exc:
+            if _missing(exc):
+                return False
+            raise
+        return True
+
+    def prefix_of_role(self, role: str, timeout: float | None = None) -> str | None:
+        """The KVNamespace prefix a role grants (from its permission), or None."""
+        for grant in self.role_grants(role, timeout) or []:
+            key = grant.key.decode(errors="replace")
+            if key.endswith("/") and grant.range_end == prefix_range_end(grant.key):
+                return key[:-1]
+        return None

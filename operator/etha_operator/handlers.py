@@ -1,0 +1,244 @@
+"""kopf wiring: thin handlers that call :class:`~etha_operator.reconciler.Reconciler`.
+
+:func:`register` puts every handler into a given registry, so that the entry point and
+tests can each use a fresh :class:`kopf.OperatorRegistry`. Handlers are synchronous:
+kopf runs them in its thread pool, where the blocking etcd and Kubernetes clients belong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from etha_operator import model, webhook
+from etha_operator.etcd_admin import EtcdAdmin
+from etha_operator.k8s import KubeApi
+from etha_operator.reconciler import Reconciler, TemporaryFailure
+from etha_operator.settings import OperatorSettings
+
+logger = logging.getLogger(__name__)
+
+RETRY_DELAY = 5.0
+WEBHOOK_ID = "mutate-pods"
+WEBHOOK_PATH = f"/{WEBHOOK_ID}"
+
+
+def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    """kopf bodies are read-only views; the reconciler wants plain dicts."""
+    return {key: body[key] for key in body}
+
+
+def _post_event(body: Mapping[str, Any], *, type: str, reason: str, message: str) -> None:
+    kopf.event(dict(body), type=type, reason=reason, message=message)  # type: ignore[arg-type]
+
+
+def fill_request_namespace(review: Any) -> None:
+    """Copy ``request.namespace`` into the object when the API server left it empty.
+
+    Pods created by controllers (generateName) may reach admission without
+    ``metadata.namespace``; the handler needs it to find the KVNamespace.
+    """
+    request = review.get("request") if isinstance(review, dict) else None
+    if not isinstance(request, dict) or not request.get("namespace"):
+        return
+    obj = request.get("object")
+    if isinstance(obj, dict):
+        meta = obj.setdefault("metadata", {})
+        if isinstance(meta, dict) and not meta.get("namespace"):
+            meta["namespace"] = request["namespace"]
+
+
+class PodWebhookServer(kopf.WebhookServer):
+    """kopf's webhook server, plus :func:`fill_request_namespace` on every review."""
+
+    @staticmethod
+    async def _serve(fn: Any, request: Any) -> Any:
+        async def with_namespace(data: Any, **kwargs: Any) -> Any:
+            fill_request_namespace(data)
+            return await fn(data, **kwargs)
+
+        serve: Any = kopf.WebhookServer._serve
+        return await serve(with_namespace, request)
+
+
+def configure_kopf(settings: kopf.OperatorSettings, cfg: OperatorSettings) -> None:
+    """kopf settings the operator depends on (see docs/operator.md)."""
+    settings.persistence.finalizer = model.FINALIZER
+    # Progress and last-handled state live in annotations, so the CRD's status schema
+    # stays exactly the documented one.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="etha.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="etha.io", key="last-handled-configuration"
+    )
+    # Without both timeouts a watch stream can freeze silently (kopf issue tracker).
+    settings.watching.server_timeout = cfg.watch_server_timeout
+    settings.watching.client_timeout = cfg.watch_server_timeout + 30
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    settings.posting.enabled = True
+    settings.posting.level = logging.INFO
+    settings.posting.reporting_component = "etha-operator"
+    settings.peering.standalone = True
+    settings.peering.clusterwide = cfg.clusterwide
+    if cfg.webhook_enabled:
+        settings.admission.server = PodWebhookServer(
+            addr="0.0.0.0",
+            port=cfg.webhook_port,
+            certfile=cfg.webhook_cert_file,
+            pkeyfile=cfg.webhook_key_file,
+        )
+        settings.admission.managed = None  # the Helm chart owns the webhook configuration
+
+
+def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
+    """Register every handler of the operator into ``registry``."""
+    resource = (model.GROUP, model.VERSION, model.PLURAL)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # Explicit, so the in-cluster service account always wins over a stray kubeconfig.
+        info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs)
+        return info or kopf.login_with_kubeconfig(**kwargs)  # type: ignore[no-any-return]
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+        configure_kopf(settings, cfg)
+        admin = EtcdAdmin.from_settings(cfg)
+        kube = KubeApi.from_environment()
+        memo.reconciler = Reconciler(cfg, admin, kube, _post_event)
+        if cfg.audit_interval > 0:
+            memo.audit_task = asyncio.create_task(_audit_loop(memo.reconciler, cfg))
+        logger.info(
+            "etha operator started: etcd %s, %s, webhook %s",
+            ",".join(str(e) for e in cfg.etcd_endpoints),
+            "cluster-wide" if cfg.clusterwide else f"namespaces {','.join(cfg.namespaces)}",
+            f"on port {cfg.webhook_port}" if cfg.webhook_enabled else "disabled (no certificate)",
+        )
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: Any, **_: Any) -> None:
+        task = getattr(memo, "audit_task", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        reconciler: Reconciler | None = getattr(memo, "reconciler", None)
+        if reconciler is not None:
+            reconciler.admin.close()
+            reconciler.kube.close()
+
+    @kopf.index(*resource, registry=registry)
+    def kvnamespaces(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
+        """(namespace, name) -> what the webhook needs."""
+        return {(namespace, name): webhook.info_from_body(body)}
+
+    @kopf.index(*resource, registry=registry)
+    def kvnamespaces_by_job(
+        spec: kopf.Spec, namespace: str | None, name: str, **_: Any
+    ) -> dict[Any, Any]:
+        """(namespace, job kind, job name) -> KVNamespace name."""
+        job = spec.get("jobRef") or {}
+        return {(namespace, job.get("kind"), job.get("name")): name}
+
+    @kopf.on.resume(*resource, registry=registry)
+    @kopf.on.create(*resource, registry=registry)
+    @kopf.on.update(*resource, registry=registry)
+    def reconcile(body: kopf.Body, memo: Any, **_: Any) -> None:
+        reconciler: Reconciler = memo.reconciler
+        plain = _plain(body)
+        try:
+            reconciler.provision(plain)
+            reconciler.check_job(plain)
+        except TemporaryFailure as exc:
+            raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY) from exc
+
+    @kopf.timer(*resource, registry=registry, interval=cfg.job_check_interval, idle=None)
+    def recheck(body: kopf.Body, memo: Any, **_: Any) -> None:
+        """Level-triggered safety net: failed provisioning, TTLs, missed job ends."""
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        reconciler: Reconciler = memo.reconciler
+        plain = _plain(body)
+        try:
+            status = body.get("status") or {}
+            if status.get("phase") not in ("Ready", "JobEnded", "Cleaned", "Revoked"):
+                reconciler.provision(plain)
+            reconciler.check_job(plain)
+        except TemporaryFailure as exc:
+            logger.warning(
+                "KVNamespace %s/%s: will retry: %s",
+                body.metadata.namespace,
+                body.metadata.name,
+                exc,
+            )
+
+    for api_version, kind in model.JOB_KINDS:
+        group, version = api_version.split("/", 1)
+        plural = model.JOB_KINDS[(api_version, kind)]
+
+        @kopf.on.event(group, version, plural, param=kind, registry=registry)
+        def job_event(
+            namespace: str | None, name: str, memo: Any, param: Any = None, **kwargs: Any
+        ) -> None:
+            """A job changed or was deleted: check the KVNamespaces that reference it now."""
+            kvnamespaces_by_job: kopf.Index[Any, str] = kwargs["kvnamespaces_by_job"]
+            reconciler: Reconciler = memo.reconciler
+            if namespace is None:
+                return
+            for kvns in kvnamespaces_by_job.get((namespace, param, name), []):
+                body = reconciler.kube.get_kvnamespace(namespace, kvns)
+                if body is None:
+                    continue
+                try:
+                    reconciler.check_job(body)
+                except TemporaryFailure as exc:
+                    logger.warning(
+                        "KVNamespace %s/%s: job check will be retried: %s", namespace, kvns, exc
+                    )
+
+    @kopf.on.delete(*resource, registry=registry)
+    def finalize(body: kopf.Body, memo: Any, **_: Any) -> None:
+        """Best effort within ETHA_OPERATOR_CLEANUP_DEADLINE; never blocks deletion forever."""
+        reconciler: Reconciler = memo.reconciler
+        reconciler.cleanup(_plain(body))
+
+    if cfg.webhook_enabled:
+
+        @kopf.on.mutate("", "v1", "pods", id=WEBHOOK_ID, operations=["CREATE"], registry=registry)
+        def inject(
+            body: kopf.Body,
+            patch: kopf.Patch,
+            warnings: list[str],
+            **kwargs: Any,
+        ) -> None:
+            kvnamespaces: kopf.Index[Any, webhook.KVNamespaceInfo] = kwargs["kvnamespaces"]
+            pod = _plain(body)
+            namespace = (pod.get("metadata") or {}).get("namespace")
+
+            def lookup(name: str) -> webhook.KVNamespaceInfo | None:
+                for info in kvnamespaces.get((namespace, name), []):
+                    return info
+                return None
+
+            try:
+                mutation = webhook.mutate_pod(pod, namespace, lookup)
+            except webhook.AdmissionDenied as exc:
+                raise kopf.AdmissionError(str(exc), code=403) from exc
+            warnings.extend(mutation.warnings)
+            if mutation.ops:
+                ops = mutation.ops
+                patch.fns.append(lambda raw: webhook.apply_ops(raw, ops))  # type: ignore[arg-type]
+
+
+async def _audit_loop(reconciler: Reconciler, cfg: OperatorSettings) -> None:
+    while True:
+        await asyncio.sleep(cfg.audit_interval)
+        try:
+            await asyncio.to_thread(reconciler.audit)
+        except Exception as exc:  # the next round retries; never kill the operator for it
+            logger.warning("audit failed, will retry in %gs: %s", cfg.audit_interval, exc)

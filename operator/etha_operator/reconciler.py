@@ -1,0 +1,488 @@
+"""What the operator does, as plain synchronous code (kopf only calls into it).
+
+* :meth:`Reconciler.provision`: role, user, Secret and status, idempotently and
+  crash-safely (every step can be repeated; a lost password is replaced).
+* :meth:`Reconciler.check_job`: detect the job's end and apply ``onJobEnd``.
+* :meth:`Reconciler.cleanup`: the deletion finalizer, best effort within a deadline.
+* :meth:`Reconciler.audit`: remove etcd users/roles whose KVNamespace is gone.
+
+The password lives only in etcd (hashed) and in the Secret: it is never logged, never in
+an event, never in status.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from etha.kvstore.config import PASSWORD, EtcdConfig
+from etha.kvstore.errors import KVStoreError, PermissionDeniedError
+from etha_operator import k8s, model
+from etha_operator.etcd_admin import EtcdAdmin
+from etha_operator.settings import OperatorSettings
+
+logger = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+PENDING, READY, JOB_ENDED, CLEANED, REVOKED, FAILED = (
+    "Pending",
+    "Ready",
+    "JobEnded",
+    "Cleaned",
+    "Revoked",
+    "Failed",
+)
+#: Phases after the job's end: provisioning never runs again for them.
+ENDED_PHASES = frozenset({JOB_ENDED, CLEANED, REVOKED})
+
+
+class EventSink(Protocol):
+    """Posts a Kubernetes Event about ``body`` (kopf.event in the operator)."""
+
+    def __call__(
+        self, body: Mapping[str, Any], *, type: str, reason: str, message: str
+    ) -> None: ...
+
+
+class TemporaryFailure(Exception):
+    """Retry later (etcd unreachable, API conflict); kopf turns it into a delayed retry."""
+
+
+@dataclass
+class CleanupReport:
+    """What the finalizer removed and what it had to leave behind (with the reason)."""
+
+    keys_deleted: int | None = None
+    done: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class AuditReport:
+    orphans: list[str] = field(default_factory=list)
+    keys_deleted: int = 0
+    skipped: str | None = None
+
+
+def _meta(body: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = body["metadata"]
+    return meta["namespace"], meta["name"], meta["uid"]
+
+
+class Reconciler:
+    """One per operator process; safe to call from several threads at once."""
+
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        admin: EtcdAdmin,
+        kube: k8s.KubeApi,
+        emit: EventSink,
+        clock: Callable[[], datetime.datetime] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.admin = admin
+        self.kube = kube
+        self.emit = emit
+        self.clock = clock or (lambda: datetime.datetime.now(datetime.timezone.utc))
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        # Serialises the prefix-uniqueness check with the role grant that claims the prefix.
+        self._claim_lock = threading.Lock()
+
+    def lock(self, uid: str) -> threading.Lock:
+        """A per-KVNamespace lock: the job watcher, the timer and handlers never overlap."""
+        with self._locks_guard:
+            return self._locks.setdefault(uid, threading.Lock())
+
+    def forget(self, uid: str) -> None:
+        with self._locks_guard:
+            self._locks.pop(uid, None)
+
+    def _now_iso(self) -> str:
+        return self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def _fresh(self, body: Mapping[str, Any]) -> Obj | None:
+        namespace, name, uid = _meta(body)
+        obj = self.kube.get_kvnamespace(namespace, name)
+        if obj is None or obj["metadata"].get("uid") != uid:
+            return None
+        return obj
+
+    def _write_status(self, body: Mapping[str, Any], status: Obj) -> None:
+        namespace, name, _ = _meta(body)
+        self.kube.patch_kvnamespace_status(namespace, name, status)
+
+    def _fail(self, body: Mapping[str, Any], reason: str, message: str) -> Obj:
+        previous = (body.get("status") or {}).get("conditions")
+        generation = body["metadata"].get("generation")
+        status: Obj = {
+            "phase": FAILED,
+            "message": message,
+            "observedGeneration": generation,
+            "conditions": k8s.with_condition(
+                previous, k8s.condition("Ready", False, reason, message, generation, previous)
+            ),
+        }
+        if (body.get("status") or {}).get("phase") != FAILED or (body.get("status") or {}).get(
+            "message"
+        ) != message:
+            self.emit(body, type="Warning", reason=reason, message=message)
+            logger.warning("KVNamespace %s/%s: %s", *_meta(body)[:2], message)
+        self._write_status(body, status)
+        return status
+
+    # -- provisioning ----------------------------------------------------------------------
+
+    def worker_env(self, prefix: str, component: str, user: str, password: str) -> dict[str, str]:
+        """The ``ETHA_KV_*`` variables of the Secret (what ``etha.kvstore.from_env`` reads)."""
+        tls = self.settings.worker_tls
+        config = EtcdConfig(
+            namespace=prefix,
+            endpoints=self.settings.worker_endpoints,
+            component=component,
+            username=user,
+            password=password,
+            tls=tls,
+            ca_pem=self.settings.ca_pem() if tls else None,
+        )
+        return config.to_env()
+
+    def provision(self, body: Mapping[str, Any]) -> Obj | None:
+        """Bring etcd, the Secret and the status in line with the spec; returns the status.
+
+        Safe to re-run after a crash at any point: existing roles and users are reused,
+        a Secret whose password does not log in (or is missing) gets a new password.
+
+        :raises TemporaryFailure: etcd or the API failed; retry later
+        """
+        _, _, uid = _meta(body)
+        with self.lock(uid):
+            fresh = self._fresh(body)
+            if fresh is None:
+                return None
+            try:
+                return self._provision(fresh)
+            except KVStoreError as exc:
+                raise TemporaryFailure(f"etcd: {exc}") from exc
+
+    def _provision(self, body: Obj) -> Obj:
+        namespace, name, uid = _meta(body)
+        status: Obj = body.get("status") or {}
+        if status.get("phase") in ENDED_PHASES or status.get("jobEndedAt"):
+            return status  # the job is over: never re-create revoked credentials
+        try:
+            spec = model.parse_spec(body.get("spec"))
+        except model.SpecError as exc:
+            return self._fail(body, "InvalidSpec", str(exc))
+        generation = body["metadata"].get("generation")
+        prefix = status.get("keyPrefix") or model.effective_prefix(spec, namespace, name, uid)
+        user = role = model.etcd_name(uid)
+        secret_name = model.secret_name(name)
+
+        with self._claim_lock:
+            owner = self.admin.prefix_owner(prefix, exclude=role)
+            if owner is not None:
+                return self._fail(
+                    body,
+                    "PrefixConflict",
+                    f"keyPrefix {prefix!r} is already owned by another KVNamespace (etcd role"
+                    f" {owner}); two KVNamespaces may not share a prefix: set a different"
+                    " spec.keyPrefix or delete the other KVNamespace",
+                )
+            self.admin.ensure_role(role, prefix)
+
+        secret = self.kube.get_secret(namespace, secret_name)
+        if secret is not None and not k8s.owned_by(secret, uid):
+            return self._fail(
+                body,
+                "SecretConflict",
+                f"Secret {secret_name!r} exists and is not owned by this KVNamespace; the"
+                " operator will not overwrite it: delete or rename that Secret",
+            )
+        password = self._usable_password(body, secret, user)
+        rotated = password is None
+        if password is None:
+            # No Secret, or its password does not log in (crash between steps): new password,
+            # set in etcd first, then written to the Secret.
+            password = secrets.token_urlsafe(32)
+            created = self.admin.set_user(user, password, role)
+            logger.info(
+                "KVNamespace %s/%s: etcd user %s %s",
+                namespace,
+                name,
+                user,
+                "created" if created else "given a new password",
+            )
+        else:
+            self.admin.ensure_user_role(user, role)
+        env = self.worker_env(prefix, spec.component, user, password)
+        data = k8s.encode_data(env)
+        if secret is None:
+            self.kube.create_secret(k8s.build_secret(body, env))
+        elif rotated or (secret.get("data") or {}) != data:
+            self.kube.replace_secret_data(namespace, secret_name, data)
+
+        message = (
+            f"etcd user {user} may read and write only keys under {prefix + '/'!r};"
+            f" pods labelled {model.POD_LABEL}={name} get Secret {secret_name}"
+        )
+        was_ready = status.get("phase") == READY
+        previous = status.get("conditions")
+        new_status: Obj = {
+            "phase": READY,
+            "message": message,
+            "observedGeneration": generation,
+            "keyPrefix": prefix,
+            "etcdUser": user,
+            "etcdRole": role,
+            "secretName": secret_name,
+            "conditions": k8s.with_condition(
+                previous, k8s.condition("Ready", True, "Provisioned", message, generation, previous)
+            ),
+        }
+        self._write_status(body, new_status)
+        if not was_ready:
+            self.emit(body, type="Normal", reason="Provisioned", message=message)
+            logger.info("KVNamespace %s/%s is Ready: %s", namespace, name, message)
+        return new_status
+
+    def _usable_password(self, body: Obj, secret: Obj | None, user: str) -> str | None:
+        """The Secret's password if the user exists and it is current, else None."""
+        if secret is None:
+            return None
+        password = k8s.decode_data(secret).get(PASSWORD)
+        if not password or self.admin.user_roles(user) is None:
+            return None
+        status = body.get("status") or {}
+        if status.get("phase") == READY and status.get("observedGeneration") == body[
+            "metadata"
+        ].get("generation"):
+            # Ready is written only after the Secret, so the password is known to be current;
+            # skipping the check avoids one bcrypt login per object at every restart.
+            return password
+        try:
+            self.admin.authenticate(user, password)
+        except PermissionDeniedError:
+            return None
+        return password
+
+    # -- job end ---------------------------------------------------------------------------
+
+    def check_job(self, body: Mapping[str, Any]) -> Obj | None:
+        """Detect the end of the referenced job and apply ``onJobEnd`` once it is due.
+
+        :raises TemporaryFailure: etcd or the API failed; retry later
+        """
+        _, _, uid = _meta(body)
+        with self.lock(uid):
+            fresh = self._fresh(body)
+            if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+                return None
+            try:
+                return self._check_job(fresh)
+            except KVStoreError as exc:
+                raise TemporaryFailure(f"etcd: {exc}") from exc
+
+    def _job_end(self, status: Obj, job: Obj | None) -> tuple[str | None, str | None, str | None]:
+        """(reason, time, uid seen): reason is Complete/Failed/Deleted when the job ended."""
+        known_uid = status.get("jobUID")
+        if job is None:
+            return ("Deleted", self._now_iso(), None) if known_uid else (None, None, None)
+        job_uid = job.get("metadata", {}).get("uid")
+        if known_uid and job_uid != known_uid:
+            return "Deleted", self._now_iso(), None  # deleted and re-created under the name
+        for cond in (job.get("status") or {}).get("conditions") or []:
+            if cond.get("type") in ("Complete", "Failed") and cond.get("status") == "True":
+                return cond["type"], cond.get("lastTransitionTime") or self._now_iso(), job_uid
+        return None, None, job_uid
+
+    def _check_job(self, body: Obj) -> Obj | None:
+        namespace, name, _ = _meta(body)
+        status: Obj = body.get("status") or {}
+        if status.get("phase") not in (READY, *ENDED_PHASES) and not status.get("jobEndedAt"):
+            return None  # nothing provisioned (yet): nothing to clean
+        try:
+            spec = model.parse_spec(body.get("spec"))
+        except model.SpecError:
+            return None
+        if not status.get("jobEndedAt"):
+            job = self.kube.get_job(namespace, spec.job)
+            reason, ended_at, job_uid = self._job_end(status, job)
+            if reason is None:
+                if job_uid and not status.get("jobUID"):
+                    self._write_status(body, {"jobUID": job_uid})
+                return status
+            message = f"{spec.job.kind} {spec.job.name} ended ({reason})"
+            update: Obj = {
+                "phase": JOB_ENDED,
+                "jobEndedAt": ended_at,
+                "jobEndReason": reason,
+                "message": message,
+            }
+            if job_uid and not status.get("jobUID"):
+                update["jobUID"] = job_uid
+            self._write_status(body, update)
+            status = {**status, **update}
+            self.emit(body, type="Normal", reason="JobEnded", message=message)
+            logger.info("KVNamespace %s/%s: %s", namespace, name, message)
+        return self._apply_policy(body, spec, status)
+
+    def policy_due_at(self, spec: model.KVNamespaceSpec, status: Obj) -> datetime.datetime | None:
+        ended = k8s.parse_time(status.get("jobEndedAt"))
+        if ended is None:
+            return None
+        return ended + datetime.timedelta(seconds=spec.ttl_seconds_after_job_end)
+
+    def _apply_policy(self, body: Obj, spec: model.KVNamespaceSpec, status: Obj) -> Obj:
+        namespace, name, uid = _meta(body)
+        prefix = status.get("keyPrefix")
+        if spec.on_job_end == "Keep" or not prefix:
+            return status
+        if status.get("phase") in (CLEANED, REVOKED):
+            return status
+        due = self.policy_due_at(spec, status)
+        if due is not None and self.clock() < due:
+            return status  # the timer comes back after the TTL
+        deleted = self.admin.delete_keys(prefix)
+        update: Obj = {"keysDeleted": deleted, "keysCleanedAt": self._now_iso()}
+        what = f"deleted {deleted} keys under {prefix + '/'!r} (one range delete)"
+        if spec.on_job_end == "Revoke":
+            user = role = model.etcd_name(uid)
+            self.admin.delete_user(user)
+            self.admin.delete_role(role)
+            self.kube.delete_secret(namespace, model.secret_name(name))
+            update.update(phase=REVOKED, credentialsRevokedAt=self._now_iso())
+            what += f"; revoked etcd user/role {user} and deleted Secret {model.secret_name(name)}"
+        else:
+            update["phase"] = CLEANED
+        update["message"] = f"job ended ({status.get('jobEndReason')}): {what}"
+        self._write_status(body, update)
+        self.emit(body, type="Normal", reason="KeysDeleted", message=update["message"])
+        logger.info("KVNamespace %s/%s: %s", namespace, name, update["message"])
+        return {**status, **update}
+
+    # -- deletion --------------------------------------------------------------------------
+
+    def cleanup(self, body: Mapping[str, Any], deadline: float | None = None) -> CleanupReport:
+        """The finalizer: delete keys, user, role and Secret, trying until the deadline.
+
+        Never raises for etcd failures: when the deadline passes, the report lists what
+        was left behind (the periodic audit removes leftover users and roles later).
+        """
+        namespace, name, uid = _meta(body)
+        limit = self.settings.cleanup_deadline if deadline is None else deadline
+        stop = time.monotonic() + limit
+        status: Obj = body.get("status") or {}
+        user = role = model.etcd_name(uid)
+        report = CleanupReport()
+
+        def delete_keys(timeout: float) -> None:
+            # Only a prefix this object provably owned: the one in its status, or the one
+            # its own role grants. A spec prefix alone may belong to another KVNamespace.
+            prefix = status.get("keyPrefix") or self.admin.prefix_of_role(role, timeout=timeout)
+            if prefix is not None:
+                report.keys_deleted = self.admin.delete_keys(prefix, timeout=timeout)
+                report.done.append(f"{report.keys_deleted} keys under {prefix + '/'!r}")
+
+        # Keys first and the role last: the role's permission is what tells the audit
+        # which prefix to clean if this run is cut short.
+        steps: list[tuple[str, Callable[[float], object]]] = [
+            ("the keys", delete_keys),
+            (f"etcd user {user}", lambda t: self.admin.delete_user(user, timeout=t)),
+            (f"etcd role {role}", lambda t: self.admin.delete_role(role, timeout=t)),
+        ]
+        pending = list(steps)
+        delay = 0.2
+        while pending:
+            what, step = pending[0]
+            remaining = stop - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                step(min(remaining, self.settings.etcd_timeout))
+            except KVStoreError as exc:
+                report.failed[what] = str(exc)
+                time.sleep(max(0.0, min(delay, stop - time.monotonic())))
+                delay = min(delay * 2, 2.0)
+                continue
+            report.failed.pop(what, None)
+            if what != "the keys":
+                report.done.append(what)
+            pending.pop(0)
+        for what, _ in pending:
+            report.failed.setdefault(what, f"not attempted within the {limit:g}s deadline")
+        secret = model.secret_name(name)
+        try:
+            self.kube.delete_secret(namespace, secret)
+            report.done.append(f"Secret {secret}")
+        except Exception as exc:  # the ownerReference lets Kubernetes collect it anyway
+            report.failed[f"Secret {secret}"] = str(exc)
+        if report.failed:
+            lost = "; ".join(f"{what}: {why}" for what, why in report.failed.items())
+            message = (
+                f"clean-up gave up after {limit:g}s (ETHA_OPERATOR_CLEANUP_DEADLINE) and"
+                f" left behind: {lost}. The operator's audit removes leftover etcd users and"
+                " roles once etcd is reachable again."
+            )
+            self.emit(body, type="Warning", reason="CleanupIncomplete", message=message)
+            logger.warning("KVNamespace %s/%s: %s", namespace, name, message)
+        else:
+            message = f"removed {', '.join(report.done)}"
+            self.emit(body, type="Normal", reason="CleanedUp", message=message)
+            logger.info("KVNamespace %s/%s deleted: %s", namespace, name, message)
+        self.forget(uid)
+        return report
+
+    # -- audit -----------------------------------------------------------------------------
+
+    def audit(self) -> AuditReport:
+        """Delete operator-made etcd users/roles (and their keys) whose KVNamespace is gone.
+
+        etcd is listed BEFORE Kubernetes: a user created after the etcd listing cannot be
+        mistaken for an orphan, and one listed by etcd whose object is still in the API
+        list is kept.
+        """
+        report = AuditReport()
+        users = self.admin.list_users()
+        roles = self.admin.list_roles()
+        try:
+            # Cluster-wide even when only some namespaces are watched: a uid missing from a
+            # partial list would look like an orphan.
+            live = {obj["metadata"]["uid"] for obj in self.kube.list_kvnamespaces()}
+        except Exception as exc:
+            report.skipped = (
+                f"cannot list KVNamespaces cluster-wide ({exc}); the audit needs list"
+                " permission on kvnamespaces in all namespaces and is skipped"
+            )
+            logger.warning("audit skipped: %s", report.skipped)
+            return report
+        candidates = {
+            uid for n in (*users, *roles) if (uid := model.uid_of_etcd_name(n)) is not None
+        }
+        for uid in sorted(candidates - live):
+            name = model.etcd_name(uid)
+            prefix = self.admin.prefix_of_role(name) if name in roles else None
+            deleted = self.admin.delete_keys(prefix) if prefix is not None else 0
+            if name in users:
+                self.admin.delete_user(name)
+            if name in roles:
+                self.admin.delete_role(name)
+            report.orphans.append(name)
+            report.keys_deleted += deleted
+            logger.warning(
+                "audit: removed orphaned etcd user/role %s (no KVNamespace with uid %s);"
+                " deleted %d keys under %r",
+                name,
+                uid,
+                deleted,
+                (prefix + "/") if prefix else None,
+            )
+        return report

@@ -1,0 +1,145 @@
+"""Pod injection: the pure decision behind the mutating admission webhook.
+
+A pod labelled ``etha.io/kvnamespace: <name>`` gets ``envFrom: [{secretRef: <name>-etha-kv}]``
+appended to every container and init container. Decisions (see docs/operator.md):
+
+* unlabelled pods: untouched (the webhook's objectSelector should not even send them);
+* the named KVNamespace does not exist, Failed, or its credentials were revoked: rejected,
+  with a message saying what to do (a Job controller retries pod creation, so a pod
+  created a moment before its KVNamespace is admitted on a later try);
+* the KVNamespace exists but is not Ready yet: injected, with a warning; the kubelet
+  holds the containers until the Secret exists;
+* a container that sets an ``ETHA_KV_*`` variable itself: rejected, because it would
+  silently override (env wins over envFrom) or be overridden by the injected contract;
+* the Secret is already referenced: nothing added (idempotent under reinvocation).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from etha.kvstore.config import PREFIX as RESERVED_PREFIX
+from etha_operator import model
+
+Obj = dict[str, Any]
+CONTAINER_LISTS = ("initContainers", "containers")
+
+
+@dataclass(frozen=True)
+class KVNamespaceInfo:
+    """What the webhook needs to know about a KVNamespace (from the operator's index)."""
+
+    name: str
+    phase: str | None
+    secret_name: str
+    message: str | None = None
+
+
+@dataclass
+class Mutation:
+    """The JSON patch (RFC 6902) to apply, and warnings for the user."""
+
+    ops: list[Obj] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class AdmissionDenied(Exception):
+    """The pod must be rejected; the message is shown to the user (kubectl, Job events)."""
+
+
+Lookup = Callable[[str], KVNamespaceInfo | None]
+
+
+def info_from_body(body: Mapping[str, Any]) -> KVNamespaceInfo:
+    status = body.get("status") or {}
+    name = body["metadata"]["name"]
+    return KVNamespaceInfo(
+        name=name,
+        phase=status.get("phase"),
+        secret_name=status.get("secretName") or model.secret_name(name),
+        message=status.get("message"),
+    )
+
+
+def mutate_pod(pod: Mapping[str, Any], namespace: str | None, lookup: Lookup) -> Mutation:
+    """Decide what to do with ``pod`` (being created in ``namespace``).
+
+    :param lookup: the KVNamespace of that name in the pod's namespace, or None
+    :raises AdmissionDenied: the pod must be rejected (the message says why and what to do)
+    """
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    name = labels.get(model.POD_LABEL)
+    if name is None:
+        return Mutation()
+    where = f"namespace {namespace!r}" if namespace else "the pod's namespace"
+    info = lookup(name)
+    if info is None:
+        raise AdmissionDenied(
+            f"the pod is labelled {model.POD_LABEL}={name} but there is no KVNamespace"
+            f" {name!r} in {where}: create the KVNamespace first, or remove the label"
+        )
+    if info.phase == "Failed":
+        raise AdmissionDenied(
+            f"KVNamespace {name!r} is Failed ({info.message or 'see its status'}); fix or"
+            " re-create it before starting pods that use it"
+        )
+    if info.phase == "Revoked":
+        raise AdmissionDenied(
+            f"KVNamespace {name!r} belongs to a job that has ended and its credentials were"
+            " revoked (onJobEnd: Revoke); create a new KVNamespace for a new job"
+        )
+    spec = pod.get("spec") or {}
+    offending = [
+        f"{container.get('name', '?')}: {env['name']}"
+        for kind in CONTAINER_LISTS
+        for container in spec.get(kind) or []
+        for env in container.get("env") or []
+        if str(env.get("name", "")).startswith(RESERVED_PREFIX)
+    ]
+    if offending:
+        raise AdmissionDenied(
+            f"the pod sets reserved variables ({', '.join(offending)}); pods labelled"
+            f" {model.POD_LABEL}={name} get every {RESERVED_PREFIX}* variable from Secret"
+            f" {info.secret_name!r}: remove them from env, or remove the label and configure"
+            " the store by hand"
+        )
+    mutation = Mutation()
+    if info.phase != "Ready":
+        mutation.warnings.append(
+            f"KVNamespace {name!r} is {info.phase or 'not provisioned'} yet; the containers"
+            f" start once Secret {info.secret_name!r} exists"
+        )
+    if info.phase in ("JobEnded", "Cleaned"):
+        mutation.warnings.append(
+            f"the job of KVNamespace {name!r} has already ended; its keys may have been deleted"
+        )
+    ref = {"secretRef": {"name": info.secret_name}}
+    for kind in CONTAINER_LISTS:
+        for index, container in enumerate(spec.get(kind) or []):
+            env_from = container.get("envFrom")
+            if env_from is None:
+                mutation.ops.append(
+                    {"op": "add", "path": f"/spec/{kind}/{index}/envFrom", "value": [ref]}
+                )
+            elif not any(
+                (item.get("secretRef") or {}).get("name") == info.secret_name for item in env_from
+            ):
+                # Appended last: for keys in several sources the last one wins.
+                mutation.ops.append(
+                    {"op": "add", "path": f"/spec/{kind}/{index}/envFrom/-", "value": ref}
+                )
+    return mutation
+
+
+def apply_ops(pod: Obj, ops: list[Obj]) -> None:
+    """Apply ``mutate_pod``'s ops to ``pod`` in place (only the ops it produces)."""
+    for op in ops:
+        _, _, kind, index, *rest = op["path"].split("/")
+        container = pod["spec"][kind][int(index)]
+        if rest == ["envFrom"]:
+            container["envFrom"] = copy.deepcopy(op["value"])
+        else:
+            container.setdefault("envFrom", []).append(copy.deepcopy(op["value"]))

@@ -1,0 +1,145 @@
+"""Run the real operator (``python -m etha_operator``) as a subprocess for tests.
+
+It talks to the Kubernetes emulator through a kubeconfig and to a real etcd with auth.
+Its output goes to a log file that tests can read (e.g. to check that no password is
+ever logged). :meth:`OperatorProcess.stop` ends it; :meth:`kill` simulates a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from tests.support.ports import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def wait_for(
+    probe: Callable[[], T | None],
+    timeout: float = 30.0,
+    interval: float = 0.1,
+    what: str = "condition",
+) -> T:
+    """Poll ``probe`` until it returns something truthy; raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
+@dataclass
+class OperatorProcess:
+    """One operator process; ``env`` adds to/overrides the ETHA_OPERATOR_* defaults."""
+
+    kubeconfig: Path
+    etcd_endpoints: list[str]
+    root_password: str
+    log_path: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+    health_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETHA_")}
+        env.update(
+            {
+                "KUBECONFIG": str(self.kubeconfig),
+                "ETHA_OPERATOR_ETCD_ENDPOINTS": ",".join(self.etcd_endpoints),
+                "ETHA_OPERATOR_ETCD_USERNAME": "root",
+                "ETHA_OPERATOR_ETCD_PASSWORD": self.root_password,
+                "ETHA_OPERATOR_HEALTH_PORT": str(self.health_port),
+                "ETHA_OPERATOR_AUDIT_INTERVAL": "0",
+                "ETHA_OPERATOR_CLEANUP_DEADLINE": "5",
+                "ETHA_OPERATOR_JOB_CHECK_INTERVAL": "2",
+                "ETHA_OPERATOR_WATCH_SERVER_TIMEOUT": "60",
+                "ETHA_OPERATOR_ETCD_TIMEOUT": "2",
+                "ETHA_OPERATOR_LOG_LEVEL": "DEBUG",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.env)
+        return env
+
+    def start(self, timeout: float = 60.0) -> OperatorProcess:
+        log = self.log_path.open("ab")
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "etha_operator"],
+                cwd=REPO,
+                env=self.environment(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        try:
+            wait_for(self._healthy, timeout=timeout, interval=0.2, what="the operator to start")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _healthy(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError(f"the operator exited early:\n{self.log_tail()}")
+        try:
+            url = f"http://127.0.0.1:{self.health_port}/healthz"
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return bool(response.status == 200) and "etha operator started" in self.log()
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no clean-up of any kind."""
+        self._signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if kopf does not exit in time."""
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        proc = self.process
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        self.process = None
+
+    def __enter__(self) -> OperatorProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
