@@ -26,6 +26,7 @@ job ends. Nothing is written anywhere else.
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 import weakref
@@ -342,6 +343,7 @@ class EthaStore(_C10dStore):
         try:
             response = self._client.range(full)
             kv = response.kvs[0] if response.kvs else None
+            losses = 0
             while True:
                 new_value, result = update(None if kv is None else bytes(kv.value))
                 if kv is None:
@@ -368,6 +370,11 @@ class EthaStore(_C10dStore):
                 # Lost the race: the failure branch already read the winner's value.
                 kvs = txn.responses[0].response_range.kvs
                 kv = kvs[0] if kvs else None
+                losses += 1
+                if losses >= 2:
+                    # Contended key: a short random backoff lets one writer through
+                    # instead of every writer failing every round.
+                    time.sleep(random.uniform(0, min(0.0005 * 2**losses, 0.02)))
         except KVStoreError as exc:
             raise _store_error(f"update of {key!r}", exc) from exc
 

@@ -1,0 +1,396 @@
+"""EthaStore: the c10d Store contract on real etcd (auth on), checked against a real TCPStore.
+
+Modelled on torch's own store tests (test/distributed/test_store.py): set/get/add,
+compare_set, wait with its timeout, num_keys, delete_key, multi_get/multi_set, the
+Python-store trampoline check (``torch.distributed._test_python_store``) and calls
+through a C++ ``PrefixStore``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+
+from etha.distributed.store import EthaStore
+from etha.kvstore.config import EtcdConfig
+from tests.distributed_helpers import all_keys, child_env, namespace_config, procs, read_key, tail
+from tests.support.etcd_server import EtcdCluster
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def ns_a(etcd_auth: EtcdCluster) -> EtcdConfig:
+    return namespace_config(etcd_auth, f"store-a-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="module")
+def ns_b(etcd_auth: EtcdCluster) -> EtcdConfig:
+    return namespace_config(etcd_auth, f"store-b-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def store(ns_a: EtcdConfig) -> Iterator[EthaStore]:
+    s = EthaStore(ns_a, scope=f"t{uuid.uuid4().hex[:10]}", timeout=timedelta(seconds=1))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def tcpstore() -> Iterator[Any]:
+    s = dist.TCPStore(  # type: ignore[attr-defined]
+        "127.0.0.1", free_port(), 1, True, timedelta(seconds=1), wait_for_workers=False
+    )
+    try:
+        yield s
+    finally:
+        del s
+
+
+# -- basic contract ----------------------------------------------------------------------
+
+
+def test_set_get_str_and_bytes(store: EthaStore) -> None:
+    store.set("key0", "value0")
+    store.set("key1", b"\x00\xffbinary")
+    store.set("key2", "")
+    assert store.get("key0") == b"value0"
+    assert store.get("key1") == b"\x00\xffbinary"
+    assert store.get("key2") == b""
+    store.set("key0", "overwritten")
+    assert store.get("key0") == b"overwritten"
+
+
+def test_torch_style_keys_with_slashes_and_spaces(store: EthaStore) -> None:
+    # c10d writes keys like "default_pg/0//cuda//0"; they must round-trip unchanged.
+    keys = ["default_pg/0//cuda//0", "a b", "/leading", "ü-unicode"]
+    for i, key in enumerate(keys):
+        store.set(key, str(i))
+    assert [store.get(k) for k in keys] == [b"0", b"1", b"2", b"3"]
+    assert sorted(store.list_keys()) == sorted(keys)
+
+
+def test_get_blocks_until_another_thread_sets(store: EthaStore) -> None:
+    timer = threading.Timer(0.3, store.set, args=("late", "here"))
+    timer.start()
+    try:
+        store.set_timeout(timedelta(seconds=20))
+        assert store.get("late") == b"here"
+    finally:
+        timer.cancel()
+
+
+def test_get_missing_key_raises_dist_store_error_naming_it(store: EthaStore) -> None:
+    store.set("present", "1")
+    with pytest.raises(dist.DistStoreError, match=r"wait timeout after 1000ms.*keys: missing"):
+        store.get("missing")
+
+
+def test_wait_with_explicit_timeout_names_only_missing_keys(store: EthaStore) -> None:
+    store.set("here", "1")
+    with pytest.raises(dist.DistStoreError) as info:
+        store.wait(["here", "gone1", "gone2"], timedelta(milliseconds=300))
+    message = str(info.value)
+    assert "wait timeout after 300ms" in message
+    assert "gone1, gone2" in message
+    assert "here" not in message.split("keys:")[1].split("(")[0]
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_wait_returns_when_all_keys_appear(store: EthaStore) -> None:
+    def writer() -> None:
+        for i in range(3):
+            time.sleep(0.1)
+            store.set(f"w/{i}", "x")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        store.wait(["w/0", "w/1", "w/2"], timedelta(seconds=20))
+        assert store.check(["w/0", "w/1", "w/2"])
+    finally:
+        thread.join()
+
+
+def test_wait_survives_a_delete_before_the_set(store: EthaStore) -> None:
+    # A key that exists, is deleted, then set again: wait must see the final state.
+    store.set("flip/a", "1")
+    store.delete_key("flip/a")
+    timer = threading.Timer(0.2, store.set, args=("flip/a", "2"))
+    timer.start()
+    try:
+        store.wait(["flip/a"], timedelta(seconds=20))
+        assert store.get("flip/a") == b"2"
+    finally:
+        timer.cancel()
+
+
+def test_set_timeout_changes_get_deadline(store: EthaStore) -> None:
+    store.set_timeout(timedelta(milliseconds=200))
+    assert store.timeout == timedelta(milliseconds=200)
+    with pytest.raises(dist.DistStoreError, match="after 200ms"):
+        store.get("never")
+
+
+def test_check_num_keys_delete_key(store: EthaStore) -> None:
+    assert store.num_keys() == 0
+    assert not store.check(["a"])
+    store.set("a", "1")
+    store.set("b", "2")
+    assert store.check(["a", "b"])
+    assert not store.check(["a", "c"])
+    assert store.num_keys() == 2
+    assert store.delete_key("a") is True
+    assert store.delete_key("a") is False
+    assert store.num_keys() == 1
+    assert not store.check(["a"])
+
+
+def test_multi_set_multi_get(store: EthaStore) -> None:
+    keys = [f"m/{i}" for i in range(300)]  # more than one 128-op transaction
+    store.multi_set(keys, [str(i) for i in range(300)])
+    assert store.multi_get(keys) == [str(i).encode() for i in range(300)]
+    assert store.multi_get([]) == []
+    with pytest.raises(dist.DistStoreError, match="keys: m/missing"):
+        store.multi_get(["m/0", "m/missing"])
+
+
+def test_add_semantics(store: EthaStore) -> None:
+    assert store.add("counter", 0) == 0
+    assert store.check(["counter"])
+    assert store.add("counter", 5) == 5
+    assert store.add("counter", -7) == -2
+    assert store.get("counter") == b"-2"
+    store.set("text", "not a number")
+    with pytest.raises(dist.DistStoreError, match="integer"):
+        store.add("text", 1)
+    assert store.get("text") == b"not a number"
+
+
+def test_append(store: EthaStore) -> None:
+    store.append("log", "a")
+    store.append("log", b"b")
+    assert store.get("log") == b"ab"
+
+
+# -- side by side with a real TCPStore ----------------------------------------------------
+
+Op = Callable[[Any], Any]
+
+SEQUENCES: dict[str, list[Op]] = {
+    "compare_set missing key, empty expected": [lambda s: s.compare_set("k", "", "v")],
+    "compare_set missing key, non-empty expected": [
+        lambda s: s.compare_set("k", "x", "v"),
+        lambda s: s.check(["k"]),
+    ],
+    "compare_set match": [
+        lambda s: s.set("k", "a"),
+        lambda s: s.compare_set("k", "a", "b"),
+        lambda s: s.get("k"),
+    ],
+    "compare_set mismatch": [
+        lambda s: s.set("k", "a"),
+        lambda s: s.compare_set("k", "zz", "c"),
+        lambda s: s.get("k"),
+    ],
+    "compare_set existing key, empty expected": [
+        lambda s: s.set("k", "a"),
+        lambda s: s.compare_set("k", "", "d"),
+        lambda s: s.get("k"),
+    ],
+    "compare_set existing empty value, empty expected": [
+        lambda s: s.set("k", ""),
+        lambda s: s.compare_set("k", "", "e"),
+        lambda s: s.get("k"),
+    ],
+    "add": [
+        lambda s: s.add("c", 0),
+        lambda s: s.add("c", 3),
+        lambda s: s.add("c", -10),
+        lambda s: s.get("c"),
+    ],
+    "check/delete": [
+        lambda s: s.set("d", "1"),
+        lambda s: s.check(["d"]),
+        lambda s: s.delete_key("d"),
+        lambda s: s.delete_key("d"),
+        lambda s: s.check(["d"]),
+    ],
+    "multi": [
+        lambda s: s.multi_set(["x", "y"], ["1", b"2"]),
+        lambda s: s.multi_get(["y", "x"]),
+        lambda s: s.check(["x", "y", "z"]),
+    ],
+    "append": [
+        lambda s: s.append("ap", "x"),
+        lambda s: s.append("ap", "y"),
+        lambda s: s.get("ap"),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEQUENCES))
+def test_same_results_as_tcpstore(name: str, store: EthaStore, tcpstore: Any) -> None:
+    ops = SEQUENCES[name]
+    expected = [op(tcpstore) for op in ops]
+    actual = [op(store) for op in ops]
+    assert actual == expected
+
+
+def test_num_keys_counts_like_tcpstore(store: EthaStore, tcpstore: Any) -> None:
+    # TCPStore counts its own internal keys too, so compare the deltas.
+    before = tcpstore.num_keys()
+    for s in (tcpstore, store):
+        s.set("n1", "1")
+        s.add("n2", 1)
+        s.compare_set("n3", "", "v")
+        s.delete_key("n1")
+    assert store.num_keys() == tcpstore.num_keys() - before == 2
+
+
+def test_timeout_error_type_like_tcpstore(store: EthaStore, tcpstore: Any) -> None:
+    errors = []
+    for s in (tcpstore, store):
+        with pytest.raises(dist.DistStoreError) as info:
+            s.wait(["nope"], timedelta(milliseconds=200))
+        errors.append(info.value)
+    assert type(errors[0]) is type(errors[1])
+    assert all("nope" in str(e) for e in errors)
+
+
+# -- through C++ -----------------------------------------------------------------------
+
+
+def test_python_store_trampoline(store: EthaStore) -> None:
+    # Runs set/get/add (and clone) from C++ through torch's PythonStore trampoline.
+    dist._test_python_store(store)
+    assert store.get("key") == b"6"
+    assert store.get("key3") == b"15"
+
+
+def test_prefix_store_reaches_every_method_from_cpp(store: EthaStore) -> None:
+    prefixed = dist.PrefixStore("pfx", store)
+    prefixed.set("a", "1")
+    assert prefixed.get("a") == b"1"
+    assert prefixed.add("n", 4) == 4
+    assert prefixed.compare_set("a", "1", "2") == b"2"
+    assert prefixed.check(["a", "n"])
+    prefixed.wait(["a"], timedelta(seconds=5))
+    assert prefixed.multi_get(["a", "n"]) == [b"2", b"4"]
+    assert prefixed.num_keys() == 2
+    assert prefixed.delete_key("a") is True
+    assert sorted(store.list_keys()) == ["pfx/n"]
+    with pytest.raises(dist.DistStoreError, match="pfx/missing"):
+        prefixed.wait(["missing"], timedelta(milliseconds=200))
+
+
+def test_queue_methods_are_unsupported(store: EthaStore) -> None:
+    with pytest.raises(NotImplementedError):
+        store.queue_push("q", "x")
+
+
+# -- keys and namespaces ----------------------------------------------------------------
+
+
+def test_every_key_is_under_the_namespace_prefix(etcd_auth: EtcdCluster, ns_a: EtcdConfig) -> None:
+    s = EthaStore(ns_a, component="c10d", scope="prefix-check")
+    s.set("x", "1")
+    s.add("y", 1)
+    s.compare_set("z", "", "1")
+    s.multi_set(["m1", "m2"], ["1", "2"])
+    s.append("ap", "1")
+    written = [k for k in all_keys(etcd_auth) if "prefix-check" in k]
+    assert sorted(written) == sorted(
+        f"{ns_a.namespace}/c10d/prefix-check/{k}" for k in ["x", "y", "z", "m1", "m2", "ap"]
+    )
+    s.close()
+
+
+def test_namespace_a_credentials_cannot_touch_namespace_b(
+    etcd_auth: EtcdCluster, ns_a: EtcdConfig, ns_b: EtcdConfig
+) -> None:
+    b_store = EthaStore(ns_b, scope="secret")
+    b_store.set("token", "b-only")
+    # A's user and password, B's namespace.
+    intruder = EthaStore(
+        EtcdConfig(
+            namespace=ns_b.namespace,
+            endpoints=ns_a.endpoints,
+            username=ns_a.username,
+            password=ns_a.password,
+        ),
+        scope="secret",
+        timeout=timedelta(seconds=30),
+    )
+    started = time.monotonic()
+    for action in (
+        lambda: intruder.get("token"),
+        lambda: intruder.get("not-there"),  # would block on a watch if the read passed
+        lambda: intruder.set("token", "stolen"),
+        lambda: intruder.add("counter", 1),
+        lambda: intruder.compare_set("token", "b-only", "stolen"),
+        lambda: intruder.delete_key("token"),
+        lambda: intruder.num_keys(),
+        lambda: intruder.wait(["token"], timedelta(seconds=30)),
+    ):
+        with pytest.raises(dist.DistStoreError, match="permission denied"):
+            action()
+    # Refused at once, not after the 30 s store timeout.
+    assert time.monotonic() - started < 20
+    assert read_key(etcd_auth, f"{ns_b.namespace}/torch/secret/token") == b"b-only"
+    assert read_key(etcd_auth, f"{ns_b.namespace}/torch/secret/counter") is None
+    intruder.close()
+    b_store.close()
+
+
+# -- concurrency ---------------------------------------------------------------------------
+
+ADD_WORKER = """
+import sys, time
+from datetime import timedelta
+from etha.distributed.store import EthaStore
+scope, n = sys.argv[1], int(sys.argv[2])
+store = EthaStore(scope=scope, timeout=timedelta(seconds=60))
+store.add("ready", 1)
+store.wait(["go"])
+for _ in range(n):
+    store.add("counter", 1)
+print("done", flush=True)
+"""
+
+PROCESSES = 8
+INCREMENTS = 1000
+
+
+def test_add_from_8_processes_is_exact(ns_a: EtcdConfig, tmp_path: Path) -> None:
+    script = tmp_path / "add_worker.py"
+    script.write_text(ADD_WORKER)
+    scope = f"add-{uuid.uuid4().hex[:8]}"
+    control = EthaStore(ns_a, scope=scope, timeout=timedelta(seconds=60))
+    with procs() as p:
+        env = child_env(ns_a)
+        logs = [tmp_path / f"w{i}.log" for i in range(PROCESSES)]
+        workers = [
+            p.python(script, [scope, str(INCREMENTS)], env, logs[i]) for i in range(PROCESSES)
+        ]
+        deadline = time.monotonic() + 60
+        while control.get("ready") != str(PROCESSES).encode() if control.check(["ready"]) else True:
+            assert time.monotonic() < deadline, "workers did not start"
+            assert all(w.poll() is None for w in workers), tail(logs[0])
+            time.sleep(0.1)
+        control.set("go", "1")
+        codes = p.wait_all(workers, timeout=100)
+        assert codes == [0] * PROCESSES, "\n".join(tail(log) for log in logs)
+    assert control.get("counter") == str(PROCESSES * INCREMENTS).encode()
+    control.close()
