@@ -67,13 +67,14 @@ def _validate_path(value: object, what: str, segment_re: re.Pattern[str], allowe
         )
     for segment in value.split("/"):
         if not segment:
+            shown = _describe(value)
             raise InvalidKeyError(
-                f"{what} {_describe(value)} has an empty segment"
-                " (leading, trailing or doubled '/')"
+                f"{what} {shown} has an empty segment (leading, trailing or doubled '/')"
             )
         if segment in (".", ".."):
+            shown = _describe(value)
             raise InvalidKeyError(
-                f"{what} {_describe(value)} has a {segment!r} segment, which could escape its prefix"
+                f"{what} {shown} has a {segment!r} segment, which could escape its prefix"
             )
         if not segment_re.fullmatch(segment):
             raise InvalidKeyError(
@@ -95,7 +96,10 @@ def validate_key(value: object) -> str:
 def validate_pattern(value: object) -> str:
     """Return ``value`` if it is a valid ``wait_for_keys`` pattern, else raise."""
     return _validate_path(
-        value, "key pattern", _PATTERN_SEGMENT_RE, "letters, digits, '/', '*' and . _ - : = @ + , ~ %"
+        value,
+        "key pattern",
+        _PATTERN_SEGMENT_RE,
+        "letters, digits, '/', '*' and . _ - : = @ + , ~ %",
     )
 
 
