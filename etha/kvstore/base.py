@@ -203,9 +203,7 @@ def check_bytes_value(data: object) -> bytes:
         return data
     if isinstance(data, (bytearray, memoryview)):
         return bytes(data)
-    raise InvalidValueError(
-        f"data must be bytes, got {type(data).__name__}; use set() for text"
-    )
+    raise InvalidValueError(f"data must be bytes, got {type(data).__name__}; use set() for text")
 
 
 def check_timeout(timeout: object) -> float:

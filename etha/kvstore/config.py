@@ -40,8 +40,20 @@ SECRET_VARIABLES = frozenset({PASSWORD})
 #: Every variable of the contract; the webhook treats all of them as reserved.
 ALL_VARIABLES = frozenset(
     {
-        BACKEND, NAMESPACE, COMPONENT, ENDPOINTS, USERNAME, PASSWORD, CA_FILE, CA_PEM,
-        CERT_FILE, KEY_FILE, TIMEOUT, TCPSTORE_HOST, TCPSTORE_PORT, TCPSTORE_IS_SERVER,
+        BACKEND,
+        NAMESPACE,
+        COMPONENT,
+        ENDPOINTS,
+        USERNAME,
+        PASSWORD,
+        CA_FILE,
+        CA_PEM,
+        CERT_FILE,
+        KEY_FILE,
+        TIMEOUT,
+        TCPSTORE_HOST,
+        TCPSTORE_PORT,
+        TCPSTORE_IS_SERVER,
         TCPSTORE_WORLD_SIZE,
     }
 )
@@ -219,7 +231,9 @@ def parse_endpoints(raw: str, name: str = ENDPOINTS) -> tuple[tuple[Endpoint, ..
                 )
             schemes.add(parts.scheme)
         if not parts.hostname or port is None or parts.path not in ("", "/"):
-            raise ConfigurationError(f"{name}: endpoint {item!r} must look like [https://]host:port")
+            raise ConfigurationError(
+                f"{name}: endpoint {item!r} must look like [https://]host:port"
+            )
         endpoints.append(Endpoint(parts.hostname, port))
     if len(schemes) > 1:
         raise ConfigurationError(f"{name}={raw!r} mixes http:// and https:// endpoints")
