@@ -93,6 +93,10 @@ class EthaStore(_C10dStore):
         bounds each etcd request.)
     :param client: an :class:`EtcdClient` to use instead of the process-wide shared one
         (the store then does not release it)
+
+    Keep a Python reference to the store for as long as torch may use it: pybind11 keeps
+    only the C++ half alive, and calls from C++ on a collected Python store fail with
+    "Not implemented". The ``etha://`` handler and the torchrun backend do this.
     """
 
     def __init__(

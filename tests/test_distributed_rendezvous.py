@@ -1,0 +1,227 @@
+"""``init_process_group(init_method="etha://...")`` on real etcd with per-namespace auth."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import etha.distributed
+from etha.distributed.rendezvous import RendezvousSpec, parse_url
+from etha.distributed.store import EthaStore
+from etha.kvstore.config import EtcdConfig
+from etha.kvstore.errors import ConfigurationError
+from tests.distributed_helpers import all_keys, child_env, namespace_config, procs, read_key, tail
+from tests.support.etcd_server import EtcdCluster
+
+pytestmark = pytest.mark.timeout(150)
+
+
+# -- URL parsing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "expected"),
+    [
+        ("etha:///run-1?rank=2&world_size=4", {}, RendezvousSpec(2, 4, "run-1")),
+        ("etha://run-1?rank=0&world_size=1", {}, RendezvousSpec(0, 1, "run-1")),
+        ("etha://", {"RANK": "3", "WORLD_SIZE": "8"}, RendezvousSpec(3, 8, "default")),
+        (
+            "etha://?world_size=-1",
+            {"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job7"},
+            RendezvousSpec(1, 2, "job7"),
+        ),
+        (
+            "etha:///r?rank=1&world_size=2&component=pg",
+            {"RANK": "0", "WORLD_SIZE": "9"},
+            RendezvousSpec(1, 2, "r", "pg"),
+        ),
+    ],
+)
+def test_parse_url(url: str, env: dict[str, str], expected: RendezvousSpec) -> None:
+    assert parse_url(url, env) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "message"),
+    [
+        ("etha:///r", {"WORLD_SIZE": "2"}, "rank parameter missing"),
+        ("etha:///r?rank=0", {}, "world size parameter missing"),
+        ("etha:///r?rank=x&world_size=2", {}, "rank='x' is not an integer"),
+        ("etha:///r?rank=2&world_size=2", {}, "rank 2 is not below world_size 2"),
+        ("etha:///r?rank=0&world_size=0", {}, "world_size=0 must be at least 1"),
+        ("etha://a/b?rank=0&world_size=1", {}, "names the run twice"),
+        ("etha:///a/b?rank=0&world_size=1", {}, "run id"),
+        ("etha:///r?rank=0&world_size=1&bogus=1", {}, "unknown URL parameter 'bogus'"),
+        ("tcp://h:1?rank=0&world_size=1", {}, "does not start with etha://"),
+    ],
+)
+def test_parse_url_errors(url: str, env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match="etha:// rendezvous") as info:
+        parse_url(url, env)
+    assert message in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_handler_is_registered_with_torch() -> None:
+    etha.distributed.register()  # idempotent
+    from torch.distributed.rendezvous import _rendezvous_handlers
+
+    assert _rendezvous_handlers["etha"] is etha.distributed.etha_rendezvous_handler
+
+
+# -- real rendezvous ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ns_a(etcd_auth: EtcdCluster) -> EtcdConfig:
+    return namespace_config(etcd_auth, f"rdzv-a-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="module")
+def ns_b(etcd_auth: EtcdCluster) -> EtcdConfig:
+    return namespace_config(etcd_auth, f"rdzv-b-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def etha_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """This process's ETHA_KV_* variables, restored afterwards."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("ETHA_KV_"):
+            monkeypatch.delenv(name)
+    yield monkeypatch
+
+
+GLOO_WORKER = """
+import json, os, sys
+from datetime import timedelta
+import torch
+import torch.distributed as dist
+import etha.distributed  # registers etha://
+
+url, out, how = sys.argv[1], sys.argv[2], sys.argv[3]
+kwargs = {"timeout": timedelta(seconds=90)}
+if how == "args":  # rank and world size as arguments; torch puts them into the URL
+    kwargs.update(rank=int(os.environ.pop("RANK")), world_size=int(os.environ.pop("WORLD_SIZE")))
+dist.init_process_group("gloo", init_method=url, **kwargs)
+rank, world = dist.get_rank(), dist.get_world_size()
+t = torch.tensor([float(rank + 1), 1.0])
+dist.all_reduce(t)
+dist.barrier()
+# A new group rendezvouses through the store again, after init_process_group returned.
+group = dist.new_group(list(range(world)))
+u = torch.tensor([float(rank)])
+dist.all_reduce(u, group=group)
+with open(out, "w") as f:
+    json.dump({"rank": rank, "world": world, "sum": t.tolist(), "group_sum": u.item()}, f)
+dist.destroy_process_group()
+"""
+
+
+def test_four_processes_all_reduce_and_barrier(
+    etcd_auth: EtcdCluster, ns_a: EtcdConfig, tmp_path: Path
+) -> None:
+    script = tmp_path / "gloo_worker.py"
+    script.write_text(GLOO_WORKER)
+    run = f"run-{uuid.uuid4().hex[:8]}"
+    world = 4
+    with procs() as p:
+        logs = [tmp_path / f"rank{r}.log" for r in range(world)]
+        workers = [
+            p.python(
+                script,
+                [f"etha:///{run}", str(tmp_path / f"out{r}.json"), "args" if r % 2 else "env"],
+                child_env(ns_a, RANK=str(r), WORLD_SIZE=str(world)),
+                logs[r],
+            )
+            for r in range(world)
+        ]
+        codes = p.wait_all(workers, timeout=120)
+        assert codes == [0] * world, "\n---\n".join(tail(log) for log in logs)
+    results = sorted(
+        (json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(world)),
+        key=lambda r: r["rank"],
+    )
+    assert [r["rank"] for r in results] == [0, 1, 2, 3]
+    assert all(r["world"] == world for r in results)
+    assert all(r["sum"] == [10.0, 4.0] for r in results)  # 1+2+3+4, and one per rank
+    assert all(r["group_sum"] == 6.0 for r in results)
+    # Every key the rendezvous and gloo wrote is under the namespace's c10d/<run>/ prefix.
+    written = [k for k in all_keys(etcd_auth) if run in k]
+    assert written, "the rendezvous wrote no keys at all?"
+    assert all(k.startswith(f"{ns_a.namespace}/c10d/{run}/") for k in written), written
+
+
+def test_single_process_in_this_process(
+    etha_env: pytest.MonkeyPatch, ns_a: EtcdConfig, etcd_auth: EtcdCluster
+) -> None:
+    for name, value in ns_a.to_env().items():
+        etha_env.setenv(name, value)
+    run = f"solo-{uuid.uuid4().hex[:8]}"
+    dist.init_process_group(
+        "gloo", init_method=f"etha://{run}", rank=0, world_size=1, timeout=timedelta(seconds=30)
+    )
+    try:
+        t = torch.tensor([5.0])
+        dist.all_reduce(t)
+        assert t.item() == 5.0
+        store = dist.distributed_c10d._get_default_store()
+        store.set("user-key", "v")
+        assert store.get("user-key") == b"v"
+    finally:
+        dist.destroy_process_group()
+    assert any(
+        k.startswith(f"{ns_a.namespace}/c10d/{run}/") and k.endswith("user-key")
+        for k in all_keys(etcd_auth)
+    )
+
+
+def test_rendezvous_store_timeout_comes_from_init_process_group(
+    etha_env: pytest.MonkeyPatch, ns_a: EtcdConfig
+) -> None:
+    for name, value in ns_a.to_env().items():
+        etha_env.setenv(name, value)
+    store, rank, world = next(
+        dist.rendezvous("etha:///t-timeout", rank=1, world_size=3, timeout=timedelta(seconds=7))
+    )
+    assert (rank, world) == (1, 3)
+    assert isinstance(store, EthaStore)
+    assert store.timeout == timedelta(seconds=7)
+    assert store.prefix == f"{ns_a.namespace}/c10d/t-timeout/"
+    store.close()
+
+
+def test_namespace_a_credentials_cannot_rendezvous_in_namespace_b(
+    etha_env: pytest.MonkeyPatch, ns_a: EtcdConfig, ns_b: EtcdConfig, etcd_auth: EtcdCluster
+) -> None:
+    # Namespace B has a job running; A's credentials point at B's namespace.
+    run = "shared-run"
+    b_store = EthaStore(ns_b, component="c10d", scope=run)
+    b_store.set("rank0/addr", "10.0.0.1:1234")
+    for name, value in ns_a.to_env().items():
+        etha_env.setenv(name, value)
+    etha_env.setenv("ETHA_KV_NAMESPACE", ns_b.namespace)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="permission denied"):
+        dist.init_process_group(
+            "gloo", init_method=f"etha:///{run}", rank=1, world_size=2,
+            timeout=timedelta(seconds=60),
+        )  # fmt: skip
+    assert time.monotonic() - started < 30, "refused only after waiting: should fail at once"
+    assert not dist.is_initialized()
+    store, _, _ = next(dist.rendezvous(f"etha:///{run}", rank=1, world_size=2))
+    with pytest.raises(dist.DistStoreError, match="permission denied"):
+        store.get("rank0/addr")
+    with pytest.raises(dist.DistStoreError, match="permission denied"):
+        store.set("rank0/addr", "attacker")
+    assert read_key(etcd_auth, f"{ns_b.namespace}/c10d/{run}/rank0/addr") == b"10.0.0.1:1234"
+    b_store.close()
