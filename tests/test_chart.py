@@ -849,3 +849,30 @@ def test_bootstrap_gives_up_when_etcd_never_answers(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "did not answer" in result.stderr
+
+
+# --- agreement with the operator's code --------------------------------------------------
+
+
+def test_webhook_path_is_the_operator_handler_path() -> None:
+    """kopf serves a mutating handler at /<handler id>; the chart must call that path."""
+    from etha_operator import handlers
+
+    hook = _webhook(manifests())
+    assert hook["clientConfig"]["service"]["path"] == f"/{handlers.WEBHOOK_ID}"
+
+
+def test_every_variable_the_chart_sets_is_read_by_the_operator() -> None:
+    from etha_operator import settings
+
+    read = {
+        value
+        for name, value in vars(settings).items()
+        if name.isupper() and isinstance(value, str) and value.startswith(settings.PREFIX)
+    }
+    for values in VALUE_SETS.values():
+        container = one(manifests(values), "Deployment")["spec"]["template"]["spec"]["containers"][
+            0
+        ]
+        assert set(_env(container)) <= read, set(_env(container)) - read
+    assert read >= CONTRACT_ENV, CONTRACT_ENV - read
