@@ -99,13 +99,13 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
     """Register every handler of the operator into ``registry``."""
     resource = (model.GROUP, model.VERSION, model.PLURAL)
 
-    @kopf.on.login(registry=registry)
+    @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # Explicit, so the in-cluster service account always wins over a stray kubeconfig.
         info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs)
         return info or kopf.login_with_kubeconfig(**kwargs)  # type: ignore[no-any-return]
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(id="startup", registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         configure_kopf(settings, cfg)
         admin = EtcdAdmin.from_settings(cfg)
@@ -120,7 +120,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
             f"on port {cfg.webhook_port}" if cfg.webhook_enabled else "disabled (no certificate)",
         )
 
-    @kopf.on.cleanup(registry=registry)
+    @kopf.on.cleanup(id="cleanup", registry=registry)
     async def cleanup(memo: Any, **_: Any) -> None:
         task = getattr(memo, "audit_task", None)
         if task is not None:
@@ -132,12 +132,13 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
             reconciler.admin.close()
             reconciler.kube.close()
 
-    @kopf.index(*resource, registry=registry)
+    # Index ids are the kwarg names under which kopf passes the indices to handlers.
+    @kopf.index(*resource, id="kvnamespaces", registry=registry)
     def kvnamespaces(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
         """(namespace, name) -> what the webhook needs."""
         return {(namespace, name): webhook.info_from_body(body)}
 
-    @kopf.index(*resource, registry=registry)
+    @kopf.index(*resource, id="kvnamespaces_by_job", registry=registry)
     def kvnamespaces_by_job(
         spec: kopf.Spec, namespace: str | None, name: str, **_: Any
     ) -> dict[Any, Any]:
@@ -145,9 +146,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
         job = spec.get("jobRef") or {}
         return {(namespace, job.get("kind"), job.get("name")): name}
 
-    @kopf.on.resume(*resource, registry=registry)
-    @kopf.on.create(*resource, registry=registry)
-    @kopf.on.update(*resource, registry=registry)
+    @kopf.on.resume(*resource, id="reconcile", registry=registry)
+    @kopf.on.create(*resource, id="reconcile", registry=registry)
+    @kopf.on.update(*resource, id="reconcile", registry=registry)
     def reconcile(body: kopf.Body, memo: Any, **_: Any) -> None:
         reconciler: Reconciler = memo.reconciler
         plain = _plain(body)
@@ -157,7 +158,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
         except TemporaryFailure as exc:
             raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY) from exc
 
-    @kopf.timer(*resource, registry=registry, interval=cfg.job_check_interval, idle=None)
+    @kopf.timer(*resource, id="recheck", registry=registry, interval=cfg.job_check_interval)
     def recheck(body: kopf.Body, memo: Any, **_: Any) -> None:
         """Level-triggered safety net: failed provisioning, TTLs, missed job ends."""
         if body.get("metadata", {}).get("deletionTimestamp"):
@@ -181,7 +182,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
         group, version = api_version.split("/", 1)
         plural = model.JOB_KINDS[(api_version, kind)]
 
-        @kopf.on.event(group, version, plural, param=kind, registry=registry)
+        @kopf.on.event(group, version, plural, id=f"{plural}-events", param=kind, registry=registry)
         def job_event(
             namespace: str | None, name: str, memo: Any, param: Any = None, **kwargs: Any
         ) -> None:
@@ -201,7 +202,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
                         "KVNamespace %s/%s: job check will be retried: %s", namespace, kvns, exc
                     )
 
-    @kopf.on.delete(*resource, registry=registry)
+    @kopf.on.delete(*resource, id="finalize", registry=registry)
     def finalize(body: kopf.Body, memo: Any, **_: Any) -> None:
         """Best effort within ETHA_OPERATOR_CLEANUP_DEADLINE; never blocks deletion forever."""
         reconciler: Reconciler = memo.reconciler

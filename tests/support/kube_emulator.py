@@ -391,15 +391,30 @@ def _parse_path(path: str) -> _Path | None:
 
 @dataclass
 class Hold:
-    """Requests matching (method, plural) wait until :meth:`release` (test fault injection)."""
+    """Requests matching (method, plural, subresource) wait until :meth:`release`.
+
+    Test fault injection: with ``fail=True`` the held requests are answered 503 and
+    change nothing, as if the API server never got them.
+    """
 
     method: str
     plural: str
+    subresource: str | None = None
+    fail: bool = False
     reached: threading.Event = field(default_factory=threading.Event)
     _released: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
 
-    def release(self) -> None:
+    def matches(self, method: str, path: _Path) -> bool:
+        return (self.method, self.plural, self.subresource) == (
+            method,
+            path.plural,
+            path.subresource,
+        )
+
+    def release(self, fail: bool | None = None) -> None:
+        if fail is not None:
+            self.fail = fail
         if self._loop is not None and self._released is not None:
             self._loop.call_soon_threadsafe(self._released.set)
 
@@ -475,11 +490,13 @@ class KubeEmulator(kmock.KubernetesScaffold):
             return await super()._handle(request)
         self.request_log.append((request.method.value, request.url.path))
         try:
-            for hold in self.holds:
-                if hold.method == request.method.value and hold.plural == path.plural:
+            for hold in list(self.holds):
+                if hold.matches(request.method.value, path):
                     hold.reached.set()
                     if hold._released is not None:
                         await hold._released.wait()
+                    if hold.fail:
+                        raise ApiError(503, "ServiceUnavailable", "dropped by a test hold")
             kind = self.store.kind(path.group, path.plural)
             method = request.method.value
             params = request.params
@@ -756,13 +773,22 @@ class EmulatorServer:
         ]
 
     @contextmanager
-    def hold(self, method: str, plural: str) -> Iterator[Hold]:
+    def hold(
+        self, method: str, plural: str, subresource: str | None = None, fail: bool = False
+    ) -> Iterator[Hold]:
         """Make matching requests wait until the returned hold is released (or the block ends)."""
         assert self._loop is not None and self.emulator is not None
         emulator = self.emulator
 
         async def make() -> Hold:
-            hold = Hold(method, plural, _released=asyncio.Event(), _loop=asyncio.get_running_loop())
+            hold = Hold(
+                method,
+                plural,
+                subresource,
+                fail,
+                _released=asyncio.Event(),
+                _loop=asyncio.get_running_loop(),
+            )
             emulator.holds.append(hold)
             return hold
 

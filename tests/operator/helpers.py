@@ -1,0 +1,132 @@
+"""Shared helpers of the operator tests (what a user or a controller would do)."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from etha.kvstore import KVStore, from_env
+from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
+from tests.support.etcd_server import EtcdCluster
+from tests.support.kube_emulator import EmulatorServer
+from tests.support.operator_runner import wait_for
+
+API = "etha.io/v1alpha1"
+PLURAL = "kvnamespaces"
+
+
+def secret_env(kube: EmulatorServer, namespace: str, name: str) -> dict[str, str]:
+    secret = kube.get("v1", "secrets", name, namespace)
+    return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+
+@contextmanager
+def store_from_secret(
+    kube: EmulatorServer, namespace: str, secret: str, **override: str
+) -> Iterator[KVStore]:
+    """What a worker pod gets: ``from_env()`` over the Secret's variables.
+
+    Closed with ``cleanup=False`` so that the keys stay for the operator to clean.
+    """
+    env = secret_env(kube, namespace, secret)
+    env.update(override)
+    store = from_env(env)
+    try:
+        yield store
+    finally:
+        store.close(cleanup=False)
+
+
+def root_client(etcd: EtcdCluster) -> EtcdClient:
+    return EtcdClient(etcd.urls, username="root", password=etcd.root_password, timeout=5)
+
+
+def count_keys(etcd: EtcdCluster, prefix: str) -> int:
+    with root_client(etcd) as client:
+        key = f"{prefix}/".encode()
+        return int(client.range(key, prefix_range_end(key), count_only=True).count)
+
+
+def etcd_users(etcd: EtcdCluster) -> list[str]:
+    return etcd.etcdctl("user", "list").stdout.split()
+
+
+def etcd_roles(etcd: EtcdCluster) -> list[str]:
+    return etcd.etcdctl("role", "list").stdout.split()
+
+
+def finish_job(kube: EmulatorServer, namespace: str, name: str, condition: str = "Complete") -> Any:
+    """Patch the Job's status the way the Job controller does when it ends."""
+    return kube.patch(
+        "batch/v1",
+        "jobs",
+        name,
+        {
+            "status": {
+                "conditions": [
+                    {
+                        "type": condition,
+                        "status": "True",
+                        "reason": "Completed"
+                        if condition == "Complete"
+                        else "BackoffLimitExceeded",
+                        "lastTransitionTime": datetime.datetime.now(datetime.timezone.utc).strftime(
+                            "%Y-%m-%dT%H:%M:%SZ"
+                        ),
+                    }
+                ],
+                "succeeded": 1 if condition == "Complete" else 0,
+            }
+        },
+        namespace,
+        subresource="status",
+    )
+
+
+def event_reasons(kube: EmulatorServer, namespace: str, name: str) -> list[str]:
+    return [e.get("reason", "") for e in kube.events_for(name, namespace)]
+
+
+def kvnamespace(name: str, job: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": API,
+        "kind": "KVNamespace",
+        "metadata": {"name": name},
+        "spec": {"jobRef": {"apiVersion": "batch/v1", "kind": "Job", "name": job}, **spec},
+    }
+
+
+def job(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "template": {
+                "metadata": {"labels": {"etha.io/kvnamespace": name}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "worker", "image": "python:3.11-slim"}],
+                },
+            }
+        },
+    }
+
+
+def wait_phase(
+    kube: EmulatorServer, namespace: str, name: str, phase: str, timeout: float = 30.0
+) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        obj = kube.find(API, PLURAL, name, namespace)
+        if obj is not None and (obj.get("status") or {}).get("phase") == phase:
+            return obj
+        return None
+
+    try:
+        return wait_for(probe, timeout=timeout, what=f"KVNamespace {namespace}/{name} {phase}")
+    except TimeoutError:
+        obj = kube.find(API, PLURAL, name, namespace)
+        raise TimeoutError(f"{namespace}/{name} never became {phase}; last: {obj!r}") from None
