@@ -1,0 +1,356 @@
+"""#7-#9: the operator against the Kubernetes API emulator and a real etcd with auth.
+
+The real operator runs as a subprocess (``python -m etha_operator``, standalone kopf),
+talking to the kmock-based emulator (tests/support/kube_emulator.py, in this process)
+and to etcd as root. Times are taken here: ``perf_counter`` just before the emulator
+stores the change, and the first poll that sees the outcome (polls every
+``POLL_S``, so a figure is late by at most one poll).
+
+* #7 create -> Ready: one KVNamespace at a time (its Job exists), until
+  ``status.phase == Ready``.
+* #8 Job end -> keys deleted: a Ready namespace with a few keys; the Job's status gets
+  a ``Complete`` condition (as the Job controller would write it); until etcd holds no
+  key under the prefix. Then the same for one namespace holding 100k keys, next to a
+  plain ``DeleteRange`` of 100k keys on the same etcd (the floor).
+* #9 500 KVNamespaces created at once (a fresh operator): until all are Ready; the
+  operator's peak RSS is its ``VmHWM`` (``/proc/<pid>/status``) at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.common import Figure, etcd_server, figure, log
+
+GROUP_VERSION = "etha.io/v1alpha1"
+PLURAL = "kvnamespaces"
+NS = "bench"
+POLL_S = 0.005
+ROOT = "root"
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    """VmRSS/VmHWM of a process in KiB."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(rest.split()[0])
+    return out
+
+
+class Operator:
+    """``python -m etha_operator`` as a subprocess; stopped (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, kubeconfig: Path, cluster: Any, workdir: Path, tag: str) -> None:
+        from tests.support.ports import free_port
+
+        self.health_port = free_port()
+        self.log_path = workdir / f"operator-{tag}.log"
+        env = dict(os.environ)
+        env.update(
+            KUBECONFIG=str(kubeconfig),
+            ETHA_OPERATOR_ETCD_ENDPOINTS=",".join(cluster.urls),
+            ETHA_OPERATOR_ETCD_USERNAME=ROOT,
+            ETHA_OPERATOR_ETCD_PASSWORD=cluster.root_password,
+            ETHA_OPERATOR_NAMESPACES="",
+            ETHA_OPERATOR_HEALTH_PORT=str(self.health_port),
+            ETHA_OPERATOR_AUDIT_INTERVAL="3600",
+            ETHA_OPERATOR_LOG_LEVEL="WARNING",
+        )
+        for key in ("ETHA_OPERATOR_WEBHOOK_CERT_FILE", "ETHA_OPERATOR_WEBHOOK_KEY_FILE"):
+            env.pop(key, None)
+        with self.log_path.open("wb") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "etha_operator"],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.peak_rss_samples: list[int] = []
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.health_port}/healthz"
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the operator exited: {self.log_tail()}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"operator not healthy after {timeout}s: {self.log_tail()}")
+            time.sleep(0.1)
+
+    def memory(self) -> dict[str, int]:
+        return _proc_status(self.proc.pid)
+
+    def log_tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            text = self.log_path.read_text(errors="replace").splitlines()
+            return "\n".join(text[-lines:])
+        return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def running_operator(kube: Any, cluster: Any, workdir: Path, tag: str) -> Iterator[Operator]:
+    kubeconfig = kube.write_kubeconfig(workdir / "kubeconfig.yaml")
+    op = Operator(kubeconfig, cluster, workdir, tag)
+    try:
+        op.wait_healthy()
+        yield op
+    finally:
+        op.stop()
+
+
+def _job(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": NS, "labels": {"app": "bench"}},
+        "spec": {
+            "template": {
+                "metadata": {"labels": {"etha.io/kvnamespace": name}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "main", "image": "busybox"}],
+                },
+            }
+        },
+    }
+
+
+def _kvns(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": GROUP_VERSION,
+        "kind": "KVNamespace",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"jobRef": {"apiVersion": "batch/v1", "kind": "Job", "name": name}},
+    }
+
+
+def _phase(kube: Any, name: str) -> tuple[str | None, dict[str, Any]]:
+    obj = kube.find(GROUP_VERSION, PLURAL, name, NS)
+    status = (obj or {}).get("status") or {}
+    return status.get("phase"), status
+
+
+def _wait_phase(kube: Any, name: str, phases: set[str], timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        phase, status = _phase(kube, name)
+        if phase in phases:
+            return status
+        if phase == "Failed":
+            raise RuntimeError(f"KVNamespace {name} failed: {status.get('message')}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"KVNamespace {name} not {phases} after {timeout}s: {status}")
+        time.sleep(POLL_S)
+
+
+def _create_ready(kube: Any, name: str, timeout: float = 60.0) -> tuple[float, dict[str, Any]]:
+    kube.create("batch/v1", "jobs", _job(name), NS)
+    t0 = time.perf_counter()
+    kube.create(GROUP_VERSION, PLURAL, _kvns(name), NS)
+    status = _wait_phase(kube, name, {"Ready"}, timeout)
+    return time.perf_counter() - t0, status
+
+
+def _count(client: Any, prefix: bytes) -> int:
+    from etha.kvstore.etcd_client import prefix_range_end
+
+    return int(client.range(prefix, prefix_range_end(prefix), count_only=True).count)
+
+
+def _fill(client: Any, prefix: bytes, n: int) -> None:
+    """Write ``n`` small keys under ``prefix`` in transactions of 128 puts."""
+    from pyetcd import etcdrpc
+
+    for start in range(0, n, 128):
+        ops = [
+            etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=prefix + b"k%07d" % i, value=b"1"))
+            for i in range(start, min(n, start + 128))
+        ]
+        client.txn(etcdrpc.TxnRequest(success=ops))
+
+
+def _end_job(kube: Any, name: str) -> float:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    t0 = time.perf_counter()
+    kube.patch(
+        "batch/v1",
+        "jobs",
+        name,
+        {
+            "status": {
+                "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": now}],
+                "completionTime": now,
+                "succeeded": 1,
+            }
+        },
+        NS,
+        subresource="status",
+    )
+    return t0
+
+
+def _wait_empty(client: Any, prefix: bytes, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while _count(client, prefix):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"keys under {prefix!r} still there after {timeout}s")
+        time.sleep(POLL_S)
+    return time.perf_counter()
+
+
+def run(quick: bool) -> dict[str, Figure]:
+    from etha.kvstore.etcd_client import EtcdClient
+    from tests.support.kube_emulator import EmulatorServer
+
+    n_create = 5 if quick else 50
+    n_end = 3 if quick else 20
+    big_keys = 10_000 if quick else 100_000
+    n_storm = 50 if quick else 500
+    figures: dict[str, Figure] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="etha-bench-operator-") as tmp,
+        etcd_server(auth=True) as cluster,
+        EmulatorServer() as kube,
+    ):
+        workdir = Path(tmp)
+        root = EtcdClient(
+            cluster.endpoints, username=ROOT, password=cluster.root_password, timeout=30.0
+        )
+        try:
+            with running_operator(kube, cluster, workdir, "main") as op:
+                # warm-up: the first object pays for imports and connections
+                _create_ready(kube, "warmup")
+                log(f"#7 create -> Ready x {n_create}")
+                ready: list[float] = []
+                prefixes: dict[str, str] = {}
+                for i in range(n_create):
+                    name = f"ready-{i}"
+                    seconds, status = _create_ready(kube, name)
+                    ready.append(seconds)
+                    prefixes[name] = status["keyPrefix"]
+                figures["7.operator.create-to-ready"] = figure(
+                    ready,
+                    target={"stat": "median", "max": 300},
+                    note=f"one at a time; poll {POLL_S * 1000:g} ms",
+                )
+
+                log(f"#8 job end -> keys deleted x {n_end}")
+                ended: list[float] = []
+                for name in list(prefixes)[:n_end]:
+                    prefix = f"{prefixes[name]}/".encode()
+                    _fill(root, prefix, 10)
+                    assert _count(root, prefix) == 10
+                    t0 = _end_job(kube, name)
+                    ended.append(_wait_empty(root, prefix, 60.0) - t0)
+                figures["8.operator.job-end-to-keys-deleted"] = figure(
+                    ended,
+                    target={"stat": "median", "max": 500},
+                    note="10 keys; Job status patched to Complete -> no key left in etcd",
+                )
+
+                log(f"#8 clean-up of {big_keys} keys")
+                name = "bigjob"
+                _, status = _create_ready(kube, name)
+                prefix = f"{status['keyPrefix']}/".encode()
+                t_fill = time.perf_counter()
+                _fill(root, prefix, big_keys)
+                fill_s = time.perf_counter() - t_fill
+                assert _count(root, prefix) == big_keys
+                t0 = _end_job(kube, name)
+                big = _wait_empty(root, prefix, 120.0) - t0
+                final = _wait_phase(kube, name, {"Cleaned", "Revoked"}, 30.0)
+                figures[f"8.operator.cleanup-{big_keys // 1000}k-keys"] = figure(
+                    [big],
+                    target={"stat": "median", "max": 2000},
+                    keys_deleted_status=final.get("keysDeleted"),
+                    fill_s=round(fill_s, 2),
+                    note="Job end -> all keys under the prefix gone (one DeleteRange)",
+                )
+                scratch = b"bench-scratch/"
+                _fill(root, scratch, big_keys)
+                t0 = time.perf_counter()
+                root.delete_range(scratch, b"bench-scratch0")
+                figures[f"8.etcd.delete-range-{big_keys // 1000}k-keys"] = figure(
+                    [time.perf_counter() - t0],
+                    note="the floor: one DeleteRange of as many keys, same etcd",
+                )
+                figures["7.operator.rss-after-7-8"] = figure(
+                    [op.memory().get("VmHWM", 0) / 1024], unit="MiB", scale=1.0
+                )
+
+            log(f"#9 {n_storm} KVNamespaces at once (fresh operator)")
+            with running_operator(kube, cluster, workdir, "storm") as op:
+                rss_start = op.memory().get("VmRSS", 0) / 1024
+                names = [f"storm-{i}" for i in range(n_storm)]
+                for name in names:
+                    kube.create("batch/v1", "jobs", _job(name), NS)
+                t0 = time.perf_counter()
+                for name in names:
+                    kube.create(GROUP_VERSION, PLURAL, _kvns(name), NS)
+                created_s = time.perf_counter() - t0
+                deadline = time.monotonic() + (120 if quick else 300)
+                curve: list[tuple[float, int]] = []
+                while True:
+                    items = kube.list(GROUP_VERSION, PLURAL, NS)
+                    n_ready = sum(
+                        1
+                        for o in items
+                        if o["metadata"]["name"].startswith("storm-")
+                        and (o.get("status") or {}).get("phase") == "Ready"
+                    )
+                    curve.append((round(time.perf_counter() - t0, 3), n_ready))
+                    if n_ready >= n_storm or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
+                all_ready = time.perf_counter() - t0
+                mem = op.memory()
+                figures[f"9.operator.{n_storm}-at-once-all-ready"] = figure(
+                    [all_ready],
+                    unit="s",
+                    scale=1.0,
+                    target={"stat": "median", "max": 60},
+                    ready=n_ready,
+                    created_in_s=round(created_s, 2),
+                    ready_curve=curve[:: max(1, len(curve) // 100)],
+                    note="all created in a loop, then until every one is Ready",
+                )
+                figures["9.operator.peak-rss"] = figure(
+                    [mem.get("VmHWM", 0) / 1024],
+                    unit="MiB",
+                    scale=1.0,
+                    target={"stat": "median", "max": 250},
+                    rss_at_start_mib=round(rss_start, 1),
+                    rss_at_end_mib=round(mem.get("VmRSS", 0) / 1024, 1),
+                    note="VmHWM of the operator process, which handled only this storm",
+                )
+                if n_ready < n_storm:
+                    raise RuntimeError(f"only {n_ready} of {n_storm} Ready: {op.log_tail()}")
+        finally:
+            root.close()
+    return figures
