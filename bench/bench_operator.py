@@ -86,10 +86,9 @@ class Operator:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the operator exited: {self.log_tail()}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if resp.status == 200:
-                        return
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"operator not healthy after {timeout}s: {self.log_tail()}")
             time.sleep(0.1)
