@@ -11,8 +11,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from tests.support.etcd_server import EtcdCluster
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -666,6 +670,55 @@ def test_self_signed_certificate_matches_ca_bundle_and_service() -> None:
     assert volume["secret"]["secretName"] == secret["metadata"]["name"]
 
 
+def _tls_echo(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, hostname: str) -> bytes:
+    """One TLS connection over loopback: the client sends 5 bytes, the server echoes them."""
+    listener = socket.create_server(("127.0.0.1", free_port()))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(tls.recv(5))
+        except (OSError, ssl.SSLError):
+            pass  # the client's verdict is what the tests assert on
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            client_ctx.wrap_socket(raw, server_hostname=hostname) as tls,
+        ):
+            tls.sendall(b"hello")
+            return tls.recv(5)
+    finally:
+        listener.close()
+        thread.join(timeout=10)
+
+
+def test_self_signed_pair_serves_tls_that_the_ca_bundle_verifies(tmp_path: Path) -> None:
+    """A real TLS handshake: the server loads the Secret's pair the way kopf's webhook
+    server does (ssl load_cert_chain); the client trusts only the webhook's caBundle and
+    checks the Service's DNS name, as the API server does."""
+    docs = manifests()
+    hook = _webhook(docs)
+    secret = next(s for s in by_kind(docs, "Secret") if s["type"] == "kubernetes.io/tls")
+    for key in ("tls.crt", "tls.key"):
+        (tmp_path / key).write_bytes(base64.b64decode(secret["data"][key]))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    client_ctx = ssl.create_default_context(
+        cadata=base64.b64decode(hook["clientConfig"]["caBundle"]).decode()
+    )
+    service = hook["clientConfig"]["service"]
+    hostname = f"{service['name']}.{service['namespace']}.svc"
+    assert _tls_echo(server_ctx, client_ctx, hostname) == b"hello"
+    # The same client refuses a name the certificate does not cover.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _tls_echo(server_ctx, client_ctx, "evil.example.com")
+
+
 def _secrets(rendered_files: dict[str, str]) -> dict[str, dict[str, Any]]:
     docs = [
         d
@@ -835,8 +888,6 @@ def test_bootstrap_enables_auth_on_a_real_etcd_idempotently(tmp_path: Path) -> N
 
 
 def test_bootstrap_gives_up_when_etcd_never_answers(tmp_path: Path) -> None:
-    from tests.support.ports import free_port
-
     script = _bootstrap_script(tmp_path)
     env = dict(
         os.environ,
