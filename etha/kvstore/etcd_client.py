@@ -441,6 +441,11 @@ class EtcdClient:
                 raise self._deadline_error(service, method, total, unavailable)
             try:
                 return fn(request, timeout=remaining, metadata=md)
+            except ValueError:
+                # grpc's "Cannot invoke RPC on closed channel!"
+                if self._closed:
+                    raise StoreClosedError("the etcd client was closed during a call") from None
+                raise
             except grpc.RpcError as exc:
                 code: grpc.StatusCode = exc.code()
                 details: str = exc.details() or ""

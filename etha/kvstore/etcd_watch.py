@@ -60,14 +60,35 @@ class WatchCompacted(KVStoreError):
         self.compact_revision = compact_revision
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+#: Tag of ``WatchCreateRequest.watch_id`` (field 7, varint), which the generated stubs of
+#: etcd-sdk-python predate.
+_WATCH_ID_TAG = b"\x38"
+
+
 def _create_request(watcher: Watcher) -> Any:
-    return etcdrpc.WatchRequest(
-        create_request=etcdrpc.WatchCreateRequest(
-            key=watcher.key,
-            range_end=watcher.range_end,
-            start_revision=watcher.next_revision,
-        )
+    # The watch id is chosen here (etcd >= 3.4) instead of by the server: etcd 3.5 answers
+    # a refused create with the request's watch id, and when that is 0 ("assign one") its
+    # send loop forgets the live watch that really has id 0, whose events are then held
+    # back forever. Ids chosen by us start at 1 and are unique per stream.
+    create = etcdrpc.WatchCreateRequest(
+        key=watcher.key,
+        range_end=watcher.range_end,
+        start_revision=watcher.next_revision,
     )
+    raw = create.SerializeToString() + _WATCH_ID_TAG + _varint(watcher.local_id)
+    return etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest.FromString(raw))
 
 
 def _cancel_request(watch_id: int) -> Any:
@@ -346,6 +367,9 @@ class WatchHub:
                         return
                     watcher.watch_id = response.watch_id
                     self._by_watch_id[response.watch_id] = watcher
+                    if watcher.next_revision == 0:
+                        # "From now" is fixed at creation, so a reconnect resumes there.
+                        watcher.next_revision = response.header.revision + 1
             if response.canceled:
                 self._on_cancel(watcher, response, stream)
                 return

@@ -126,9 +126,7 @@ class EtcdCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         ports = [(free_port(), free_port()) for _ in range(self.members)]
         token = f"etha-test-{os.getpid()}-{time.monotonic_ns()}"
-        initial = ",".join(
-            f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports)
-        )
+        initial = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
         for i, (client, peer) in enumerate(ports):
             name = f"m{i}"
             data_dir = self.workdir / f"{name}.etcd"
@@ -152,10 +150,11 @@ class EtcdCluster:
                 args += [
                     f"--cert-file={self.tls.server_cert}",
                     f"--key-file={self.tls.server_key}",
-                    f"--trusted-ca-file={self.tls.ca_cert}",
                 ]
                 if self.client_cert_auth:
-                    args.append("--client-cert-auth")
+                    # etcd 3.5 demands a client certificate whenever --trusted-ca-file is
+                    # set, so the CA is only passed when client certificates are wanted.
+                    args += [f"--trusted-ca-file={self.tls.ca_cert}", "--client-cert-auth"]
             if self.auth_token_ttl is not None:
                 args.append(f"--auth-token-ttl={self.auth_token_ttl}")
             args += list(self.extra_args)
@@ -167,8 +166,14 @@ class EtcdCluster:
                 node.start()
             self.wait_healthy(timeout)
             if self.auth:
-                self.etcdctl("user", "add", ROOT_USER, f"--new-user-password={self.root_password}",
-                             "--interactive=false", auth=False)
+                self.etcdctl(
+                    "user",
+                    "add",
+                    ROOT_USER,
+                    f"--new-user-password={self.root_password}",
+                    "--interactive=false",
+                    auth=False,
+                )
                 self.etcdctl("auth", "enable", auth=False)
         except BaseException:
             self.stop()
@@ -179,8 +184,12 @@ class EtcdCluster:
         self, *args: str, auth: bool = True, endpoints: list[str] | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         """Run etcdctl against the cluster as root."""
-        cmd = [str(ETCDCTL_BIN), f"--endpoints={','.join(endpoints or self.urls)}",
-               "--dial-timeout=3s", "--command-timeout=10s"]
+        cmd = [
+            str(ETCDCTL_BIN),
+            f"--endpoints={','.join(endpoints or self.urls)}",
+            "--dial-timeout=3s",
+            "--command-timeout=10s",
+        ]
         if self.tls:
             cmd.append(f"--cacert={self.tls.ca_cert}")
             if self.client_cert_auth:
@@ -199,7 +208,10 @@ class EtcdCluster:
         for node in targets:
             while True:
                 result = self.etcdctl(
-                    "endpoint", "health", auth=False, endpoints=[f"{self.scheme}://{node.endpoint}"],
+                    "endpoint",
+                    "health",
+                    auth=False,
+                    endpoints=[f"{self.scheme}://{node.endpoint}"],
                     check=False,
                 )
                 if result.returncode == 0:
@@ -215,7 +227,10 @@ class EtcdCluster:
         import json
 
         result = self.etcdctl(
-            "endpoint", "status", "-w", "json",
+            "endpoint",
+            "status",
+            "-w",
+            "json",
             endpoints=[f"{self.scheme}://{n.endpoint}" for n in self.nodes if n.alive()],
         )
         for status in json.loads(result.stdout):

@@ -1,0 +1,415 @@
+"""EtcdClient and WatchHub against real etcd: auth, TLS, failover, watches."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyetcd import etcdrpc
+
+from etha.kvstore.config import EtcdConfig, parse_endpoints
+from etha.kvstore.errors import (
+    ConfigurationError,
+    InvalidArgumentError,
+    InvalidValueError,
+    KVStoreError,
+    PermissionDeniedError,
+    StoreClosedError,
+    UnavailableError,
+)
+from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
+from etha.kvstore.etcd_watch import DELETE, PUT, WatchCompacted
+from tests.etcd_helpers import grant_prefix_user, root_client, wait_threads_gone
+from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.ports import free_port
+from tests.support.tls import TLSFiles, make_tls
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def unique(prefix: str = "c") -> bytes:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}/".encode()
+
+
+@pytest.fixture
+def root(etcd_auth: EtcdCluster) -> Iterator[EtcdClient]:
+    client = root_client(etcd_auth)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+# -- prefix_range_end -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prefix", "end"),
+    [
+        (b"a/", b"a0"),
+        (b"abc", b"abd"),
+        (b"a\xff", b"b"),
+        (b"a\xff\xff", b"b"),
+        (b"\xff", b"\0"),
+        (b"", b"\0"),
+    ],
+)
+def test_prefix_range_end(prefix: bytes, end: bytes) -> None:
+    assert prefix_range_end(prefix) == end
+
+
+def test_prefix_range_end_selects_exactly_the_prefix(etcd_plain: EtcdCluster) -> None:
+    base = unique()
+    with EtcdClient(etcd_plain.endpoints) as client:
+        for key in (base + b"x", base + b"y/z", base[:-1] + b"0", base[:-1] + b".")[:4]:
+            client.put(key, b"1")
+        response = client.range(base, prefix_range_end(base), keys_only=True)
+        assert sorted(kv.key for kv in response.kvs) == [base + b"x", base + b"y/z"]
+
+
+# -- call() and the wrappers ----------------------------------------------------------
+
+
+def test_put_range_delete_txn_roundtrip(etcd_plain: EtcdCluster) -> None:
+    base = unique()
+    with EtcdClient(etcd_plain.endpoints) as client:
+        put = client.put(base + b"k", b"\x00\xffbinary")
+        got = client.range(base + b"k")
+        assert got.kvs[0].value == b"\x00\xffbinary"
+        assert got.kvs[0].mod_revision == put.header.revision
+        assert client.range(base + b"k", count_only=True).count == 1
+        txn = etcdrpc.TxnRequest(
+            success=[etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=base + b"t", value=b"2"))]
+        )
+        assert client.txn(txn).succeeded
+        assert client.delete_range(base, prefix_range_end(base)) == 2
+        assert client.delete_range(base + b"k") == 0
+        assert client.range(base, prefix_range_end(base)).count == 0
+
+
+def test_call_rejects_unknown_service_and_method(etcd_plain: EtcdCluster) -> None:
+    with EtcdClient(etcd_plain.endpoints) as client:
+        with pytest.raises(InvalidArgumentError, match="Watch"):
+            client.call("Watch", "Watch", etcdrpc.WatchRequest())
+        with pytest.raises(InvalidArgumentError, match="NoSuchMethod"):
+            client.call("KV", "NoSuchMethod", etcdrpc.RangeRequest(key=b"x"))
+
+
+def test_oversize_request_rejected_before_sending(etcd_plain: EtcdCluster) -> None:
+    key = unique() + b"big"
+    with EtcdClient(etcd_plain.endpoints) as client:
+        with pytest.raises(InvalidValueError, match="1572864"):
+            client.put(key, b"x" * 1572864)
+        assert client.range(key).count == 0
+        # Just under the limit is accepted by the server too.
+        client.put(key, b"x" * (1572864 - 1024))
+        assert len(client.range(key).kvs[0].value) == 1572864 - 1024
+
+
+def test_server_side_size_limit_maps_to_invalid_value(tmp_path: Path) -> None:
+    # The server's limit is lower than the client's idea of it: the server refuses.
+    cluster = EtcdCluster(tmp_path / "small", extra_args=("--max-request-bytes=100000",))
+    with cluster, EtcdClient(cluster.endpoints) as client:
+        with pytest.raises(InvalidValueError, match="too large"):
+            client.put(b"big", b"x" * 200_000)
+        assert client.range(b"big").count == 0
+
+
+def test_root_creates_users_and_roles_through_call(root: EtcdClient) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    grant_prefix_user(root, user, "pw", b"somewhere/")
+    users = root.call("Auth", "UserList", etcdrpc.AuthUserListRequest()).users
+    assert user in users
+    roles = root.call("Auth", "UserGet", etcdrpc.AuthUserGetRequest(name=user)).roles
+    assert roles == [f"{user}-role"]
+
+
+def test_prefix_user_is_refused_outside_its_prefix(
+    etcd_auth: EtcdCluster, root: EtcdClient
+) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    allowed, other = unique("a"), unique("b")
+    grant_prefix_user(root, user, "pw", allowed)
+    root.put(other + b"k", b"secret")
+    with EtcdClient(etcd_auth.endpoints, username=user, password="pw") as client:
+        client.put(allowed + b"k", b"v")
+        assert client.range(allowed + b"k").kvs[0].value == b"v"
+        with pytest.raises(PermissionDeniedError, match=user):
+            client.range(other + b"k")
+        with pytest.raises(PermissionDeniedError):
+            client.put(other + b"k", b"mine")
+        with pytest.raises(PermissionDeniedError):
+            client.delete_range(other + b"k")
+    assert root.range(other + b"k").kvs[0].value == b"secret"
+
+
+def test_wrong_password_is_permission_denied(etcd_auth: EtcdCluster) -> None:
+    with EtcdClient(etcd_auth.endpoints, username=ROOT_USER, password="wrong") as client:
+        with pytest.raises(PermissionDeniedError, match="authentication failed") as info:
+            client.range(b"x")
+        assert "wrong" not in str(info.value)
+
+
+def test_no_credentials_on_auth_cluster_is_refused(etcd_auth: EtcdCluster) -> None:
+    with EtcdClient(etcd_auth.endpoints) as client, pytest.raises(KVStoreError):
+        client.put(unique() + b"k", b"v")
+
+
+def test_credentials_on_a_cluster_without_auth_work(etcd_plain: EtcdCluster) -> None:
+    key = unique() + b"k"
+    with EtcdClient(etcd_plain.endpoints, username="someone", password="pw") as client:
+        client.put(key, b"v")
+        assert client.range(key).kvs[0].value == b"v"
+
+
+def test_username_without_password_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="together"):
+        EtcdClient(["127.0.0.1:2379"], username="u")
+    with pytest.raises(ConfigurationError, match="endpoint"):
+        EtcdClient([])
+
+
+def test_unreachable_endpoint_raises_unavailable_within_timeout() -> None:
+    port = free_port()
+    with EtcdClient([f"127.0.0.1:{port}"], timeout=1.0) as client:
+        started = time.monotonic()
+        with pytest.raises(UnavailableError, match=str(port)):
+            client.range(b"x")
+        assert time.monotonic() - started < 10
+
+
+def test_fails_over_from_a_dead_first_endpoint(etcd_plain: EtcdCluster) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    key = unique() + b"k"
+    with EtcdClient([dead, *etcd_plain.endpoints]) as client:
+        client.put(key, b"v")
+        assert client.range(key).kvs[0].value == b"v"
+
+
+def test_token_is_renewed_after_expiry(tmp_path: Path) -> None:
+    cluster = EtcdCluster(tmp_path / "ttl", auth=True, auth_token_ttl=2)
+    with cluster, root_client(cluster) as client:
+        client.put(b"k", b"1")
+        first = client._metadata
+        time.sleep(3.5)  # idle past the token's TTL
+        client.put(b"k", b"2")
+        assert client.range(b"k").kvs[0].value == b"2"
+        assert client._metadata != first  # it really logged in again
+
+
+def test_closed_client_refuses_calls(etcd_plain: EtcdCluster) -> None:
+    client = EtcdClient(etcd_plain.endpoints)
+    client.put(unique() + b"k", b"v")
+    client.close()
+    client.close()
+    with pytest.raises(StoreClosedError):
+        client.range(b"x")
+    with pytest.raises(StoreClosedError):
+        client.watch_hub.watch(b"x")
+
+
+def test_shared_is_refcounted(etcd_plain: EtcdCluster) -> None:
+    endpoints, _ = parse_endpoints(",".join(etcd_plain.endpoints))
+    config = EtcdConfig(namespace="a", endpoints=endpoints)
+    other_namespace = EtcdConfig(namespace="b", component="c", endpoints=endpoints)
+    first = EtcdClient.shared(config)
+    second = EtcdClient.shared(other_namespace)
+    assert first is second
+    first.release()
+    assert not second.closed
+    second.put(unique() + b"k", b"v")
+    second.release()
+    assert second.closed
+    third = EtcdClient.shared(config)
+    try:
+        assert third is not first
+    finally:
+        third.release()
+
+
+# -- TLS ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    return make_tls(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def etcd_tls(
+    tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles
+) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-tls"), auth=True, tls=tls_files)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture(scope="module")
+def etcd_mtls(
+    tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles
+) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(
+        tmp_path_factory.mktemp("etcd-mtls"), auth=True, tls=tls_files, client_cert_auth=True
+    )
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+def test_tls_with_ca_file_and_password(etcd_tls: EtcdCluster, tls_files: TLSFiles) -> None:
+    key = unique() + b"k"
+    with EtcdClient(
+        etcd_tls.urls, username=ROOT_USER, password=etcd_tls.root_password,
+        ca_file=str(tls_files.ca_cert),
+    ) as client:  # fmt: skip
+        assert client.tls
+        client.put(key, b"v")
+        assert client.range(key).kvs[0].value == b"v"
+
+
+def test_tls_with_ca_pem(etcd_tls: EtcdCluster, tls_files: TLSFiles) -> None:
+    key = unique() + b"k"
+    with EtcdClient(
+        etcd_tls.endpoints, tls=True, username=ROOT_USER, password=etcd_tls.root_password,
+        ca_pem=tls_files.ca_cert.read_text(),
+    ) as client:  # fmt: skip
+        client.put(key, b"v")
+        assert client.range(key).kvs[0].value == b"v"
+
+
+def test_plaintext_client_cannot_talk_to_tls_server(etcd_tls: EtcdCluster) -> None:
+    with EtcdClient(
+        etcd_tls.endpoints, username=ROOT_USER, password=etcd_tls.root_password, timeout=1.0
+    ) as client, pytest.raises(UnavailableError):
+        client.range(b"x")
+
+
+def test_mtls_client_cert_maps_to_root_user(etcd_mtls: EtcdCluster, tls_files: TLSFiles) -> None:
+    key = unique() + b"k"
+    with EtcdClient(
+        etcd_mtls.urls, ca_file=str(tls_files.ca_cert), cert_file=str(tls_files.client_cert),
+        key_file=str(tls_files.client_key),
+    ) as client:  # fmt: skip
+        client.put(key, b"v")
+        assert client.range(key).kvs[0].value == b"v"
+        # Only root may manage users: this proves the CN really mapped to root.
+        users = client.call("Auth", "UserList", etcdrpc.AuthUserListRequest()).users
+        assert ROOT_USER in users
+
+
+def test_mtls_without_client_cert_is_refused(etcd_mtls: EtcdCluster, tls_files: TLSFiles) -> None:
+    client = EtcdClient(etcd_mtls.urls, ca_file=str(tls_files.ca_cert), timeout=1.0)
+    with client, pytest.raises(KVStoreError):
+        client.range(b"x")
+
+
+# -- the watch hub --------------------------------------------------------------------
+
+
+def test_watch_delivers_events_in_order_on_one_stream(etcd_plain: EtcdCluster) -> None:
+    base = unique()
+    with EtcdClient(etcd_plain.endpoints) as client:
+        start = client.put(base + b"x", b"0").header.revision
+        hub = client.watch_hub
+        prefix_watch = hub.watch(base, prefix_range_end(base), start + 1)
+        key_watch = hub.watch(base + b"a", None, start + 1)
+        for i in range(5):
+            client.put(base + b"a", str(i).encode())
+        client.delete_range(base + b"a")
+        seen: list[tuple[int, bytes]] = []
+        while len(seen) < 6:
+            events = prefix_watch.get(10)
+            assert events is not None
+            seen += [(e.type, e.kv.value) for e in events]
+        assert seen == [(PUT, str(i).encode()) for i in range(5)] + [(DELETE, b"")]
+        keyed: list[int] = []
+        while len(keyed) < 6:
+            events = key_watch.get(10)
+            assert events is not None
+            keyed += [e.kv.mod_revision for e in events]
+        assert keyed == sorted(keyed) and keyed[0] > start
+        prefix_watch.cancel()
+        key_watch.cancel()
+        key_watch.cancel()
+        assert hub.connected
+
+
+def test_cancelled_watch_gets_no_more_events(etcd_plain: EtcdCluster) -> None:
+    base = unique()
+    with EtcdClient(etcd_plain.endpoints) as client:
+        hub = client.watch_hub
+        start = client.put(base + b"other", b"0").header.revision
+        gone = hub.watch(base + b"k", None, start + 1)
+        kept = hub.watch(base + b"k", None, start + 1)
+        gone.cancel()
+        client.put(base + b"k", b"1")
+        assert kept.get(10) is not None
+        assert gone.get(0.2) is None
+
+
+def test_forbidden_watch_fails_promptly(etcd_auth: EtcdCluster, root: EtcdClient) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    allowed, other = unique("a"), unique("b")
+    grant_prefix_user(root, user, "pw", allowed)
+    with EtcdClient(etcd_auth.endpoints, username=user, password="pw") as client:
+        hub = client.watch_hub
+        ok = hub.watch(allowed, prefix_range_end(allowed))
+        denied = hub.watch(other, prefix_range_end(other))
+        with pytest.raises(PermissionDeniedError, match="permission denied"):
+            denied.get(20)
+        with pytest.raises(PermissionDeniedError):
+            denied.get(0)  # the error sticks
+        # The other watch on the same stream is unaffected.
+        client.put(allowed + b"k", b"v")
+        events = ok.get(10)
+        assert events is not None and events[0].kv.value == b"v"
+
+
+def test_watch_from_compacted_revision_signals_compaction(etcd_plain: EtcdCluster) -> None:
+    base = unique()
+    with EtcdClient(etcd_plain.endpoints) as client:
+        old = client.put(base + b"k", b"0").header.revision
+        now = client.put(base + b"k", b"1").header.revision
+        client.call("KV", "Compact", etcdrpc.CompactionRequest(revision=now, physical=True))
+        watcher = client.watch_hub.watch(base + b"k", None, old)
+        with pytest.raises(WatchCompacted) as info:
+            watcher.get(20)
+        assert info.value.compact_revision >= now
+
+
+def test_watch_survives_a_server_restart(tmp_path: Path) -> None:
+    cluster = EtcdCluster(tmp_path / "restart")
+    with cluster, EtcdClient(cluster.endpoints, timeout=5) as client:
+        start = client.put(b"k", b"before").header.revision
+        watcher = client.watch_hub.watch(b"k", None, start + 1)
+        client.put(b"k", b"1")
+        first = watcher.get(10)
+        assert first is not None and first[0].kv.value == b"1"
+        node = cluster.nodes[0]
+        node.stop()
+        node.start()
+        cluster.wait_healthy()
+        client.put(b"k", b"2")
+        events = watcher.get(20)
+        assert events is not None
+        assert [e.kv.value for e in events] == [b"2"]  # nothing lost, nothing repeated
+
+
+def test_close_joins_the_watch_thread(etcd_plain: EtcdCluster) -> None:
+    before = set(threading.enumerate())
+    client = EtcdClient(etcd_plain.endpoints)
+    watcher = client.watch_hub.watch(unique())
+    assert any(t.name == "etha-etcd-watch" for t in threading.enumerate())
+    client.close()
+    with pytest.raises(StoreClosedError):
+        watcher.get(5)
+    assert wait_threads_gone(before) == []

@@ -1,0 +1,169 @@
+"""EtcdKVStore through server restarts and member loss (real etcd processes)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from etha.kvstore.errors import KVStoreError
+from etha.kvstore.etcd import EtcdKVStore
+from tests.support.etcd_server import EtcdCluster
+
+pytestmark = pytest.mark.timeout(240)
+
+
+class Waiter(threading.Thread):
+    """Runs one wait in a thread and records its outcome and duration."""
+
+    def __init__(self, fn: object) -> None:
+        super().__init__(daemon=True)
+        self.fn = fn
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.elapsed = 0.0
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            self.result = self.fn()  # type: ignore[operator]
+        except BaseException as exc:
+            self.error = exc
+        self.elapsed = time.monotonic() - started
+
+
+@pytest.fixture
+def single(tmp_path: Path) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(tmp_path / "single", auth=True)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture
+def trio(tmp_path: Path) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(tmp_path / "trio", members=3, auth=True)
+    cluster.start(timeout=60)
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+def wait_healthy_with_auth(cluster: EtcdCluster, timeout: float = 30.0) -> None:
+    """The harness's health check runs without credentials, which an auth cluster refuses."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = cluster.etcdctl("endpoint", "health", check=False)
+        if result.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"etcd not healthy after restart: {result.stderr.strip()}")
+        time.sleep(0.1)
+
+
+def open_store(cluster: EtcdCluster, namespace: str, timeout: float = 10.0) -> EtcdKVStore:
+    return EtcdKVStore(
+        namespace, endpoints=cluster.urls, username="root", password=cluster.root_password,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "sigkill"])
+def test_wait_for_key_across_a_server_restart(
+    single: EtcdCluster, namespace: str, crash: bool
+) -> None:
+    wait_timeout = 30.0
+    store = open_store(single, namespace)
+    try:
+        waiter = Waiter(lambda: store.wait_for_key("after-restart", timeout=wait_timeout))
+        waiter.start()
+        time.sleep(0.5)  # the waiter is now watching
+        node = single.nodes[0]
+        node.kill() if crash else node.stop()
+        time.sleep(1.0)
+        node.start()
+        wait_healthy_with_auth(single)
+        with open_store(single, namespace) as writer:
+            writer.set("after-restart", "yes")
+        waiter.join(wait_timeout + 30)
+        assert not waiter.is_alive()
+        # Either outcome is allowed; hanging or exceeding the timeout is not.
+        if waiter.error is None:
+            assert waiter.result == b"yes"
+        else:
+            assert isinstance(waiter.error, (KVStoreError, TimeoutError)), waiter.error
+        assert waiter.elapsed < wait_timeout + 10
+        # The store itself works again.
+        store.set("k", "v")
+        assert store.get("k") == b"v"
+    finally:
+        store.close()
+
+
+def test_wait_while_the_server_stays_down_fails_within_its_timeout(
+    single: EtcdCluster, namespace: str
+) -> None:
+    store = open_store(single, namespace, timeout=2.0)
+    try:
+        waiter = Waiter(lambda: store.wait_for_key("never", timeout=3.0))
+        waiter.start()
+        time.sleep(0.5)
+        single.nodes[0].stop()
+        waiter.join(60)
+        assert not waiter.is_alive()
+        assert isinstance(waiter.error, TimeoutError), waiter.error
+        assert "never" in str(waiter.error)
+        assert waiter.elapsed < 3.0 + 10
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            store.wait_for_key("never", timeout=1.0)  # etcd is down from the start
+        assert time.monotonic() - started < 1.0 + 10
+    finally:
+        store.close(cleanup=False)
+
+
+def test_three_members_survive_the_loss_of_the_first_endpoint(
+    trio: EtcdCluster, namespace: str
+) -> None:
+    store = open_store(trio, namespace)
+    try:
+        store.set("before", "1")
+        barrier = Waiter(lambda: store.wait_for_keys("rank:*/ready", 3, timeout=60))
+        barrier.start()
+        time.sleep(0.5)
+        store.set("rank:0/ready", "1")
+        first = trio.nodes[0]
+        assert store.client._connection().endpoint.port == first.client_port
+        first.stop()
+        # Writes and reads continue through the remaining members.
+        store.set("rank:1/ready", "1")
+        assert store.get("before") == b"1"
+        store.set("rank:2/ready", "1")
+        barrier.join(90)
+        assert not barrier.is_alive()
+        assert barrier.error is None, barrier.error
+        assert barrier.result == ["rank:0/ready", "rank:1/ready", "rank:2/ready"]
+        # A new wait after the loss goes through a surviving member too.
+        later = Waiter(lambda: store.wait_for_value("after", "x", timeout=60))
+        later.start()
+        time.sleep(0.3)
+        store.set("after", "x")
+        later.join(90)
+        assert later.error is None and later.result == b"x"
+    finally:
+        store.close()
+
+
+def test_a_new_store_starts_when_the_first_endpoint_is_down(
+    trio: EtcdCluster, namespace: str
+) -> None:
+    trio.nodes[0].stop()
+    with open_store(trio, namespace) as store:
+        store.set("k", "v")
+        assert store.wait_for_key("k", timeout=30) == b"v"
