@@ -43,3 +43,7 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m bench.run --quick
+
+## The product's main flow on one machine (no cluster needed); N workers.
+demo: $(STAMP)
+	$(PY) examples/demo.py --workers $(N)
