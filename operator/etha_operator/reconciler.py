@@ -96,6 +96,8 @@ class Reconciler:
         self._locks_guard = threading.Lock()
         # Serialises the prefix-uniqueness check with the role grant that claims the prefix.
         self._claim_lock = threading.Lock()
+        # Orphan candidates of the previous audit round: removal needs two sightings.
+        self._suspects: set[str] = set()
 
     def lock(self, uid: str) -> threading.Lock:
         """A per-KVNamespace lock: the job watcher, the timer and handlers never overlap."""
@@ -448,7 +450,8 @@ class Reconciler:
 
         etcd is listed BEFORE Kubernetes: a user created after the etcd listing cannot be
         mistaken for an orphan, and one listed by etcd whose object is still in the API
-        list is kept.
+        list is kept. A candidate is removed only when two consecutive rounds saw it, so
+        a user or role that someone is setting up right now is left alone for a round.
         """
         report = AuditReport()
         users = self.admin.list_users()
@@ -467,7 +470,9 @@ class Reconciler:
         candidates = {
             uid for n in (*users, *roles) if (uid := model.uid_of_etcd_name(n)) is not None
         }
-        for uid in sorted(candidates - live):
+        orphaned = candidates - live
+        confirmed, self._suspects = orphaned & self._suspects, orphaned
+        for uid in sorted(confirmed):
             name = model.etcd_name(uid)
             prefix = self.admin.prefix_of_role(name) if name in roles else None
             deleted = self.admin.delete_keys(prefix) if prefix is not None else 0

@@ -1,0 +1,148 @@
+"""Deletion while etcd is down (the finalizer gives up after its deadline and says what it
+left), and the periodic audit that removes orphaned etcd users and roles.
+
+This module runs its own etcd (auth on), because it stops it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from pyetcd import etcdrpc
+from pyetcd.etcdrpc import auth_pb2
+
+from etha.kvstore.etcd_client import prefix_range_end
+from tests.operator.helpers import (
+    API,
+    PLURAL,
+    count_keys,
+    etcd_roles,
+    etcd_users,
+    kvnamespace,
+    root_client,
+    store_from_secret,
+    wait_phase,
+)
+from tests.support.etcd_server import EtcdCluster
+from tests.support.kube_emulator import EmulatorServer
+from tests.support.operator_runner import OperatorProcess, wait_for
+
+pytestmark = pytest.mark.timeout(150)
+
+DEADLINE = 3
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-outage"), auth=True)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture(scope="module")
+def operator(operator_factory: type[OperatorProcess]) -> Iterator[OperatorProcess]:
+    proc = operator_factory(
+        ETHA_OPERATOR_CLEANUP_DEADLINE=str(DEADLINE),
+        ETHA_OPERATOR_AUDIT_INTERVAL="1",
+        ETHA_OPERATOR_ETCD_TIMEOUT="1",
+    ).start()
+    yield proc
+    proc.stop()
+
+
+def test_delete_with_etcd_down_gives_up_after_the_deadline_and_the_audit_cleans_later(
+    kube: EmulatorServer, operator: OperatorProcess, etcd: EtcdCluster, k8s_ns: str
+) -> None:
+    kube.create(API, PLURAL, kvnamespace("stranded", "stranded-job"), k8s_ns)
+    status = wait_phase(kube, k8s_ns, "stranded", "Ready")["status"]
+    with store_from_secret(kube, k8s_ns, "stranded-etha-kv") as store:
+        for i in range(5):
+            store.set(f"k{i}", "v")
+
+    etcd.stop()
+    try:
+        kube.delete(API, PLURAL, "stranded", k8s_ns)
+        # Not stuck: the finalizer lets go after its deadline although etcd never answered.
+        wait_for(
+            lambda: kube.find(API, PLURAL, "stranded", k8s_ns) is None,
+            timeout=DEADLINE + 30,
+            what="the KVNamespace to be deleted despite etcd being down",
+        )
+        [event] = [
+            e for e in kube.events_for("stranded", k8s_ns) if e["reason"] == "CleanupIncomplete"
+        ]
+        assert event["type"] == "Warning"
+        assert status["etcdUser"] in event["message"]
+        assert "keys" in event["message"]
+        assert kube.find("v1", "secrets", "stranded-etha-kv", k8s_ns) is None
+    finally:
+        for node in etcd.nodes:
+            node.start()
+        # EtcdCluster.wait_healthy checks without credentials, which fails once auth is on.
+        wait_for(
+            lambda: etcd.etcdctl("endpoint", "health", check=False).returncode == 0,
+            timeout=30,
+            interval=0.2,
+            what="etcd to come back",
+        )
+
+    # What the finalizer left behind is still in etcd, until the audit finds it.
+    wait_for(
+        lambda: (
+            status["etcdUser"] not in etcd_users(etcd)
+            and status["etcdRole"] not in etcd_roles(etcd)
+        ),
+        timeout=30,
+        interval=0.5,
+        what="the audit to remove the stranded user and role",
+    )
+    assert count_keys(etcd, status["keyPrefix"]) == 0
+    assert "audit: removed orphaned etcd user/role" in operator.log()
+
+
+def test_audit_removes_orphans_created_behind_the_operators_back(
+    kube: EmulatorServer, operator: OperatorProcess, etcd: EtcdCluster, k8s_ns: str
+) -> None:
+    kube.create(API, PLURAL, kvnamespace("alive", "alive-job"), k8s_ns)
+    alive = wait_phase(kube, k8s_ns, "alive", "Ready")["status"]
+    with store_from_secret(kube, k8s_ns, "alive-etha-kv") as store:
+        store.set("mine", "1")
+
+    orphan = f"etha-{uuid.uuid4()}"
+    orphan_prefix = f"orphan-{uuid.uuid4().hex[:6]}"
+    key = f"{orphan_prefix}/".encode()
+    with root_client(etcd) as client:
+        client.call("Auth", "RoleAdd", etcdrpc.AuthRoleAddRequest(name=orphan))
+        perm = auth_pb2.Permission(
+            permType=auth_pb2.Permission.READWRITE, key=key, range_end=prefix_range_end(key)
+        )
+        client.call(
+            "Auth",
+            "RoleGrantPermission",
+            etcdrpc.AuthRoleGrantPermissionRequest(name=orphan, perm=perm),
+        )
+        for name in (orphan, "etha-not-a-uid", "alice"):
+            client.call(
+                "Auth", "UserAdd", etcdrpc.AuthUserAddRequest(name=name, password="pw-" + name)
+            )
+        for i in range(3):
+            client.put(key + f"default/k{i}".encode(), b"v")
+    assert count_keys(etcd, orphan_prefix) == 3
+
+    wait_for(
+        lambda: orphan not in etcd_users(etcd) and orphan not in etcd_roles(etcd),
+        timeout=30,
+        interval=0.5,
+        what="the audit to remove the orphan",
+    )
+    assert count_keys(etcd, orphan_prefix) == 0
+    users = etcd_users(etcd)
+    # Only operator-made names (etha-<uid>) without a KVNamespace are orphans.
+    assert "alice" in users and "etha-not-a-uid" in users
+    assert alive["etcdUser"] in users and alive["etcdRole"] in etcd_roles(etcd)
+    assert count_keys(etcd, alive["keyPrefix"]) == 1
