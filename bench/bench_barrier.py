@@ -330,9 +330,10 @@ def w_raw_login(info: dict[str, Any], count: int, go: float) -> list[float]:
 class Servers:
     """etcd with auth and a TCPStore server, both up for the whole benchmark."""
 
-    def __init__(self) -> None:
+    def __init__(self, bcrypt_cost: int | None = None) -> None:
         self.namespace = f"bench-barrier-{uuid.uuid4().hex[:8]}"
-        self._etcd = etcd_server(auth=True)
+        extra = [f"--bcrypt-cost={bcrypt_cost}"] if bcrypt_cost else []
+        self._etcd = etcd_server(auth=True, extra_args=extra)
         self._tcp = tcpstore_server(timeout=WAIT_S)
 
     def __enter__(self) -> Servers:
@@ -508,23 +509,35 @@ def run_scaling(quick: bool) -> dict[str, Figure]:
 
 
 def run_login(quick: bool) -> dict[str, Figure]:
-    sizes = [64] if quick else [64, 256]
+    """Log-in storms at etcd's default bcrypt cost (10) and at ``--bcrypt-cost=4``."""
+    figures: dict[str, Figure] = {}
+    for cost in (None,) if quick else (None, 4):
+        figures.update(_login_storms(quick, cost))
+    return figures
+
+
+def _login_storms(quick: bool, bcrypt_cost: int | None) -> dict[str, Figure]:
+    sizes = [32] if quick else [64, 256]
     procs = 8 if quick else PROCS
     rounds = 1 if quick else 3
+    variants = ["etha-new-client", "etha-shared-client"]
+    if not quick:
+        variants.insert(0, "raw-authenticate")
+    tag = f"@bcrypt{bcrypt_cost}" if bcrypt_cost else ""
     figures: dict[str, Figure] = {}
-    with Servers() as servers, Workers(procs) as workers:
+    with Servers(bcrypt_cost) as servers, Workers(procs) as workers:
         info = servers.info
         # one log-in at a time: the bcrypt cost etcd pays per Authenticate
         serial: list[float] = []
-        for _ in range(5 if quick else 20):
+        for _ in range(3 if quick else 20):
             go = time.perf_counter() + 0.01
             serial.extend(workers.call(w_raw_login, (info, 1, go), indices=[0])[0])
             time.sleep(0.01)
-        figures["6.login.serial.raw-authenticate"] = figure(
+        figures[f"6.login.serial.raw-authenticate{tag}"] = figure(
             serial, note="one raw Authenticate (new channel) at a time: bcrypt + connect"
         )
         for k in sizes:
-            for variant in ("raw-authenticate", "etha-new-client", "etha-shared-client"):
+            for variant in variants:
                 storms: list[float] = []
                 per_client: list[float] = []
                 for _ in range(rounds):
@@ -543,17 +556,18 @@ def run_login(quick: bool) -> dict[str, Figure]:
                     per_client.extend(flat)
                     time.sleep(0.2)
                 logins = k if variant != "etha-shared-client" else procs
-                name = f"6.login.{variant}.K{k}"
+                name = f"6.login.{variant}{tag}.K{k}"
                 figures[name] = figure(
                     storms,
                     k=k,
                     logins=logins,
+                    bcrypt_cost=bcrypt_cost or 10,
                     layout=f"{procs} processes x {k // procs} threads",
                     per_client_ms=summarize([t * 1000 for t in per_client]),
                     logins_per_s=logins / percentile(storms, 50),
                     note="go -> the last of K clients has logged in and read a key",
                 )
-                log(f"#6 {variant} K={k}: {percentile(storms, 50) * 1000:.0f} ms")
+                log(f"#6 {variant}{tag} K={k}: {percentile(storms, 50) * 1000:.0f} ms")
     return figures
 
 

@@ -211,7 +211,7 @@ def measure(
 
 
 def run(quick: bool) -> dict[str, Figure]:
-    iters, warmup = (25, 5) if quick else (200, 20)
+    iters, warmup = (15, 3) if quick else (200, 20)
     figures: dict[str, Figure] = {}
     namespace = f"bench-wait-{uuid.uuid4().hex[:8]}"
     with (

@@ -210,12 +210,12 @@ def versions() -> dict[str, str | None]:
 
 
 @contextlib.contextmanager
-def etcd_server(*, auth: bool = False) -> Iterator[Any]:
+def etcd_server(*, auth: bool = False, extra_args: Sequence[str] = ()) -> Iterator[Any]:
     """A one-member etcd (``--unsafe-no-fsync``) on free loopback ports; stopped on exit."""
     from tests.support.etcd_server import EtcdCluster
 
     with tempfile.TemporaryDirectory(prefix="etha-bench-etcd-") as tmp:
-        cluster = EtcdCluster(Path(tmp), auth=auth)
+        cluster = EtcdCluster(Path(tmp), auth=auth, extra_args=tuple(extra_args))
         cluster.start()
         try:
             yield cluster
