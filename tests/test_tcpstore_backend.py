@@ -507,3 +507,17 @@ def test_a_wait_in_progress_fails_when_the_server_dies(
     assert not thread.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], UnavailableError), errors
     store.close()
+
+
+def test_closing_the_server_store_stops_the_server(namespace: str) -> None:
+    srv = TCPStoreKVStore(namespace, host="127.0.0.1", port=0, is_server=True, timeout=5)
+    client = TCPStoreKVStore(namespace, host="127.0.0.1", port=srv.port, timeout=5)
+    client.set("k", "v")
+    assert srv.get("k") == b"v"
+    srv.close()
+    with pytest.raises(UnavailableError, match="rank-0 server"):
+        client.get("k")
+    # the broken connection is remembered: no second attempt, the same error at once
+    with pytest.raises(UnavailableError, match="broke earlier"):
+        client.exists("k")
+    client.close()
