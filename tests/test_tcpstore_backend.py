@@ -386,6 +386,8 @@ def test_constructor_rejects_contradictory_arguments(raw: Any) -> None:
         TCPStoreKVStore("ns", host="127.0.0.1", port=1234, world_size=0)
     with pytest.raises(InvalidArgumentError, match="timeout"):
         TCPStoreKVStore("ns", host="127.0.0.1", port=1234, timeout=0)
+    with pytest.raises(ConfigurationError, match="timeout"):
+        TCPStoreKVStore("ns", host="127.0.0.1", port=1234, timeout=1e20)
     with pytest.raises(InvalidKeyError):
         TCPStoreKVStore("bad/ns", store=raw)
 

@@ -64,6 +64,7 @@ MAX_VALUE_BYTES = 8 * 1024 * 1024
 #: Largest ``set_bytes`` payload: its base64 form must fit in :data:`MAX_VALUE_BYTES`.
 MAX_BYTES_DATA = MAX_VALUE_BYTES // 4 * 3
 
+_MAX_REQUEST_TIMEOUT = 365 * 24 * 3600.0
 _POLL_START = 0.001
 _POLL_MAX = 0.05
 # compare_set(key, S, S) returns S when the key is missing and never writes anything, unless
@@ -140,8 +141,12 @@ class TCPStoreKVStore(KVStore):
     ) -> None:
         super().__init__(namespace, component)
         timeout = check_timeout(timeout)
-        if timeout == 0:
-            raise ConfigurationError("timeout must be more than 0 seconds")
+        if not 0 < timeout <= _MAX_REQUEST_TIMEOUT:
+            # torch turns the timeout into int64 milliseconds; a huge one would overflow.
+            raise ConfigurationError(
+                f"timeout must be more than 0 and at most {_MAX_REQUEST_TIMEOUT:g} seconds,"
+                f" got {timeout:g}"
+            )
         self._timeout = timeout
         self._lock = threading.RLock()
         self._closed = False
