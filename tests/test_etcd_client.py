@@ -287,9 +287,12 @@ def test_tls_with_ca_pem(etcd_tls: EtcdCluster, tls_files: TLSFiles) -> None:
 
 
 def test_plaintext_client_cannot_talk_to_tls_server(etcd_tls: EtcdCluster) -> None:
-    with EtcdClient(
-        etcd_tls.endpoints, username=ROOT_USER, password=etcd_tls.root_password, timeout=1.0
-    ) as client, pytest.raises(UnavailableError):
+    with (
+        EtcdClient(
+            etcd_tls.endpoints, username=ROOT_USER, password=etcd_tls.root_password, timeout=1.0
+        ) as client,
+        pytest.raises(UnavailableError),
+    ):
         client.range(b"x")
 
 
@@ -413,3 +416,26 @@ def test_close_joins_the_watch_thread(etcd_plain: EtcdCluster) -> None:
     with pytest.raises(StoreClosedError):
         watcher.get(5)
     assert wait_threads_gone(before) == []
+
+
+def test_watch_on_a_stream_whose_token_expired(tmp_path: Path) -> None:
+    """etcd checks a new watch with the token the stream was opened with; once that token
+    expired it answers "permission denied". The hub must log in again, not fail."""
+    cluster = EtcdCluster(tmp_path / "ttl-watch", auth=True, auth_token_ttl=2)
+    with cluster:
+        with root_client(cluster) as root:
+            grant_prefix_user(root, "worker", "pw", b"w/")
+        with EtcdClient(cluster.endpoints, username="worker", password="pw") as client:
+            start = client.put(b"w/k", b"0").header.revision
+            first = client.watch_hub.watch(b"w/k", None, start + 1)
+            client.put(b"w/k", b"1")
+            assert first.get(10) is not None  # the stream is open, with the first token
+            token = client._metadata
+            time.sleep(3.5)  # the stream's token expires while idle
+            second = client.watch_hub.watch(b"w/", prefix_range_end(b"w/"), start + 1)
+            events = second.get(20)
+            assert events is not None and events[0].kv.value == b"1"
+            assert client._metadata != token  # it logged in again
+            client.put(b"w/k", b"2")
+            events = first.get(20)  # the older watch survived the stream's re-opening
+            assert events is not None and [e.kv.value for e in events] == [b"2"]

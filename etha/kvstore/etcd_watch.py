@@ -366,6 +366,7 @@ class WatchHub:
                             self._requests.put(_cancel_request(response.watch_id))
                         return
                     watcher.watch_id = response.watch_id
+                    watcher.denied_once = False
                     self._by_watch_id[response.watch_id] = watcher
                     if watcher.next_revision == 0:
                         # "From now" is fixed at creation, so a reconnect resumes there.
