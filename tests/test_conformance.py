@@ -800,3 +800,33 @@ def test_repr_names_namespace_and_component(backend: Backend) -> None:
     assert backend.namespace in repr(store)
     assert "trainer" in repr(store)
     assert store.namespace == backend.namespace
+
+
+def test_both_backends_reject_bad_input_with_the_same_error_and_message(
+    request: pytest.FixtureRequest, namespace: str
+) -> None:
+    stores = {name: Backend(name, _spec(name, request), namespace) for name in BACKENDS}
+    bad_calls: list[Callable[[KVStore], object]] = [
+        *(_key_operations(key)[i] for key in BAD_KEYS for i in range(8)),
+        lambda s: s.get("k", component="a/b"),
+        lambda s: s.set("k", b"x"),
+        lambda s: s.set("k", "\ud800"),
+        lambda s: s.set_bytes("k", "x"),
+        lambda s: s.wait_for_key("k", timeout=-1),
+        lambda s: s.wait_for_value("k", "v", timeout=math.nan),
+        lambda s: s.wait_for_keys("a//*", 1, candidate_keys=["a/b"], timeout=1),
+        lambda s: s.wait_for_keys("a/*", 0, candidate_keys=["a/b"], timeout=1),
+        lambda s: s.wait_for_keys("a/*", 1, value=b"1", candidate_keys=["a/b"], timeout=1),
+    ]
+    try:
+        opened = {name: b.open() for name, b in stores.items()}
+        for call in bad_calls:
+            outcomes = {}
+            for name, store in opened.items():
+                with pytest.raises(KVStoreError) as info:
+                    call(store)
+                outcomes[name] = (type(info.value), str(info.value))
+            assert len(set(outcomes.values())) == 1, outcomes
+    finally:
+        for b in stores.values():
+            b.close_all()
