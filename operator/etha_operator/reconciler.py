@@ -250,7 +250,8 @@ class Reconciler:
                 previous, k8s.condition("Ready", True, "Provisioned", message, generation, previous)
             ),
         }
-        self._write_status(body, new_status)
+        if any(status.get(key) != value for key, value in new_status.items()):
+            self._write_status(body, new_status)
         if not was_ready:
             self.emit(body, type="Normal", reason="Provisioned", message=message)
             logger.info("KVNamespace %s/%s is Ready: %s", namespace, name, message)

@@ -39,7 +39,7 @@ def test_killed_before_the_secret_is_written(
 ) -> None:
     before = _etha_users(etcd)
     first = operator_factory().start()
-    with kube.hold("POST", "secrets") as hold:
+    with kube.hold("POST", "secrets", name="crashy-etha-kv") as hold:
         uid = kube.create(API, PLURAL, kvnamespace("crashy", "crashy-job"), k8s_ns)["metadata"][
             "uid"
         ]
@@ -72,7 +72,7 @@ def test_killed_after_the_secret_but_before_ready(
 ) -> None:
     before = _etha_users(etcd)
     first = operator_factory().start()
-    with kube.hold("PATCH", "kvnamespaces", subresource="status") as hold:
+    with kube.hold("PATCH", "kvnamespaces", subresource="status", name="late") as hold:
         uid = kube.create(API, PLURAL, kvnamespace("late", "late-job"), k8s_ns)["metadata"]["uid"]
         assert hold.reached.wait(30), first.log_tail()
         password = secret_env(kube, k8s_ns, "late-etha-kv")["ETHA_KV_PASSWORD"]

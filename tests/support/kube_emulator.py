@@ -402,15 +402,25 @@ class Hold:
     plural: str
     subresource: str | None = None
     fail: bool = False
+    name: str | None = None
     reached: threading.Event = field(default_factory=threading.Event)
     _released: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
 
-    def matches(self, method: str, path: _Path) -> bool:
-        return (self.method, self.plural, self.subresource) == (
-            method,
-            path.plural,
-            path.subresource,
+    def matches(self, method: str, path: _Path, body: bytes) -> bool:
+        if (self.method, self.plural, self.subresource) != (method, path.plural, path.subresource):
+            return False
+        if self.name is None or path.name == self.name:
+            return True
+        # A create names its object in the body, not in the URL.
+        if path.name is not None:
+            return False
+        try:
+            created = json.loads(body or b"{}")
+        except ValueError:
+            return False
+        return (
+            isinstance(created, dict) and (created.get("metadata") or {}).get("name") == self.name
         )
 
     def release(self, fail: bool | None = None) -> None:
@@ -508,7 +518,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
         self.request_log.append((request.method.value, request.url.path))
         try:
             for hold in list(self.holds):
-                if hold.matches(request.method.value, path):
+                if hold.matches(request.method.value, path, request.body):
                     hold.reached.set()
                     if hold._released is not None:
                         await hold._released.wait()
@@ -791,7 +801,12 @@ class EmulatorServer:
 
     @contextmanager
     def hold(
-        self, method: str, plural: str, subresource: str | None = None, fail: bool = False
+        self,
+        method: str,
+        plural: str,
+        subresource: str | None = None,
+        fail: bool = False,
+        name: str | None = None,
     ) -> Iterator[Hold]:
         """Make matching requests wait until the returned hold is released (or the block ends)."""
         assert self._loop is not None and self.emulator is not None
@@ -803,6 +818,7 @@ class EmulatorServer:
                 plural,
                 subresource,
                 fail,
+                name,
                 _released=asyncio.Event(),
                 _loop=asyncio.get_running_loop(),
             )
