@@ -266,6 +266,27 @@ def w_barrier(round_id: int, n: int, go: float) -> list[tuple[float, float]]:
     return _parallel([one(r, c) for r, c in clients.items()])
 
 
+def w_cpu() -> float:
+    """CPU seconds this worker process has used (all threads)."""
+    return time.process_time()
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of another process, from /proc (10 ms ticks)."""
+    import os
+
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_cpu(servers: Servers, kind: str) -> float:
+    if kind.endswith("etcd"):
+        proc = servers.cluster.nodes[0].process
+        return _proc_cpu(proc.pid) if proc is not None else 0.0
+    # the TCPStore server is a thread of this process, which otherwise only waits here
+    return time.process_time()
+
+
 def w_close() -> None:
     for client in _B.pop("ranks", {}).values():
         client.close()
@@ -387,10 +408,14 @@ def barrier_rounds(
     skews: list[float] = []
     releases: list[float] = []
     before: dict[str, float] = {}
+    cpu_clients = cpu_server = 0.0
     try:
         for r in range(rounds + 1):
-            if r == 1 and is_etcd:
-                before = etcd_counters(url)
+            if r == 1:
+                if is_etcd:
+                    before = etcd_counters(url)
+                cpu_clients = -sum(workers.call(w_cpu, (), indices=active))
+                cpu_server = -_server_cpu(servers, kind)
             round_id = next(_round_counter)
             go = time.perf_counter() + 0.05 + 0.002 * len(active) + 0.0002 * n
             res = workers.call(w_barrier, (round_id, n, go), indices=active, timeout=WAIT_S * 2)
@@ -403,6 +428,9 @@ def barrier_rounds(
             totals.append(t_done_max - go)
             skews.append(t_set_max - go)
             releases.append(t_done_max - t_set_max)
+        if rounds:
+            cpu_server += _server_cpu(servers, kind)
+            cpu_clients += sum(workers.call(w_cpu, (), indices=active))
         per_rank: dict[str, float] = {}
         if is_etcd and rounds:
             delta = counter_delta(before, etcd_counters(url))
@@ -413,6 +441,8 @@ def barrier_rounds(
     log(
         f"{label} {kind} N={n}: barrier median "
         f"{percentile(totals, 50) * 1000:.1f} ms, connect max {max(flat_connect) * 1000:.0f} ms"
+        + f", CPU per barrier: clients {cpu_clients / max(rounds, 1) * 1000:.0f} ms,"
+        f" server {cpu_server / max(rounds, 1) * 1000:.0f} ms"
         + (f", per rank {per_rank}" if per_rank else "")
     )
     return {
@@ -422,6 +452,10 @@ def barrier_rounds(
         "connect": flat_connect,
         "connect_all": connect_all,
         "per_rank": per_rank,
+        "cpu_ms_per_barrier": {
+            "clients": round(cpu_clients / max(rounds, 1) * 1000, 1),
+            "server": round(cpu_server / max(rounds, 1) * 1000, 1),
+        },
     }
 
 
@@ -437,6 +471,7 @@ def _barrier_figures(
             skew_ms=summarize([s * 1000 for s in data["skews"]]),
             release_after_last_set_ms=summarize([s * 1000 for s in data["releases"]]),
             per_rank=data["per_rank"],
+            cpu_ms_per_barrier=data["cpu_ms_per_barrier"],
         ),
         f"{name}.connect": figure(
             data["connect"],
