@@ -19,7 +19,9 @@ import argparse
 import base64
 import copy
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,11 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
+from etha_operator import webhook  # noqa: E402
 
 import etha.kvstore  # noqa: E402
 from etha.kvstore.errors import KVStoreError, PermissionDeniedError  # noqa: E402
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end  # noqa: E402
-from etha_operator import webhook  # noqa: E402
 from tests.support.etcd_server import EtcdCluster  # noqa: E402
 from tests.support.kube_emulator import EmulatorServer  # noqa: E402
 from tests.support.operator_runner import OperatorProcess  # noqa: E402
@@ -142,7 +144,9 @@ def run(workers: int, workdir: Path) -> list[tuple[str, float, str]]:
             )
             stack.callback(operator.stop)
             operator.start()
-            notes.append(f"API {kube.url}, operator pid {operator.process.pid if operator.process else '?'}")
+            notes.append(
+                f"API {kube.url}, operator pid {operator.process.pid if operator.process else '?'}"
+            )
         with log.step(f"apply examples/kvnamespace.yaml ({name}) and examples/job.yaml") as notes:
             kube.create(KVNS_API, KVNS_PLURAL, kvns, namespace)
             kube.create("batch/v1", "jobs", job, namespace)
@@ -164,10 +168,8 @@ def run(workers: int, workdir: Path) -> list[tuple[str, float, str]]:
             notes.append(f"{len(env)} variables: {', '.join(shown)}, ETHA_KV_PASSWORD=<hidden>")
         with log.step(f"run {workers} workers: rendezvous, broadcast 64 KiB, barrier") as notes:
             results = run_workers(workers, env)
-            rendezvous = sorted(r["rendezvous_ms"] for r in results)
-            notes.append(
-                f"all {workers} ranks agreed; rendezvous median {rendezvous[len(rendezvous) // 2]:.1f} ms"
-            )
+            rendezvous = statistics.median(r["rendezvous_ms"] for r in results)
+            notes.append(f"all {workers} ranks agreed; rendezvous median {rendezvous:.1f} ms")
             written = count_keys(root, prefix + "/")
             notes.append(f"{written} keys under {prefix}/")
             if written < 2 * workers + 2:
@@ -198,7 +200,9 @@ def run(workers: int, workdir: Path) -> list[tuple[str, float, str]]:
             left = count_keys(root, prefix + "/")
             notes.append(f"operator deleted {status.get('keysDeleted')} keys; {left} left")
             if left != 0 or status.get("keysDeleted") != written:
-                raise DemoFailure(f"clean-up incomplete: deleted {status.get('keysDeleted')}, left {left}")
+                raise DemoFailure(
+                    f"clean-up incomplete: deleted {status.get('keysDeleted')}, left {left}"
+                )
         with log.step("delete the KVNamespace; credentials revoked") as notes:
             kube.delete(KVNS_API, KVNS_PLURAL, name, namespace)
             wait_for(
@@ -239,7 +243,7 @@ def prove_revoked(env: dict[str, str]) -> str:
 
 def run_workers(workers: int, env: dict[str, str]) -> list[dict[str, Any]]:
     procs = []
-    base = {k: v for k, v in __import__("os").environ.items() if not k.startswith("ETHA_KV_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ETHA_KV_")}
     for rank in range(workers):
         proc_env = {**base, **env, "RANK": str(rank), "WORLD_SIZE": str(workers)}
         procs.append(

@@ -36,9 +36,7 @@ def main() -> int:
         # 1. Rendezvous: everyone announces itself, then waits for all the others.
         t0 = time.perf_counter()
         store.set(f"rank:{rank}/ready", "1")
-        store.wait_for_keys(
-            "rank:*/ready", world_size, timeout=timeout, candidate_keys=ready_keys
-        )
+        store.wait_for_keys("rank:*/ready", world_size, timeout=timeout, candidate_keys=ready_keys)
         timings["rendezvous_ms"] = (time.perf_counter() - t0) * 1000
 
         # 2. Rank 0 broadcasts a binary blob (NUL bytes included); the others fetch it and
