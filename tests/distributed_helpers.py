@@ -125,22 +125,52 @@ class Procs:
         return codes
 
     @staticmethod
-    def kill_group(proc: subprocess.Popen[str]) -> None:
-        """SIGKILL the process and everything in its session (torchrun + its workers)."""
-        # Also when the leader is gone: its workers may still run in the group.
+    def kill_tree(proc: subprocess.Popen[str]) -> None:
+        """SIGKILL the process, its group and its descendants (a node crash).
+
+        torchrun starts each worker in a session of its own, so killing torchrun's
+        process group alone would leave the workers running.
+        """
+        children = descendants(proc.pid)
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+        for pid in children:
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
     def stop(self) -> None:
         for proc in self.procs:
-            with suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            if proc.poll() is None:
+                # torchrun stops its workers on SIGTERM; give it a moment.
+                with suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                with suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+            self.kill_tree(proc)
         self.procs.clear()
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of every live descendant of ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name is in parentheses and may contain spaces.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 @contextmanager

@@ -20,7 +20,9 @@ environment; ``host:port[,host:port]`` overrides them. ``--rdzv-conf`` keys:
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from pyetcd import etcdrpc
@@ -30,10 +32,12 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousHandler,
     RendezvousParameters,
 )
+from torch.distributed.elastic.rendezvous.api import RendezvousInfo, RendezvousStoreInfo
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
+    DynamicRendezvousHandler,
     RendezvousBackend,
+    RendezvousTimeout,
     Token,
-    create_handler,
 )
 
 from etha.distributed.store import EthaStore
@@ -171,10 +175,78 @@ def create_backend(params: RendezvousParameters) -> tuple[EthaRendezvousBackend,
     return EthaRendezvousBackend(store.client, key), store
 
 
+class EthaRendezvousHandler(DynamicRendezvousHandler):  # type: ignore[misc]
+    """torch's dynamic rendezvous, fixed for rounds after the first.
+
+    With the agent-hosted TCPStore (torch's default), torch 2.13 caches the store
+    address after a node's first round and never publishes or reads it again, and
+    reuses rank 0's TCPStore server for every round. Seen here, on a node that is
+    killed and restarted:
+
+    * the restarted node waits for ``MASTER_ADDR`` under the new round's prefix,
+      which the cached rank 0 never writes, while rank 0 waits for the newcomer's
+      ranks: both hang until the store timeout;
+    * the new round's workers read the previous round's keys (gloo addresses of dead
+      workers) from the reused server and fail with "connection refused";
+    * a node whose rank changed keeps pointing its workers at the old address.
+
+    So here, every round, rank 0 hosts a fresh TCPStore server and publishes its
+    address under the round's prefix, and every other rank reads it.
+    """
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        previous = self._shared_tcp_store_server
+        info: RendezvousInfo = super().next_rendezvous()
+        if not self.use_agent_store:
+            return info  # torch builds fresh store info every round in this mode
+        store = info.store
+        addr = self._this_node.addr or socket.getfqdn()
+        if info.rank == 0:
+            server = self._shared_tcp_store_server
+            if server is None or server is previous:
+                server = self._create_tcp_store_server(addr, 0)
+                self._shared_tcp_store_server = server
+            bootstrap = RendezvousStoreInfo(master_addr=addr, master_port=int(server.port))
+            store.set(RendezvousStoreInfo.MASTER_ADDR_KEY, bootstrap.master_addr)
+            store.set(RendezvousStoreInfo.MASTER_PORT_KEY, str(bootstrap.master_port))
+        else:
+            # Another node hosts this round's store; stop ours (if any) with its stale keys.
+            self._shared_tcp_store_server = None
+            bootstrap = RendezvousStoreInfo.build(info.rank, store, local_addr=addr)
+        self._bootstrap_store_info = bootstrap
+        return RendezvousInfo(store, info.rank, info.world_size, bootstrap)
+
+
+def _timeout(params: RendezvousParameters, name: str) -> timedelta | None:
+    seconds = params.get_as_int(f"{name}_timeout")
+    return None if seconds is None else timedelta(seconds=seconds)
+
+
 def create_rdzv_handler(params: RendezvousParameters) -> RendezvousHandler:
-    """torch's DynamicRendezvousHandler on the etha backend."""
+    """torch's dynamic rendezvous (with the fix above) on the etha backend.
+
+    Accepts the ``--rdzv-conf`` keys of torch's ``create_handler``: ``join_timeout``,
+    ``last_call_timeout``, ``close_timeout``, ``heartbeat_timeout``,
+    ``keep_alive_interval``, ``keep_alive_max_attempt``.
+    """
     backend, store = create_backend(params)
-    handler: RendezvousHandler = create_handler(store, backend, params)
+    timeout = RendezvousTimeout(
+        _timeout(params, "join"),
+        _timeout(params, "last_call"),
+        _timeout(params, "close"),
+        _timeout(params, "heartbeat"),
+    )
+    handler: RendezvousHandler = EthaRendezvousHandler.from_backend(
+        params.run_id,
+        store,
+        backend,
+        params.min_nodes,
+        params.max_nodes,
+        params.local_addr,
+        timeout,
+        keep_alive_interval=params.get_as_int("keep_alive_interval", 5) or 5,
+        keep_alive_max_attempt=params.get_as_int("keep_alive_max_attempt", 3) or 3,
+    )
     return handler
 
 
@@ -187,6 +259,7 @@ __all__ = [
     "BACKEND_NAME",
     "DEFAULT_COMPONENT",
     "EthaRendezvousBackend",
+    "EthaRendezvousHandler",
     "create_backend",
     "create_rdzv_handler",
     "torchrun_handler",
