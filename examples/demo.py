@@ -169,7 +169,7 @@ def run(workers: int, workdir: Path) -> list[tuple[str, float, str]]:
         with log.step(f"run {workers} workers: rendezvous, broadcast 64 KiB, barrier") as notes:
             results = run_workers(workers, env)
             rendezvous = statistics.median(r["rendezvous_ms"] for r in results)
-            notes.append(f"all {workers} ranks agreed; rendezvous median {rendezvous:.1f} ms")
+            notes.append(f"all {workers} ranks agreed; median wait for peers {rendezvous:.1f} ms")
             written = count_keys(root, prefix + "/")
             notes.append(f"{written} keys under {prefix}/")
             if written < 2 * workers + 2:
@@ -295,9 +295,11 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     print("\nSummary")
-    print(f"{'step':<62} {'ms':>8}  result")
-    for title, ms, result in steps:
-        print(f"{title:<62} {ms:>8.0f}  {result}")
+    print(f"{'#':>2}  {'step':<66} {'ms':>7}")
+    for number, (title, ms, result) in enumerate(steps, 1):
+        print(f"{number:>2}  {title:<66} {ms:>7.0f}")
+        for part in result.split("; ") if result else []:
+            print(f"    - {part}")
     print("\nDEMO PASSED")
     return 0
 
