@@ -1,0 +1,365 @@
+"""Property-based bad input against REAL etcd with auth (hypothesis).
+
+A user whose only role grants ``<A>/`` fuzzes names, keys, patterns and raw key ranges.
+Every call either works as documented (and then touched only keys under ``<A>/``) or
+raises the documented error. Sentinel keys outside the prefix are checked after every
+example: nothing escapes the prefix, whatever the input. Values: non-UTF-8 text, sizes
+around etcd's request limit, huge expected_count: clear errors and nothing partial stored.
+
+Extends tests/test_keys_and_config.py (offline key/pattern properties) and
+tests/test_etcd_backend.py (fixed refused calls) with fuzzed input on a live server.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from etha.kvstore.base import MAX_EXPECTED_COUNT
+from etha.kvstore.errors import (
+    InvalidArgumentError,
+    InvalidKeyError,
+    InvalidValueError,
+    KVStoreError,
+    KVTimeoutError,
+    PermissionDeniedError,
+)
+from etha.kvstore.etcd import EtcdKVStore
+from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
+from etha.kvstore.keys import compile_pattern
+from tests.etcd_helpers import root_client
+from tests.reliability.conftest import PrefixUser, make_prefix_user
+from tests.support.chaos import record, scaled
+from tests.support.etcd_server import EtcdCluster
+
+pytestmark = pytest.mark.timeout(600)
+
+EXAMPLES = scaled(60, 400)
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+#: What the suite saw, per test: outcome -> count (recorded for docs/reliability.md).
+OUTCOMES: dict[str, dict[str, int]] = {}
+
+SEGMENT_CHARS = "abcXYZ019._:=@+,~%-"
+HOSTILE = ["/", "//", "..", ".", "*", "\x00", " ", "\n", "\udcff", "é", "\\", "A", "\xff"]
+
+names = st.one_of(
+    st.text(max_size=140),
+    st.text(alphabet=SEGMENT_CHARS[:12] + "-", min_size=1, max_size=130),
+    st.sampled_from(["", ".", "..", "a/b", "a*", "x" * 128, "x" * 129]),
+)
+keys = st.one_of(
+    st.text(max_size=60),
+    st.lists(
+        st.one_of(
+            st.text(alphabet=SEGMENT_CHARS, min_size=1, max_size=8), st.sampled_from(HOSTILE)
+        ),
+        min_size=1,
+        max_size=6,
+    ).map("/".join),
+    st.sampled_from(["", "x" * 1024, "x" * 1025, "../escape", "a/../../b"]),
+)
+patterns = st.lists(
+    st.one_of(
+        st.text(alphabet=SEGMENT_CHARS + "*", min_size=1, max_size=8), st.sampled_from(HOSTILE)
+    ),
+    min_size=1,
+    max_size=5,
+).map("/".join)
+
+
+def _count(outcomes: str, what: str) -> None:
+    bucket = OUTCOMES.setdefault(outcomes, {})
+    bucket[what] = bucket.get(what, 0) + 1
+
+
+@dataclass
+class World:
+    """Root, user A (only ``<A>/``), and sentinels under another namespace B."""
+
+    cluster: EtcdCluster
+    root: EtcdClient
+    user: PrefixUser
+    other: str
+    sentinels: dict[bytes, bytes]
+
+    @property
+    def a_prefix(self) -> bytes:
+        return f"{self.user.namespace}/".encode()
+
+    def outside(self) -> dict[bytes, bytes]:
+        """Every key/value outside ``<A>/`` (the whole rest of the keyspace)."""
+        start, end = self.a_prefix, prefix_range_end(self.a_prefix)
+        below = self.root.range(b"\0", start).kvs
+        above = self.root.range(end, b"\0").kvs
+        return {kv.key: kv.value for kv in (*below, *above)}
+
+    def user_client(self) -> EtcdClient:
+        return EtcdClient(
+            self.cluster.urls, username=self.user.name, password=self.user.password, timeout=5
+        )
+
+    def store(self, namespace: str | None = None, component: str = "c") -> EtcdKVStore:
+        return EtcdKVStore(
+            self.user.namespace if namespace is None else namespace,
+            component,
+            endpoints=self.cluster.urls,
+            username=self.user.name,
+            password=self.user.password,
+            timeout=5,
+        )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    # A private server: the "nothing else changed" check reads the whole keyspace.
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-fuzz"), auth=True)
+    cluster.start()
+    try:
+        with root_client(cluster) as root:
+            user = make_prefix_user(root)
+            other = f"ns-{uuid.uuid4().hex[:8]}"
+            sentinels = {
+                f"{other}/c/secret".encode(): b"B's value",
+                f"{user.namespace}0/c/k".encode(): b"just past A's range",
+                f"{user.namespace}.".encode(): b"A. (a sibling name)",
+                b"\x00low": b"lowest key",
+                b"\xff\xffhigh": b"highest key",
+            }
+            for key, value in sentinels.items():
+                root.put(key, value)
+            w = World(cluster, root, user, other, sentinels)
+            yield w
+            record("fuzzing", {"examples_per_property": EXAMPLES, "outcomes": OUTCOMES})
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture(scope="module")
+def baseline(world: World) -> dict[bytes, bytes]:
+    outside = world.outside()
+    for key, value in world.sentinels.items():
+        assert outside[key] == value
+    return outside
+
+
+def _unchanged(world: World, baseline: dict[bytes, bytes]) -> None:
+    assert world.outside() == baseline, "a key outside the user's prefix changed"
+
+
+@FUZZ
+@given(component=names, key=keys)
+def test_fuzzed_component_and_key_stay_inside_the_prefix(
+    world: World, baseline: dict[bytes, bytes], component: str, key: str
+) -> None:
+    with world.store() as store:
+        try:
+            store.set(key, "v", component=component)
+        except InvalidKeyError as exc:
+            assert str(exc)
+            _count("set(component, key)", "InvalidKeyError")
+        else:
+            full = f"{world.user.namespace}/{component}/{key}".encode()
+            assert world.root.range(full).kvs[0].value == b"v"
+            assert store.get(key, component=component) == b"v"
+            assert store.delete(key, component=component) is True
+            _count("set(component, key)", "stored under the prefix")
+    _unchanged(world, baseline)
+
+
+@FUZZ
+@given(namespace=names, key=keys)
+def test_fuzzed_namespace_is_invalid_or_refused_unless_it_is_the_users(
+    world: World, baseline: dict[bytes, bytes], namespace: str, key: str
+) -> None:
+    try:
+        store = world.store(namespace)
+    except InvalidKeyError:
+        _count("namespace", "InvalidKeyError")
+        return
+    with store:
+        for op in (
+            lambda: store.set(key, "evil"),
+            lambda: store.get(key),
+            lambda: store.delete(key),
+            lambda: store.wait_for_key(key, timeout=0.5),
+        ):
+            try:
+                op()
+            except InvalidKeyError:
+                _count("namespace", "InvalidKeyError (key)")
+            except PermissionDeniedError as exc:
+                assert namespace != world.user.namespace, exc
+                assert "permission denied" in str(exc)
+                _count("namespace", "PermissionDeniedError")
+            except KVTimeoutError:
+                assert namespace == world.user.namespace
+            else:
+                assert namespace == world.user.namespace
+        store.close(cleanup=True)
+    _unchanged(world, baseline)
+
+
+@FUZZ
+@given(pattern=patterns, count=st.integers(min_value=-5, max_value=10**13))
+def test_fuzzed_wait_patterns_and_counts(
+    world: World, baseline: dict[bytes, bytes], pattern: str, count: int
+) -> None:
+    with world.store(component="w") as store:
+        store.set("rank:0/ready", "1")
+        store.set("rank:1/x/ready", "1")
+        started = time.monotonic()
+        try:
+            result = store.wait_for_keys(pattern, count, timeout=0.3)
+        except InvalidKeyError:
+            _count("wait_for_keys", "InvalidKeyError")
+        except InvalidArgumentError as exc:
+            assert not 1 <= count <= MAX_EXPECTED_COUNT, exc
+            assert "expected_count" in str(exc)
+            assert time.monotonic() - started < 5  # refused, not waited on
+            _count("wait_for_keys", "InvalidArgumentError (count)")
+        except KVTimeoutError as exc:
+            assert "timed out" in str(exc)
+            _count("wait_for_keys", "KVTimeoutError")
+        else:
+            regex = compile_pattern(pattern)
+            assert len(result) >= count
+            assert all(regex.fullmatch(k) for k in result)
+            assert set(result) <= {"rank:0/ready", "rank:1/x/ready"}
+            _count("wait_for_keys", "matched")
+    _unchanged(world, baseline)
+
+
+raw_keys = st.one_of(
+    st.binary(max_size=40),
+    st.builds(lambda tail: b"%s" + tail, st.binary(max_size=10)),
+    st.sampled_from([b"", b"\x00", b"\xff", b"/", b"ns-", b"\xff\xff\xff"]),
+)
+
+
+@FUZZ
+@given(
+    key=raw_keys,
+    end=st.one_of(st.none(), raw_keys),
+    in_a=st.booleans(),
+    op=st.sampled_from(["range", "put", "delete", "watch"]),
+)
+def test_raw_requests_with_the_users_token_never_touch_other_keys(
+    world: World, baseline: dict[bytes, bytes], key: bytes, end: bytes | None, in_a: bool, op: str
+) -> None:
+    """Below the library: raw etcd requests with arbitrary byte ranges as user A."""
+    if in_a:
+        key = world.a_prefix + key
+    a_start, a_end = world.a_prefix, prefix_range_end(world.a_prefix)
+    single = end is None or end == b""
+    # etcd allows a request only if its whole range lies inside the granted one.
+    inside = key.startswith(a_start) and (single or (end != b"\0" and end <= a_end))
+    with world.user_client() as client:
+        try:
+            if op == "range":
+                for kv in client.range(key, end).kvs:
+                    assert kv.key.startswith(a_start), kv.key
+            elif op == "put":
+                client.put(key, b"fuzz")
+                assert key.startswith(a_start)
+                client.delete_range(key)
+            elif op == "delete":
+                client.delete_range(key, end)
+            else:
+                watcher = client.watch_hub.watch(key, end, 0)
+                try:
+                    watcher.get(1.0)
+                finally:
+                    watcher.cancel()
+            _count(f"raw {op}", "allowed")
+            if op == "put":
+                assert key.startswith(a_start)
+            else:
+                assert inside or key >= (end or b"\xff" * 64), (key, end)
+        except PermissionDeniedError:
+            _count(f"raw {op}", "PermissionDeniedError")
+        except KVStoreError as exc:  # e.g. an empty key: refused by etcd with its reason
+            assert str(exc)
+            _count(f"raw {op}", type(exc).__name__)
+    _unchanged(world, baseline)
+
+
+surrogate_text = st.text(
+    alphabet=st.one_of(
+        st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF),
+        st.characters(codec="utf-8"),
+    ),
+    max_size=30,
+)
+
+
+@FUZZ
+@given(value=surrogate_text)
+def test_set_of_text_that_is_not_utf8_is_refused_and_nothing_is_stored(
+    world: World, value: str
+) -> None:
+    key = f"text-{uuid.uuid4().hex[:8]}"
+    with world.store() as store:
+        try:
+            encoded = value.encode("utf-8")
+        except UnicodeEncodeError:
+            with pytest.raises(InvalidValueError, match="UTF-8"):
+                store.set(key, value)
+            assert store.get(key) is None
+            _count("set(text)", "InvalidValueError (not UTF-8)")
+        else:
+            store.set(key, value)
+            assert store.get(key) == encoded
+            _count("set(text)", "stored")
+
+
+@settings(max_examples=scaled(12, 40), deadline=None, suppress_health_check=list(HealthCheck))
+@given(delta=st.integers(min_value=-400, max_value=400), binary=st.booleans())
+def test_values_around_the_size_limit_are_stored_whole_or_refused_whole(
+    world: World, delta: int, binary: bool
+) -> None:
+    key = f"big-{uuid.uuid4().hex[:8]}"
+    with world.store() as store:
+        size = store.client.max_request_bytes + delta
+        data = (b"\x00\xff" * size)[:size] if binary else b"x" * size
+        try:
+            if binary:
+                store.set_bytes(key, data)
+            else:
+                store.set(key, data.decode())
+        except InvalidValueError as exc:
+            assert "bytes" in str(exc)
+            assert store.get(key) is None
+            _count("oversized", "InvalidValueError")
+        else:
+            assert store.get(key) == data
+            store.delete(key)
+            _count("oversized", "stored whole")
+
+
+def test_empty_inputs_get_clear_errors(world: World) -> None:
+    with world.store() as store:
+        for call in (
+            lambda: store.set("", "v"),
+            lambda: store.get(""),
+            lambda: store.wait_for_key("", timeout=0),
+            lambda: store.wait_for_keys("", 1, timeout=0),
+            lambda: store.set("k", "v", component=""),
+        ):
+            with pytest.raises(InvalidKeyError, match="must not be empty"):
+                call()
+        with pytest.raises(InvalidKeyError):
+            world.store("")
+        store.set("empty-value", "")  # an empty value is a value
+        assert store.get("empty-value") == b""
+        with pytest.raises(InvalidArgumentError, match="expected_count"):
+            store.wait_for_keys("x*", 0, timeout=0)
