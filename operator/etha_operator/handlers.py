@@ -163,11 +163,15 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
         """Level-triggered safety net: failed provisioning, TTLs, missed job ends."""
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
+        status = body.get("status") or {}
+        phase = status.get("phase")
+        keep = (body.get("spec") or {}).get("onJobEnd") == "Keep"
+        if phase in ("Cleaned", "Revoked") or (phase == "JobEnded" and keep):
+            return  # nothing can happen to it any more but deletion
         reconciler: Reconciler = memo.reconciler
         plain = _plain(body)
         try:
-            status = body.get("status") or {}
-            if status.get("phase") not in ("Ready", "JobEnded", "Cleaned", "Revoked"):
+            if phase not in ("Ready", "JobEnded"):
                 reconciler.provision(plain)
             reconciler.check_job(plain)
         except TemporaryFailure as exc:

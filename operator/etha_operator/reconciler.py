@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from etha.kvstore.config import PASSWORD, EtcdConfig
 from etha.kvstore.errors import KVStoreError, PermissionDeniedError
 from etha_operator import k8s, model
-from etha_operator.etcd_admin import EtcdAdmin
+from etha_operator.etcd_admin import EtcdAdmin, prefix_grant
 from etha_operator.settings import OperatorSettings
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,10 @@ class Reconciler:
         secret_name = model.secret_name(name)
 
         with self._claim_lock:
-            owner = self.admin.prefix_owner(prefix, exclude=role)
+            # A role that already grants exactly this prefix means the claim was made
+            # earlier: skip the scan of every role (restarts would otherwise be O(n^2)).
+            owned = self.admin.role_grants(role) == [prefix_grant(prefix)]
+            owner = None if owned else self.admin.prefix_owner(prefix, exclude=role)
             if owner is not None:
                 return self._fail(
                     body,
@@ -199,7 +202,8 @@ class Reconciler:
                     f" {owner}); two KVNamespaces may not share a prefix: set a different"
                     " spec.keyPrefix or delete the other KVNamespace",
                 )
-            self.admin.ensure_role(role, prefix)
+            if not owned:
+                self.admin.ensure_role(role, prefix)
 
         secret = self.kube.get_secret(namespace, secret_name)
         if secret is not None and not k8s.owned_by(secret, uid):

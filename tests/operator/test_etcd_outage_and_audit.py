@@ -73,9 +73,13 @@ def test_delete_with_etcd_down_gives_up_after_the_deadline_and_the_audit_cleans_
             timeout=DEADLINE + 30,
             what="the KVNamespace to be deleted despite etcd being down",
         )
-        [event] = [
-            e for e in kube.events_for("stranded", k8s_ns) if e["reason"] == "CleanupIncomplete"
-        ]
+        # kopf posts events asynchronously: the object may be gone before its event lands.
+        [event] = wait_for(
+            lambda: [
+                e for e in kube.events_for("stranded", k8s_ns) if e["reason"] == "CleanupIncomplete"
+            ],
+            what="a CleanupIncomplete event",
+        )
         assert event["type"] == "Warning"
         assert status["etcdUser"] in event["message"]
         assert "keys" in event["message"]

@@ -129,7 +129,7 @@ def test_operator_marks_an_invalid_object_failed_with_the_reason(
     [ready] = status["conditions"]
     assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "InvalidSpec")
     assert "etcdUser" not in status
-    assert "InvalidSpec" in event_reasons(kube, k8s_ns, "bad")
+    wait_for(lambda: "InvalidSpec" in event_reasons(kube, k8s_ns, "bad"), what="the event")
 
 
 def test_second_kvnamespace_with_the_same_prefix_is_refused(
