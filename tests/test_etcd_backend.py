@@ -160,9 +160,12 @@ def test_wait_for_value_ignores_other_values_and_deletes(
         writer.delete("state")
         writer.set("state", "done")
 
-    with open_store(etcd_auth, store.namespace) as writer:
+    writer = open_store(etcd_auth, store.namespace)
+    try:
         later(0.2, sequence, writer)
         assert store.wait_for_value("state", "done", timeout=30) == b"done"
+    finally:
+        writer.close(cleanup=False)  # "state" must survive for the next check
     with pytest.raises(KVTimeoutError, match="last value b'done'"):
         store.wait_for_value("state", "other", timeout=0.2)
 
@@ -235,7 +238,9 @@ def test_compaction_between_read_and_watch(store: EtcdKVStore) -> None:
     real_watch = hub.watch
     calls: list[int] = []
 
-    def watch_after_compaction(key: bytes, range_end: bytes | None, start: int) -> object:
+    def watch_after_compaction(
+        key: bytes, range_end: bytes | None, start: int, apply: object = None
+    ) -> object:
         calls.append(start)
         if len(calls) == 1:
             store.set("c/1", "1")
@@ -246,7 +251,7 @@ def test_compaction_between_read_and_watch(store: EtcdKVStore) -> None:
                 "Compact",
                 etcdrpc.CompactionRequest(revision=revision.header.revision, physical=True),
             )
-        return real_watch(key, range_end, start)
+        return real_watch(key, range_end, start, apply)  # type: ignore[arg-type]
 
     hub.watch = watch_after_compaction  # type: ignore[method-assign]
     try:

@@ -9,10 +9,11 @@ the read and the watch is missed. See ``docs/etcd-backend.md``.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Any, Generic, TypeVar, cast
 
 from pyetcd import etcdrpc
 
@@ -34,9 +35,11 @@ from etha.kvstore.config import (
 )
 from etha.kvstore.errors import (
     ConfigurationError,
+    InvalidArgumentError,
     InvalidValueError,
     KVStoreError,
     KVTimeoutError,
+    PermissionDeniedError,
     StoreClosedError,
     UnavailableError,
 )
@@ -72,6 +75,109 @@ def _endpoints_of(endpoints: Sequence[str | Endpoint] | str) -> tuple[tuple[Endp
 def _show(value: bytes, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _View(Generic[T]):
+    """What a wait knows of its key range: loaded from a read, updated by events."""
+
+    key: bytes
+    range_end: bytes | None
+
+    def fresh(self) -> _View[T]:
+        raise NotImplementedError
+
+    def load(self, kvs: Iterable[Any]) -> T | None:
+        raise NotImplementedError
+
+    def apply(self, events: Iterable[Any]) -> T | None:
+        raise NotImplementedError
+
+    def seen(self) -> str:
+        raise NotImplementedError
+
+
+class _KeyView(_View[bytes]):
+    """One key; done when it exists (``want`` None) or holds ``want``."""
+
+    def __init__(self, key: bytes, want: bytes | None) -> None:
+        self.key = key
+        self.range_end = None
+        self.want = want
+        self.value: bytes | None = None
+
+    def fresh(self) -> _KeyView:
+        return _KeyView(self.key, self.want)
+
+    def _check(self) -> bytes | None:
+        value = self.value
+        if value is None or (self.want is not None and value != self.want):
+            return None
+        return value
+
+    def load(self, kvs: Iterable[Any]) -> bytes | None:
+        for kv in kvs:
+            self.value = kv.value
+        return self._check()
+
+    def apply(self, events: Iterable[Any]) -> bytes | None:
+        for event in events:
+            self.value = event.kv.value if event.type == PUT else None
+            result = self._check()
+            if result is not None:
+                return result
+        return None
+
+    def seen(self) -> str:
+        value = self.value
+        return "the key does not exist" if value is None else f"last value {_show(value)}"
+
+
+class _PatternView(_View[list[str]]):
+    """Keys under a prefix matching a pattern; done when ``count`` of them hold ``want``."""
+
+    def __init__(
+        self, prefix: bytes, strip: int, regex: re.Pattern[str], count: int, want: bytes
+    ) -> None:
+        self.key = prefix
+        self.range_end = prefix_range_end(prefix)
+        self.strip = strip
+        self.fullmatch = regex.fullmatch
+        self.regex = regex
+        self.count = count
+        self.want = want
+        self.matched: set[str] = set()
+
+    def fresh(self) -> _PatternView:
+        return _PatternView(self.key, self.strip, self.regex, self.count, self.want)
+
+    def _relative(self, raw: bytes) -> str | None:
+        rel = raw[self.strip :].decode("utf-8", "replace")
+        return rel if self.fullmatch(rel) else None
+
+    def _done(self) -> list[str] | None:
+        return sorted(self.matched) if len(self.matched) >= self.count else None
+
+    def load(self, kvs: Iterable[Any]) -> list[str] | None:
+        for kv in kvs:
+            rel = self._relative(kv.key)
+            if rel is not None and kv.value == self.want:
+                self.matched.add(rel)
+        return self._done()
+
+    def apply(self, events: Iterable[Any]) -> list[str] | None:
+        matched = self.matched
+        for event in events:
+            rel = self._relative(event.kv.key)
+            if rel is None:
+                continue
+            if event.type == PUT and event.kv.value == self.want:
+                matched.add(rel)
+            else:
+                matched.discard(rel)
+        return self._done()
+
+    def seen(self) -> str:
+        return f"{len(self.matched)} of {self.count} keys matched"
 
 
 class EtcdKVStore(KVStore):
@@ -205,9 +311,19 @@ class EtcdKVStore(KVStore):
                 f"value for {full_key!r} is {len(data)} bytes; etcd refuses requests over"
                 f" {limit} bytes (--max-request-bytes): split the value or store it elsewhere"
             )
-        self._client.put(key, data)
+        # Tracked before the put, so that a close() racing with this set still deletes
+        # it; deleting a key whose put failed is harmless.
         with self._lock:
+            new = key not in self._tracked
             self._tracked.add(key)
+        try:
+            self._client.put(key, data)
+        except (PermissionDeniedError, InvalidArgumentError):
+            # Refused for sure: nothing was written.
+            if new:
+                with self._lock:
+                    self._tracked.discard(key)
+            raise
 
     def delete(self, key: str, *, component: str | None = None) -> bool:
         """Delete ``key``; True if it existed."""
@@ -230,11 +346,7 @@ class EtcdKVStore(KVStore):
         self._check_open()
         full = self._full_key(key, component)
         seconds = check_timeout(timeout)
-
-        def found(value: bytes | None) -> bytes | None:
-            return value
-
-        return self._wait_single(full, seconds, found, f"key {full!r} to exist")
+        return self._wait(_KeyView(full.encode(), None), seconds, f"key {full!r} to exist")
 
     def wait_for_value(
         self,
@@ -252,43 +364,8 @@ class EtcdKVStore(KVStore):
         full = self._full_key(key, component)
         want = check_str_value(expected, "expected")
         seconds = check_timeout(timeout)
-
-        def found(value: bytes | None) -> bytes | None:
-            return value if value == want else None
-
-        return self._wait_single(full, seconds, found, f"key {full!r} to hold {_show(want)}")
-
-    def _wait_single(
-        self,
-        full_key: str,
-        timeout: float,
-        match: Callable[[bytes | None], bytes | None],
-        what: str,
-    ) -> bytes:
-        key = full_key.encode()
-        deadline = time.monotonic() + timeout
-        last: list[bytes | None] = [None]
-
-        def read() -> tuple[bytes | None, int]:
-            response = self._client.range(key, timeout=self._request_timeout(deadline, what))
-            value = response.kvs[0].value if response.kvs else None
-            last[0] = value
-            return match(value), response.header.revision
-
-        def apply(events: Iterable[Any]) -> bytes | None:
-            for event in events:
-                value = event.kv.value if event.type == PUT else None
-                last[0] = value
-                result = match(value)
-                if result is not None:
-                    return result
-            return None
-
-        def seen() -> str:
-            value = last[0]
-            return "the key does not exist" if value is None else f"last value {_show(value)}"
-
-        return self._wait(key, None, deadline, timeout, what, read, apply, seen)
+        what = f"key {full!r} to hold {_show(want)}"
+        return self._wait(_KeyView(full.encode(), want), seconds, what)
 
     def wait_for_keys(
         self,
@@ -315,98 +392,55 @@ class EtcdKVStore(KVStore):
         want = check_str_value(value, "value")
         seconds = check_timeout(timeout)
         prefix = (comp_prefix + _keys.literal_prefix(key_pattern)).encode()
-        range_end = prefix_range_end(prefix)
-        strip = len(comp_prefix.encode())
-        deadline = time.monotonic() + seconds
+        view = _PatternView(prefix, len(comp_prefix.encode()), regex, count, want)
         what = f"{count} keys matching {comp_prefix + key_pattern!r} to hold {_show(want)}"
-        matched: set[str] = set()
-        fullmatch = regex.fullmatch
+        return self._wait(view, seconds, what)
 
-        def relative(raw: bytes) -> str | None:
-            rel = raw[strip:].decode("utf-8", "replace")
-            return rel if fullmatch(rel) else None
+    def _wait(self, view: _View[T], timeout: float, what: str) -> T:
+        """Read at revision R, then fold watch events from R + 1 until a result.
 
-        def done() -> list[str] | None:
-            return sorted(matched) if len(matched) >= count else None
-
-        def read() -> tuple[list[str] | None, int]:
-            response = self._client.range(
-                prefix, range_end, timeout=self._request_timeout(deadline, what)
-            )
-            matched.clear()
-            for kv in response.kvs:
-                rel = relative(kv.key)
-                if rel is not None and kv.value == want:
-                    matched.add(rel)
-            return done(), response.header.revision
-
-        def apply(events: Iterable[Any]) -> list[str] | None:
-            for event in events:
-                rel = relative(event.kv.key)
-                if rel is None:
-                    continue
-                if event.type == PUT and event.kv.value == want:
-                    matched.add(rel)
-                else:
-                    matched.discard(rel)
-            return done()
-
-        def seen() -> str:
-            return f"{len(matched)} of {count} keys matched"
-
-        return self._wait(prefix, range_end, deadline, seconds, what, read, apply, seen)
-
-    def _request_timeout(self, deadline: float, what: str) -> float:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            # A zero-timeout wait still gets one read.
-            return min(self._client.timeout, 1.0)
-        return remaining
-
-    def _wait(
-        self,
-        key: bytes,
-        range_end: bytes | None,
-        deadline: float,
-        timeout: float,
-        what: str,
-        read: Callable[[], tuple[T | None, int]],
-        apply: Callable[[Iterable[Any]], T | None],
-        seen: Callable[[], str],
-    ) -> T:
-        """Read at revision R, then apply watch events from R + 1 until a result."""
+        The events are folded in the watch hub's reader thread, so this thread wakes
+        once, with the result. Each read starts a fresh view: after a compaction the old
+        watch may still be folding into the old one.
+        """
+        deadline = time.monotonic() + timeout
+        client = self._client
         while True:
+            remaining = deadline - time.monotonic()
+            # A zero-timeout wait still gets one read.
+            request_timeout = remaining if remaining > 0 else min(client.timeout, 1.0)
             try:
-                result, revision = read()
+                response = client.range(view.key, view.range_end, timeout=request_timeout)
             except (UnavailableError, KVTimeoutError) as exc:
                 if time.monotonic() < deadline:
                     raise
                 raise KVTimeoutError(
                     f"timed out after {timeout:g}s waiting for {what}: {exc}"
                 ) from exc
+            view = view.fresh()
+            result = view.load(response.kvs)
             if result is not None:
                 return result
             if time.monotonic() >= deadline:
-                raise KVTimeoutError(f"timed out after {timeout:g}s waiting for {what} ({seen()})")
-            hub = self._client.watch_hub
-            watcher = hub.watch(key, range_end, revision + 1)
+                raise KVTimeoutError(
+                    f"timed out after {timeout:g}s waiting for {what} ({view.seen()})"
+                )
+            hub = client.watch_hub
+            watcher = hub.watch(view.key, view.range_end, response.header.revision + 1, view.apply)
             try:
                 while True:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise KVTimeoutError(
-                            f"timed out after {timeout:g}s waiting for {what} ({seen()};"
+                            f"timed out after {timeout:g}s waiting for {what} ({view.seen()};"
                             f" {hub.describe()})"
                         )
                     try:
-                        events = watcher.get(remaining)
+                        result = watcher.get(remaining)
                     except WatchCompacted:
                         break  # re-read at the current revision, then watch again
-                    if events is None:
-                        continue
-                    result = apply(events)
                     if result is not None:
-                        return result
+                        return cast(T, result)
             finally:
                 watcher.cancel()
 

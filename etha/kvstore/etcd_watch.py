@@ -27,6 +27,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -99,10 +100,14 @@ class Watcher:
     """One watch on ``[key, range_end)`` (or just ``key``), fed by a :class:`WatchHub`.
 
     Use :meth:`get` to take the next batch of events and :meth:`cancel` (or ``with``)
-    when done. Thread-safe.
+    when done. Thread-safe. With ``apply``, the events are folded by ``apply`` in the
+    hub's reader thread and :meth:`get` returns its first non-None result instead:
+    a waiter then wakes once, not once per event (a barrier of N ranks sees N events).
     """
 
     __slots__ = (
+        "_apply",
+        "_done",
         "_error",
         "_hub",
         "_queue",
@@ -116,9 +121,17 @@ class Watcher:
     )
 
     def __init__(
-        self, hub: WatchHub, local_id: int, key: bytes, range_end: bytes, start_revision: int
+        self,
+        hub: WatchHub,
+        local_id: int,
+        key: bytes,
+        range_end: bytes,
+        start_revision: int,
+        apply: Callable[[Any], Any] | None = None,
     ) -> None:
         self._hub = hub
+        self._apply = apply
+        self._done = False
         self.local_id = local_id
         self.key = key
         self.range_end = range_end
@@ -132,6 +145,8 @@ class Watcher:
 
     def get(self, timeout: float | None) -> Any | None:
         """The next non-empty batch of events (``mvccpb.Event`` objects), or None on timeout.
+
+        With ``apply``: the result of ``apply`` once it is not None (or None on timeout).
 
         :raises WatchCompacted: the start revision was compacted; re-read and re-watch
         :raises PermissionDeniedError: the user may not watch this range
@@ -158,7 +173,21 @@ class Watcher:
         self._hub._cancel(self)
 
     def _push(self, events: Any) -> None:
-        self._queue.put(events)
+        apply = self._apply
+        if apply is None:
+            self._queue.put(events)
+            return
+        if self._done:
+            return
+        try:
+            result = apply(events)
+        except Exception as exc:  # the waiter must hear of it, not hang
+            self._done = True
+            self._queue.put(exc)
+            return
+        if result is not None:
+            self._done = True
+            self._queue.put(result)
 
     def _fail(self, error: BaseException) -> None:
         self._queue.put(error)
@@ -197,12 +226,22 @@ class WatchHub:
 
     # -- public API ----------------------------------------------------------------------
 
-    def watch(self, key: bytes, range_end: bytes | None = None, start_revision: int = 0) -> Watcher:
-        """Watch ``key`` (or ``[key, range_end)``) from ``start_revision`` (0: from now)."""
+    def watch(
+        self,
+        key: bytes,
+        range_end: bytes | None = None,
+        start_revision: int = 0,
+        apply: Callable[[Any], Any] | None = None,
+    ) -> Watcher:
+        """Watch ``key`` (or ``[key, range_end)``) from ``start_revision`` (0: from now).
+
+        :param apply: optional fold over event batches, run in the hub's reader thread
+            (keep it short and non-blocking); see :class:`Watcher`
+        """
         with self._lock:
             if self._closed:
                 raise StoreClosedError("the etcd watch hub is closed; open a new store")
-            watcher = Watcher(self, next(self._ids), key, range_end or b"", start_revision)
+            watcher = Watcher(self, next(self._ids), key, range_end or b"", start_revision, apply)
             self._watchers[watcher.local_id] = watcher
             if self._requests is not None:
                 self._pending.append(watcher)
