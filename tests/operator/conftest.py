@@ -17,6 +17,11 @@ from tests.support.kube_emulator import EmulatorServer
 from tests.support.operator_runner import OperatorProcess
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # kmock 0.8 loads its bundled resource list with a deprecated importlib call.
+    config.addinivalue_line("filterwarnings", "ignore:read_binary is deprecated:DeprecationWarning")
+
+
 @pytest.fixture(scope="module")
 def kube() -> Iterator[EmulatorServer]:
     with EmulatorServer() as server:
