@@ -152,3 +152,19 @@ def test_second_kvnamespace_with_the_same_prefix_is_refused(
     assert kube.get(API, PLURAL, "first", k8s_ns)["status"]["phase"] == "Ready"
     with store_from_secret(kube, k8s_ns, "first-etha-kv") as store:
         assert store.get("precious") == b"1"
+
+
+def test_refused_kvnamespace_takes_the_prefix_once_the_owner_is_gone(
+    kube: EmulatorServer, operator: OperatorProcess, k8s_ns: str
+) -> None:
+    prefix = f"handover-{k8s_ns}"
+    kube.create(API, PLURAL, kvnamespace("owner", "job-1", keyPrefix=prefix), k8s_ns)
+    wait_phase(kube, k8s_ns, "owner", "Ready")
+    kube.create(API, PLURAL, kvnamespace("waiting", "job-2", keyPrefix=prefix), k8s_ns)
+    wait_phase(kube, k8s_ns, "waiting", "Failed")
+    kube.delete(API, PLURAL, "owner", k8s_ns)
+    # The periodic re-check (ETHA_OPERATOR_JOB_CHECK_INTERVAL) retries failed objects.
+    status = wait_phase(kube, k8s_ns, "waiting", "Ready")["status"]
+    assert status["keyPrefix"] == prefix
+    with store_from_secret(kube, k8s_ns, "waiting-etha-kv") as store:
+        store.set("now-mine", "1")
