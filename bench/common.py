@@ -122,7 +122,10 @@ def evaluate(figures: dict[str, Figure]) -> None:
                     fig[f"ratio_{stat}"] = ratios[stat]
             if stats[0] in ratios:
                 fig["ratio"] = ratios[stats[0]]
-        if not target or fig.get("runs", 0) == 0:
+        if not target:
+            continue
+        if fig.get("runs", 0) == 0:  # the measurement failed: a target is not met by nothing
+            fig["met"] = False
             continue
         if "max_ratio" in target:
             fig["met"] = all(s in ratios and ratios[s] <= float(target["max_ratio"]) for s in stats)

@@ -31,6 +31,8 @@ def _r(fig: Fig | None, stat: str = "median") -> str:
 def _spread(fig: Fig | None) -> str:
     if not fig:
         return "-"
+    if fig.get("error"):
+        return f"failed: {fig['error'][:90]}"
     return f"{fmt(fig.get('median'))} ({fmt(fig.get('min'))}-{fmt(fig.get('max'))})"
 
 
