@@ -10,12 +10,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from etha.kvstore.etcd_client import EtcdClient
 from tests.etcd_helpers import grant_prefix_user, root_client
 from tests.support.etcd_server import EtcdCluster
+from tests.support.kube_emulator import EmulatorServer, _parse_path
 
 
 @dataclass(frozen=True)
@@ -64,3 +66,60 @@ def trio(tmp_path: Path) -> Iterator[EtcdCluster]:
 def root(etcd_auth: EtcdCluster) -> Iterator[EtcdClient]:
     with root_client(etcd_auth) as client:
         yield client
+
+
+@dataclass(frozen=True)
+class ApiCall:
+    method: str
+    path: str
+    watch: bool
+
+
+class ApiRecorder:
+    """Records every Kubernetes API request the emulator serves (method, path, watch?).
+
+    Installed by wrapping the running emulator's request handler; the emulator itself
+    only logs method and path, which cannot tell a list from a watch.
+    """
+
+    def __init__(self, kube: EmulatorServer) -> None:
+        assert kube.emulator is not None
+        self.calls: list[ApiCall] = []
+        emulator = kube.emulator
+        original = emulator._handle
+
+        async def recording(request: Any) -> Any:
+            params = request.params
+            self.calls.append(
+                ApiCall(
+                    request.method.value,
+                    request.url.path,
+                    params.get("watch") in ("true", "1"),
+                )
+            )
+            return await original(request)
+
+        emulator._handle = recording  # type: ignore[method-assign]
+
+    def verbs(self) -> dict[tuple[str | None, str, str], set[str]]:
+        """(namespace or None, apiGroup, resource[/subresource]) -> RBAC verbs used.
+
+        The namespace is None for cluster-scope requests (what only a ClusterRole grants).
+        """
+        used: dict[tuple[str | None, str, str], set[str]] = {}
+        for call in self.calls:
+            path = _parse_path(call.path)
+            if path is None:
+                continue  # discovery (non-resource URLs)
+            resource = path.plural + (f"/{path.subresource}" if path.subresource else "")
+            if call.method == "GET":
+                verb = "watch" if call.watch else ("get" if path.name else "list")
+            else:
+                verb = {
+                    "POST": "create",
+                    "PATCH": "patch",
+                    "PUT": "update",
+                    "DELETE": "delete" if path.name else "deletecollection",
+                }[call.method]
+            used.setdefault((path.namespace, path.group, resource), set()).add(verb)
+        return used
