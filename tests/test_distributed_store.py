@@ -385,7 +385,11 @@ def test_add_from_8_processes_is_exact(ns_a: EtcdConfig, tmp_path: Path) -> None
             p.python(script, [scope, str(INCREMENTS)], env, logs[i]) for i in range(PROCESSES)
         ]
         deadline = time.monotonic() + 60
-        while control.get("ready") != str(PROCESSES).encode() if control.check(["ready"]) else True:
+
+        def all_ready() -> bool:
+            return control.check(["ready"]) and control.get("ready") == str(PROCESSES).encode()
+
+        while not all_ready():
             assert time.monotonic() < deadline, "workers did not start"
             assert all(w.poll() is None for w in workers), tail(logs[0])
             time.sleep(0.1)
@@ -394,3 +398,28 @@ def test_add_from_8_processes_is_exact(ns_a: EtcdConfig, tmp_path: Path) -> None
         assert codes == [0] * PROCESSES, "\n".join(tail(log) for log in logs)
     assert control.get("counter") == str(PROCESSES * INCREMENTS).encode()
     control.close()
+
+
+# -- etcd unavailable ----------------------------------------------------------------------
+
+
+def test_etcd_down_surfaces_as_dist_store_error_without_hanging(tmp_path: Path) -> None:
+    from etha.kvstore.config import parse_endpoints
+
+    cluster = EtcdCluster(tmp_path / "etcd")
+    cluster.start()
+    try:
+        endpoints, _ = parse_endpoints(",".join(cluster.endpoints))
+        config = EtcdConfig(namespace="down", endpoints=endpoints, timeout=2.0)
+        store = EthaStore(config, timeout=timedelta(seconds=2))
+        store.set("k", "v")
+        assert store.get("k") == b"v"
+        cluster.stop()
+        for action in (lambda: store.get("missing"), lambda: store.set("k", "w")):
+            started = time.monotonic()
+            with pytest.raises(dist.DistStoreError, match=r"etcd|wait timeout"):
+                action()
+            assert time.monotonic() - started < 10
+        store.close()
+    finally:
+        cluster.cleanup()

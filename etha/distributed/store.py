@@ -25,9 +25,7 @@ job ends. Nothing is written anywhere else.
 
 from __future__ import annotations
 
-import os
 import random
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -142,8 +140,6 @@ class EthaStore(_C10dStore):
         else:
             self._client = client
             self._finalizer = None
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
 
     # -- identity ---------------------------------------------------------------------
 
@@ -409,9 +405,12 @@ class EthaStore(_C10dStore):
 
     def _timeout_error(self, timeout: float, missing: Iterable[bytes]) -> dist.DistStoreError:
         names = ", ".join(sorted(self._name(k) for k in missing))
+        hub = self._client._hub
+        # A wait that ran out while etcd was unreachable should say so.
+        state = "" if hub is None or hub.connected else f"; {hub.describe()}"
         return dist.DistStoreError(
             f"wait timeout after {round(timeout * 1000)}ms, keys: {names}"
-            f" (etha store prefix {self._prefix_str!r})"
+            f" (etha store prefix {self._prefix_str!r}{state})"
         )
 
     def _wait_values(self, keys: list[bytes], timeout: float) -> dict[bytes, bytes]:
