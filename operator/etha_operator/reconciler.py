@@ -21,6 +21,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import urllib3
+from kubernetes.client import ApiException
+
 from etha.kvstore.config import PASSWORD, EtcdConfig
 from etha.kvstore.errors import KVStoreError, PermissionDeniedError
 from etha_operator import k8s, model
@@ -39,6 +42,8 @@ PENDING, READY, JOB_ENDED, CLEANED, REVOKED, FAILED = (
     "Revoked",
     "Failed",
 )
+#: API failures worth retrying soon (conflicts, timeouts, API server restarts).
+TRANSIENT_API_ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError)
 #: Phases after the job's end: provisioning never runs again for them.
 ENDED_PHASES = frozenset({JOB_ENDED, CLEANED, REVOKED})
 
@@ -133,12 +138,12 @@ class Reconciler:
                 previous, k8s.condition("Ready", False, reason, message, generation, previous)
             ),
         }
-        if (body.get("status") or {}).get("phase") != FAILED or (body.get("status") or {}).get(
-            "message"
-        ) != message:
+        current = body.get("status") or {}
+        if current.get("phase") != FAILED or current.get("message") != message:
             self.emit(body, type="Warning", reason=reason, message=message)
             logger.warning("KVNamespace %s/%s: %s", *_meta(body)[:2], message)
-        self._write_status(body, status)
+        if any(current.get(key) != value for key, value in status.items()):
+            self._write_status(body, status)
         return status
 
     # -- provisioning ----------------------------------------------------------------------
@@ -167,13 +172,15 @@ class Reconciler:
         """
         _, _, uid = _meta(body)
         with self.lock(uid):
-            fresh = self._fresh(body)
-            if fresh is None:
-                return None
             try:
+                fresh = self._fresh(body)
+                if fresh is None:
+                    return None
                 return self._provision(fresh)
             except KVStoreError as exc:
                 raise TemporaryFailure(f"etcd: {exc}") from exc
+            except TRANSIENT_API_ERRORS as exc:
+                raise TemporaryFailure(f"Kubernetes API: {exc}") from exc
 
     def _provision(self, body: Obj) -> Obj:
         namespace, name, uid = _meta(body)
@@ -290,13 +297,15 @@ class Reconciler:
         """
         _, _, uid = _meta(body)
         with self.lock(uid):
-            fresh = self._fresh(body)
-            if fresh is None or fresh["metadata"].get("deletionTimestamp"):
-                return None
             try:
+                fresh = self._fresh(body)
+                if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+                    return None
                 return self._check_job(fresh)
             except KVStoreError as exc:
                 raise TemporaryFailure(f"etcd: {exc}") from exc
+            except TRANSIENT_API_ERRORS as exc:
+                raise TemporaryFailure(f"Kubernetes API: {exc}") from exc
 
     def _job_end(self, status: Obj, job: Obj | None) -> tuple[str | None, str | None, str | None]:
         """(reason, time, uid seen): reason is Complete/Failed/Deleted when the job ended."""
