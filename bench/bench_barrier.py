@@ -498,7 +498,9 @@ def _failed(kind: str, n: int, exc: Exception) -> Figure:
 def run_barrier(quick: bool) -> dict[str, Figure]:
     sizes = [8] if quick else [8, 32, 64]
     rounds = 3 if quick else 10
-    kinds = ["raw-tcpstore", "etha-tcpstore", "etha-etcd", "raw-etcd"]
+    kinds = ["raw-tcpstore", "etha-tcpstore", "etha-etcd"]
+    if not quick:
+        kinds.append("raw-etcd")
     figures: dict[str, Figure] = {}
     with Servers() as servers, Workers(max(sizes)) as workers:
         for n in sizes:
@@ -525,7 +527,7 @@ PROCS = 16
 
 
 def run_scaling(quick: bool) -> dict[str, Figure]:
-    sizes = [64, 256] if quick else [64, 128, 256, 512, 1024]
+    sizes = [64] if quick else [64, 128, 256, 512, 1024]
     rounds = 1 if quick else 3
     procs = 8 if quick else PROCS
     plan = {
@@ -570,7 +572,7 @@ def run_login(quick: bool) -> dict[str, Figure]:
 
 
 def _login_storms(quick: bool, bcrypt_cost: int | None) -> dict[str, Figure]:
-    sizes = [32] if quick else [64, 256]
+    sizes = [16] if quick else [64, 256]
     procs = 8 if quick else PROCS
     rounds = 1 if quick else 3
     variants = ["etha-new-client", "etha-shared-client"]
