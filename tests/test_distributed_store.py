@@ -423,3 +423,33 @@ def test_etcd_down_surfaces_as_dist_store_error_without_hanging(tmp_path: Path) 
         store.close()
     finally:
         cluster.cleanup()
+
+
+def _read_calls(cluster: EtcdCluster) -> float:
+    """Range and Txn requests the server has handled so far (etcd's own /metrics)."""
+    import re
+    import urllib.request
+
+    url = f"{cluster.urls[0]}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310 - http://
+    pattern = re.compile(r'^grpc_server_handled_total\{.*grpc_method="(?:Range|Txn)".*\}\s+(\S+)$')
+    return sum(float(m.group(1)) for line in text.splitlines() if (m := pattern.match(line)))
+
+
+def test_wait_is_driven_by_a_watch_not_by_polling(etcd_auth: EtcdCluster, store: EthaStore) -> None:
+    store.check(["warm-up"])  # log in first
+    start = _read_calls(etcd_auth)
+    store.check(["counted"])  # one Range: proves the counter is read correctly
+    before = _read_calls(etcd_auth)
+    assert before - start == 1
+    with pytest.raises(dist.DistStoreError):
+        store.wait(["absent-1", "absent-2"], timedelta(seconds=2))
+    timer = threading.Timer(0.5, store.set, args=("late-key", "v"))
+    timer.start()
+    try:
+        assert store.get("late-key") == b"v"
+    finally:
+        timer.cancel()
+    # One read per wait (a re-read only after a compaction); a poller would make
+    # hundreds in these 2.5 s.
+    assert _read_calls(etcd_auth) - before <= 3
