@@ -122,7 +122,7 @@ def _round(workers: Workers, kind: str, world: int, env: dict[str, str]) -> floa
 def run(quick: bool = False) -> dict[str, Figure]:
     """``{name: figure}`` with ``init_pg.<kind>.n<N>`` for N in 8, 32 (quick: 8 only)."""
     worlds = (8,) if quick else (8, 32)
-    runs = 2 if quick else 5
+    runs = 1 if quick else 5
     samples: dict[tuple[str, int], list[float]] = {}
     with etcd_server(auth=True) as cluster:
         add_etcd_user(cluster, USER, PASSWORD, f"{NAMESPACE}/")
