@@ -92,13 +92,19 @@ def ns_b(etcd_auth: EtcdCluster) -> EtcdConfig:
 
 @pytest.fixture
 def etha_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    """This process's ETHA_KV_* variables, restored afterwards."""
+    """This process's ETHA_KV_* variables, restored afterwards; etha:// stores closed."""
     import os
+
+    from etha.distributed import rendezvous
 
     for name in list(os.environ):
         if name.startswith("ETHA_KV_"):
             monkeypatch.delenv(name)
     yield monkeypatch
+    # The handler keeps its stores alive for torch; release their etcd clients here.
+    for store in rendezvous._LIVE_STORES:
+        store.close()
+    rendezvous._LIVE_STORES.clear()
 
 
 GLOO_WORKER = """

@@ -109,22 +109,15 @@ def test_backend_concurrent_writers_one_wins(client_a: EtcdClient, ns_a: EtcdCon
     assert sorted(results) == [False] * 7 + [True]
 
 
-def test_backend_is_one_key_inside_the_namespace(ns_a: EtcdConfig) -> None:
+def test_backend_is_one_key_inside_the_namespace(
+    ns_a: EtcdConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     params = RendezvousParameters(
         backend="etha", endpoint="", run_id="job-1", min_nodes=1, max_nodes=2
     )
-    import os
-
-    saved = {k: os.environ.get(k) for k in ns_a.to_env()}
-    os.environ.update(ns_a.to_env())
-    try:
-        backend, store = create_backend(params)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    for name, value in ns_a.to_env().items():
+        monkeypatch.setenv(name, value)
+    backend, store = create_backend(params)
     assert backend.key == f"{ns_a.namespace}/torchelastic/job-1/state"
     assert isinstance(store, EthaStore)
     assert store.prefix == f"{ns_a.namespace}/torchelastic/job-1/store/"
@@ -171,6 +164,7 @@ def test_torch_discovers_the_entry_point(ns_a: EtcdConfig, monkeypatch: pytest.M
         assert state is not None and pickle.loads(state).round == 0  # noqa: S301 - our own test data
     finally:
         handler.shutdown()
+        handler._store.close()  # release the shared etcd client (watch thread) now
 
 
 def read_key_as(config: EtcdConfig, key: str) -> bytes | None:
