@@ -209,6 +209,25 @@ def versions() -> dict[str, str | None]:
     }
 
 
+def git_state() -> dict[str, Any]:
+    """The commit measured, and which library/operator files differed from it."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=False
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = git("status", "--porcelain", "--", "etha", "operator", "bench")
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "dirty": [line.split(maxsplit=1)[-1] for line in dirty.splitlines() if line.strip()],
+    }
+
+
 # -- servers ---------------------------------------------------------------------------------
 
 

@@ -76,7 +76,13 @@ def tables(result: dict[str, Any]) -> str:
         f"Python {v['python']}, torch {v['torch']}, etcd {v['etcd']}, grpcio {v['grpcio']}, "
         f"protobuf {v['protobuf']}, etcd-sdk-python {v['etcd-sdk-python']}, "
         f"kopf {v['kopf']}, etha {v['etha']}. fsync: {result['fsync_mode']}. "
-        f"Total {result.get('total_s')} s.",
+        f"Total {result.get('total_s')} s. Code: commit {result.get('git', {}).get('commit')}"
+        + (
+            f" plus uncommitted changes in {', '.join(result['git']['dirty'])}"
+            if result.get("git", {}).get("dirty")
+            else ""
+        )
+        + ".",
         "",
     ]
     if any(n.startswith("1.") for n in figs):
