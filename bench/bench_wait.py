@@ -22,7 +22,16 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from bench.common import Figure, Workers, add_etcd_user, etcd_server, figure, log, tcpstore_server
+from bench.common import (
+    Figure,
+    Workers,
+    add_etcd_user,
+    etcd_server,
+    figure,
+    log,
+    summarize,
+    tcpstore_server,
+)
 
 ARM_S = 0.02
 USER, PASSWORD = "bench-wait", "bench-wait-password"
@@ -184,6 +193,7 @@ def measure(
     setter = _setter(kind, info)
     workers.call(w_open, (kind, info))
     samples: list[float] = []
+    set_times: list[float] = []
     late = 0
     try:
         for i in range(warmup + iters):
@@ -194,6 +204,7 @@ def measure(
             time.sleep(ARM_S)
             t0 = time.perf_counter()
             setter.set(key, f"new-{i}" if mode == "value" else "1")
+            t_set = time.perf_counter()
             t_call, t1 = workers.recv(0, timeout=60)
             if i < warmup:
                 continue
@@ -201,13 +212,14 @@ def measure(
                 late += 1
                 continue
             samples.append(t1 - t0)
+            set_times.append(t_set - t0)
     finally:
         workers.call(w_close, ())
         if hasattr(setter, "close"):
             setter.close()
         else:
             del setter
-    return samples, late
+    return samples, set_times, late
 
 
 def run(quick: bool) -> dict[str, Figure]:
@@ -236,11 +248,12 @@ def run(quick: bool) -> dict[str, Figure]:
         ]
         for kind, mode in plan:
             log(f"#3 wake-up {kind} wait_for_{mode}: {iters} iterations")
-            samples, late = measure(workers, kind, mode, info, iters, warmup)
+            samples, set_times, late = measure(workers, kind, mode, info, iters, warmup)
             name = f"3.wake.{kind}.wait_for_{mode}"
             fig = figure(
                 samples,
                 late_starts_dropped=late,
+                set_call_ms=summarize([t * 1000 for t in set_times]),
                 note=f"set in one process -> wait returns in another; arm {ARM_S * 1000:.0f} ms",
             )
             if kind != "raw-tcpstore":

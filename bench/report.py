@@ -184,6 +184,7 @@ def tables(result: dict[str, Any]) -> str:
                         _r(f, "p99"),
                         _r(f, "min"),
                         _r(f, "max"),
+                        _r(f.get("set_call_ms"), "p50"),
                         _ratio(f),
                         _met(f),
                     ]
@@ -198,6 +199,7 @@ def tables(result: dict[str, Any]) -> str:
                     "p99",
                     "min",
                     "max",
+                    "setter's set() p50",
                     "vs raw TCPStore p50",
                     "etcd p50 ≤ 1.5 ms",
                 ],
