@@ -36,6 +36,7 @@ JOB_KINDS = {("batch/v1", "Job"): "jobs"}
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_TTL = 31536000
+MAX_SECRET_NAME = 253
 
 
 class SpecError(ConfigurationError):

@@ -191,6 +191,14 @@ class Reconciler:
             spec = model.parse_spec(body.get("spec"))
         except model.SpecError as exc:
             return self._fail(body, "InvalidSpec", str(exc))
+        if len(model.secret_name(name)) > model.MAX_SECRET_NAME:
+            return self._fail(
+                body,
+                "InvalidSpec",
+                f"metadata.name is {len(name)} characters; at most"
+                f" {model.MAX_SECRET_NAME - len(model.SECRET_SUFFIX)} fit the Secret name"
+                f" <name>{model.SECRET_SUFFIX}",
+            )
         generation = body["metadata"].get("generation")
         prefix = status.get("keyPrefix") or model.effective_prefix(spec, namespace, name, uid)
         user = role = model.etcd_name(uid)

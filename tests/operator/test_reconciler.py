@@ -98,3 +98,18 @@ def test_cleanup_with_unreachable_etcd_returns_within_the_deadline(
     [(kind, reason, message)] = events.posted
     assert (kind, reason) == ("Warning", "CleanupIncomplete")
     assert "gave up after 2s" in message
+
+
+def test_a_name_too_long_for_the_secret_fails_clearly(
+    kube: EmulatorServer, kube_api: KubeApi, etcd: EtcdCluster, k8s_ns: str
+) -> None:
+    reconciler = make(etcd, kube_api, etcd.urls)
+    name = "n" * 250
+    body = kube.create(API, PLURAL, kvnamespace(name, "job"), k8s_ns)
+    try:
+        status = reconciler.provision(body)
+    finally:
+        reconciler.admin.close()
+    assert status is not None and status["phase"] == "Failed"
+    assert "at most 245" in status["message"]
+    assert f"etha-{body['metadata']['uid']}" not in etcd_users(etcd)
