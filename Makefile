@@ -47,3 +47,13 @@ bench-quick: $(STAMP)
 ## The product's main flow on one machine (no cluster needed); N workers.
 demo: $(STAMP)
 	$(PY) examples/demo.py --workers $(N)
+
+## Reliability and security suite at full scale (issue 6): real faults (etcd SIGKILL/SIGSTOP,
+## operator SIGKILL x24, TCPStore death), fuzzing against etcd with auth, leak and RBAC
+## checks. Writes bench/out/reliability.json, the figures docs/reliability.md reports.
+## `make test` runs the same tests at ETHA_CHAOS_SCALE=quick.
+chaos: $(STAMP)
+	mkdir -p bench/out
+	rm -f bench/out/reliability.json
+	ETHA_CHAOS_SCALE=full ETHA_CHAOS_OUT=bench/out/reliability.json \
+		$(PY) -m pytest tests/reliability -q -rA $(PYTEST_ARGS)
