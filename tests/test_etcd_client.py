@@ -439,3 +439,68 @@ def test_watch_on_a_stream_whose_token_expired(tmp_path: Path) -> None:
             client.put(b"w/k", b"2")
             events = first.get(20)  # the older watch survived the stream's re-opening
             assert events is not None and [e.kv.value for e in events] == [b"2"]
+
+
+def test_watchers_of_one_range_share_a_server_watch(etcd_plain: EtcdCluster) -> None:
+    base = unique()
+    with EtcdClient(etcd_plain.endpoints) as client:
+        hub = client.watch_hub
+        start = client.put(base + b"x", b"0").header.revision
+        first = hub.watch(base, prefix_range_end(base), start + 1)
+        second = hub.watch(base, prefix_range_end(base), start + 1)
+        assert hub.server_watches == 1
+        one = client.put(base + b"a", b"1").header.revision
+        for watcher in (first, second):
+            events = watcher.get(10)
+            assert events is not None and [e.kv.value for e in events] == [b"1"]
+        # Joining later from a newer revision: only events from that revision on.
+        two = client.put(base + b"a", b"2").header.revision
+        late = hub.watch(base, prefix_range_end(base), two + 1)
+        assert hub.server_watches == 1
+        client.put(base + b"a", b"3")
+        seen = []
+        while len(seen) < 1:
+            events = late.get(10)
+            assert events is not None
+            seen += [e.kv.value for e in events]
+        assert seen == [b"3"]
+        # A watcher that needs older events than the shared watch has passed gets its own.
+        behind = hub.watch(base, prefix_range_end(base), one)
+        assert hub.server_watches == 2
+        replay: list[bytes] = []
+        while len(replay) < 3:
+            events = behind.get(10)
+            assert events is not None
+            replay += [e.kv.value for e in events]
+        assert replay == [b"1", b"2", b"3"]
+        first.cancel()
+        second.cancel()
+        client.put(base + b"a", b"4")
+        events = late.get(10)
+        assert events is not None and [e.kv.value for e in events] == [b"4"]
+        late.cancel()
+        behind.cancel()
+        assert hub.server_watches == 0
+
+
+def test_shared_watch_with_fold_wakes_each_waiter_once(etcd_plain: EtcdCluster) -> None:
+    base = unique()
+    with EtcdClient(etcd_plain.endpoints) as client:
+        start = client.put(base + b"x", b"0").header.revision
+        counts = [0, 0]
+
+        def fold(i: int, need: int) -> object:
+            def apply(events: object) -> object:
+                counts[i] += len(events)  # type: ignore[arg-type]
+                return counts[i] if counts[i] >= need else None
+
+            return apply
+
+        a = client.watch_hub.watch(base, prefix_range_end(base), start + 1, fold(0, 3))
+        b = client.watch_hub.watch(base, prefix_range_end(base), start + 1, fold(1, 5))
+        for i in range(5):
+            client.put(base + str(i).encode(), b"1")
+        result = a.get(10)  # events may arrive batched: 3, 4 or 5 at the first result
+        assert isinstance(result, int) and 3 <= result <= 5
+        assert b.get(10) == 5
+        assert a.get(0) is None  # one result only

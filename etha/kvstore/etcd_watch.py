@@ -78,7 +78,7 @@ def _varint(value: int) -> bytes:
 _WATCH_ID_TAG = b"\x38"
 
 
-def _create_request(watcher: Watcher) -> Any:
+def _create_request(watcher: _ServerWatch) -> Any:
     # The watch id is chosen here (etcd >= 3.4) instead of by the server: etcd 3.5 answers
     # a refused create with the request's watch id, and when that is 0 ("assign one") its
     # send loop forgets the live watch that really has id 0, whose events are then held
@@ -111,19 +111,16 @@ class Watcher:
         "_error",
         "_hub",
         "_queue",
+        "_server",
         "cancelled",
-        "denied_once",
         "key",
-        "local_id",
-        "next_revision",
         "range_end",
-        "watch_id",
+        "start_revision",
     )
 
     def __init__(
         self,
         hub: WatchHub,
-        local_id: int,
         key: bytes,
         range_end: bytes,
         start_revision: int,
@@ -132,14 +129,12 @@ class Watcher:
         self._hub = hub
         self._apply = apply
         self._done = False
-        self.local_id = local_id
         self.key = key
         self.range_end = range_end
-        #: the revision the watch resumes from after a reconnect
-        self.next_revision = start_revision
-        self.watch_id: int | None = None
+        #: events before this revision are not delivered to this watcher
+        self.start_revision = start_revision
         self.cancelled = False
-        self.denied_once = False
+        self._server: _ServerWatch | None = None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._error: BaseException | None = None
 
@@ -156,11 +151,10 @@ class Watcher:
         if self._error is not None:
             raise self._error
         try:
-            item = (
-                self._queue.get(timeout=timeout)
-                if timeout is None or timeout > 0
-                else (self._queue.get_nowait())
-            )
+            if timeout is None or timeout > 0:
+                item = self._queue.get(timeout=timeout)
+            else:
+                item = self._queue.get_nowait()
         except queue.Empty:
             return None
         if isinstance(item, BaseException):
@@ -173,6 +167,11 @@ class Watcher:
         self._hub._cancel(self)
 
     def _push(self, events: Any) -> None:
+        if events[0].kv.mod_revision < self.start_revision:
+            # Joined a shared server watch that was further behind.
+            events = [e for e in events if e.kv.mod_revision >= self.start_revision]
+            if not events:
+                return
         apply = self._apply
         if apply is None:
             self._queue.put(events)
@@ -199,21 +198,56 @@ class Watcher:
         self.cancel()
 
     def __repr__(self) -> str:
-        return f"Watcher(key={self.key!r}, range_end={self.range_end!r}, next={self.next_revision})"
+        return (
+            f"Watcher(key={self.key!r}, range_end={self.range_end!r}, start={self.start_revision})"
+        )
+
+
+class _ServerWatch:
+    """One watch on the server, shared by every :class:`Watcher` of the same range
+    whose start revision it has not passed yet."""
+
+    __slots__ = (
+        "cancelled",
+        "denied_once",
+        "key",
+        "local_id",
+        "next_revision",
+        "range_end",
+        "subs",
+        "watch_id",
+    )
+
+    def __init__(self, local_id: int, key: bytes, range_end: bytes, start_revision: int) -> None:
+        self.local_id = local_id
+        self.key = key
+        self.range_end = range_end
+        #: the revision the watch resumes from after a reconnect
+        self.next_revision = start_revision
+        self.watch_id: int | None = None
+        self.cancelled = False
+        self.denied_once = False
+        self.subs: list[Watcher] = []
 
 
 class WatchHub:
-    """Many watchers over one Watch stream of ``client``; see the module docstring."""
+    """Many watchers over one Watch stream of ``client``; see the module docstring.
+
+    Watchers of the same range share one server-side watch when the newcomer's start
+    revision is not behind what that watch has already delivered: N threads of one
+    process waiting on the same barrier prefix cost one stream of events, not N.
+    """
 
     def __init__(self, client: EtcdClient) -> None:
         self._client = client
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._watchers: dict[int, Watcher] = {}
-        self._by_watch_id: dict[int, Watcher] = {}
-        #: watchers whose create request went out on the current stream, in order: etcd
-        #: answers creates in order, and answers a refused one with watch id -1
-        self._pending: deque[Watcher] = deque()
+        self._watches: dict[int, _ServerWatch] = {}
+        self._by_range: dict[tuple[bytes, bytes], _ServerWatch] = {}
+        self._by_watch_id: dict[int, _ServerWatch] = {}
+        #: watches whose create request went out on the current stream, in order: etcd
+        #: answers creates in order
+        self._pending: deque[_ServerWatch] = deque()
         self._requests: queue.SimpleQueue[Any] | None = None
         self._stream: Any = None
         self._restart = False
@@ -238,14 +272,29 @@ class WatchHub:
         :param apply: optional fold over event batches, run in the hub's reader thread
             (keep it short and non-blocking); see :class:`Watcher`
         """
+        end = range_end or b""
+        watcher = Watcher(self, key, end, start_revision, apply)
         with self._lock:
             if self._closed:
                 raise StoreClosedError("the etcd watch hub is closed; open a new store")
-            watcher = Watcher(self, next(self._ids), key, range_end or b"", start_revision, apply)
-            self._watchers[watcher.local_id] = watcher
+            shared = self._by_range.get((key, end))
+            if (
+                shared is not None
+                and not shared.cancelled
+                and shared.next_revision > 0  # "from now" is not known until created
+                and start_revision >= shared.next_revision
+            ):
+                shared.subs.append(watcher)
+                watcher._server = shared
+                return watcher
+            server = _ServerWatch(next(self._ids), key, end, start_revision)
+            server.subs.append(watcher)
+            watcher._server = server
+            self._watches[server.local_id] = server
+            self._by_range[(key, end)] = server
             if self._requests is not None:
-                self._pending.append(watcher)
-                self._requests.put(_create_request(watcher))
+                self._pending.append(server)
+                self._requests.put(_create_request(server))
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="etha-etcd-watch", daemon=True
@@ -270,22 +319,22 @@ class WatchHub:
     def connected(self) -> bool:
         return self._requests is not None
 
+    @property
+    def server_watches(self) -> int:
+        """How many watches are open on the server (shared ones count once)."""
+        return len(self._watches)
+
     def close(self) -> None:
         """Fail every watcher with StoreClosedError, end the stream, join the thread."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            watchers = list(self._watchers.values())
-            self._watchers.clear()
-            self._by_watch_id.clear()
-            self._pending.clear()
+            watches = self._drop_all()
             requests, self._requests = self._requests, None
             stream = self._stream
             thread = self._thread
-        for watcher in watchers:
-            watcher.cancelled = True
-            watcher._fail(StoreClosedError("the etcd client was closed during a watch"))
+        self._fail_subs(watches, StoreClosedError("the etcd client was closed during a watch"))
         if requests is not None:
             requests.put(_STOP)
         if stream is not None:
@@ -296,18 +345,47 @@ class WatchHub:
 
     # -- internals -----------------------------------------------------------------------
 
+    def _drop_all(self) -> list[_ServerWatch]:
+        watches = list(self._watches.values())
+        self._watches.clear()
+        self._by_range.clear()
+        self._by_watch_id.clear()
+        self._pending.clear()
+        return watches
+
+    @staticmethod
+    def _fail_subs(watches: list[_ServerWatch], error: BaseException) -> None:
+        for server in watches:
+            server.cancelled = True
+            for watcher in server.subs:
+                watcher.cancelled = True
+                watcher._fail(error)
+
+    def _forget(self, server: _ServerWatch) -> None:
+        """Drop ``server`` from the hub's maps (the lock is held)."""
+        server.cancelled = True
+        self._watches.pop(server.local_id, None)
+        if self._by_range.get((server.key, server.range_end)) is server:
+            del self._by_range[(server.key, server.range_end)]
+        if server.watch_id is not None:
+            self._by_watch_id.pop(server.watch_id, None)
+
     def _cancel(self, watcher: Watcher) -> None:
         with self._lock:
             if watcher.cancelled:
                 return
             watcher.cancelled = True
-            self._watchers.pop(watcher.local_id, None)
-            watch_id = watcher.watch_id
-            if watch_id is not None:
-                self._by_watch_id.pop(watch_id, None)
-                if self._requests is not None:
-                    self._requests.put(_cancel_request(watch_id))
-            # A watcher still pending is cancelled when its "created" answer arrives.
+            server = watcher._server
+            if server is None or server.cancelled:
+                return
+            if watcher in server.subs:
+                server.subs.remove(watcher)
+            if server.subs:
+                return
+            self._forget(server)
+            if server.watch_id is not None and self._requests is not None:
+                self._requests.put(_cancel_request(server.watch_id))
+            # A watch still pending is cancelled when its "created" answer arrives.
 
     def _run(self) -> None:
         client = self._client
@@ -330,10 +408,10 @@ class WatchHub:
                     break
                 self._pending.clear()
                 self._by_watch_id.clear()
-                for watcher in self._watchers.values():
-                    watcher.watch_id = None
-                    self._pending.append(watcher)
-                    requests.put(_create_request(watcher))
+                for server in self._watches.values():
+                    server.watch_id = None
+                    self._pending.append(server)
+                    requests.put(_create_request(server))
                 self._restart = False
                 # Opened under the lock so that close() always sees the stream to cancel.
                 stream = conn.stub("Watch").Watch(iter(requests.get, _STOP), metadata=md)
@@ -375,16 +453,10 @@ class WatchHub:
                     break
             self._wake.wait(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF)
-        self._fail_all_closed()
-
-    def _fail_all_closed(self) -> None:
         with self._lock:
             self._closed = True
-            watchers = list(self._watchers.values())
-            self._watchers.clear()
-        for watcher in watchers:
-            watcher.cancelled = True
-            watcher._fail(StoreClosedError("the etcd client was closed during a watch"))
+            watches = self._drop_all()
+        self._fail_subs(watches, StoreClosedError("the etcd client was closed during a watch"))
 
     def _note_down(self, error: str) -> None:
         with self._lock:
@@ -396,75 +468,76 @@ class WatchHub:
         if response.created:
             with self._lock:
                 self._down_since = None
-                watcher = self._pending.popleft() if self._pending else None
-                if watcher is None:
+                server = self._pending.popleft() if self._pending else None
+                if server is None:
                     return
                 if not response.canceled:
-                    if watcher.cancelled:
+                    if server.cancelled:
                         if self._requests is not None:
                             self._requests.put(_cancel_request(response.watch_id))
                         return
-                    watcher.watch_id = response.watch_id
-                    watcher.denied_once = False
-                    self._by_watch_id[response.watch_id] = watcher
-                    if watcher.next_revision == 0:
+                    server.watch_id = response.watch_id
+                    server.denied_once = False
+                    self._by_watch_id[response.watch_id] = server
+                    if server.next_revision == 0:
                         # "From now" is fixed at creation, so a reconnect resumes there.
-                        watcher.next_revision = response.header.revision + 1
+                        server.next_revision = response.header.revision + 1
             if response.canceled:
-                self._on_cancel(watcher, response, stream)
-                return
-        else:
-            watcher = self._by_watch_id.get(response.watch_id)
-            if watcher is None:
-                return
-            if response.canceled:
-                with self._lock:
-                    self._by_watch_id.pop(response.watch_id, None)
-                self._on_cancel(watcher, response, stream)
-                return
+                self._on_cancel(server, response, stream)
+            return
+        server = self._by_watch_id.get(response.watch_id)
+        if server is None:
+            return
+        if response.canceled:
+            self._on_cancel(server, response, stream)
+            return
         events = response.events
         if events:
-            watcher.next_revision = events[-1].kv.mod_revision + 1
-            watcher._push(events)
+            with self._lock:
+                # Under the lock: a watcher joins only if this watch has not passed its
+                # start revision, and then it is in the list delivered to below.
+                server.next_revision = events[-1].kv.mod_revision + 1
+                subs = list(server.subs)
+            for watcher in subs:
+                watcher._push(events)
 
-    def _on_cancel(self, watcher: Watcher, response: Any, stream: Any) -> None:
-        if watcher.cancelled:
+    def _on_cancel(self, server: _ServerWatch, response: Any, stream: Any) -> None:
+        if server.cancelled:
             return
         reason: str = response.cancel_reason
         error: KVStoreError
+        key = server.key.decode(errors="replace")
         if response.compact_revision:
             error = WatchCompacted(int(response.compact_revision))
         elif "permission denied" in reason:
-            if not watcher.denied_once and self._token_may_be_stale(watcher):
-                # Keep the watcher; it is re-created on a stream with a fresh token.
-                watcher.denied_once = True
+            if not server.denied_once and self._token_may_be_stale(server):
+                # Keep the watch; it is re-created on a stream with a fresh token.
+                server.denied_once = True
                 self._restart = True
                 stream.cancel()
                 return
             who = self._client.username
             error = PermissionDeniedError(
-                f"etcd refused a watch on {watcher.key.decode(errors='replace')!r}"
+                f"etcd refused a watch on {key!r}"
                 f"{' for user ' + repr(who) if who else ''}: permission denied;"
                 " ask for a role that grants read access to this key range"
             )
         else:
             error = KVStoreError(
-                f"etcd cancelled the watch on {watcher.key.decode(errors='replace')!r}:"
-                f" {reason or 'no reason given'}"
+                f"etcd cancelled the watch on {key!r}: {reason or 'no reason given'}"
             )
         with self._lock:
-            watcher.cancelled = True
-            self._watchers.pop(watcher.local_id, None)
-        watcher._fail(error)
+            self._forget(server)
+        self._fail_subs([server], error)
 
-    def _token_may_be_stale(self, watcher: Watcher) -> bool:
+    def _token_may_be_stale(self, server: _ServerWatch) -> bool:
         """True if a read of the watched range is allowed (so the stream's token is bad)."""
         client = self._client
         if client._password is None:
             return False
         try:
             client.range(
-                watcher.key, watcher.range_end or None, count_only=True,
+                server.key, server.range_end or None, count_only=True,
                 timeout=min(client.timeout, 5.0),
             )  # fmt: skip
         except PermissionDeniedError:
