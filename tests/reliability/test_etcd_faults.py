@@ -93,3 +93,49 @@ def test_workers_survive_leader_kills_and_member_pauses(trio: EtcdCluster) -> No
     record("etcd_cluster_faults", figures)
     print(figures)
     _check(report)
+
+
+def test_long_pause_of_the_member_every_client_is_connected_to(trio: EtcdCluster) -> None:
+    """Every client starts on the first endpoint; that member is SIGSTOPped for long.
+
+    A paused member accepts TCP but never answers, so requests run into their deadline
+    rather than failing over at once; gRPC keepalive (10 s + 5 s) eventually declares the
+    connection dead. Measured: the longest stall; required: nothing lost, clear errors.
+    """
+    workers = scaled(6, 16)
+    pause = float(scaled(8, 20))
+    with root_client(trio) as root:
+        user = make_prefix_user(root)
+        load = EtcdWorkload(
+            trio.urls,
+            username=user.name,
+            password=user.password,
+            workers=workers,
+            namespace=user.namespace,
+            request_timeout=5.0,
+            barrier_timeout=90.0,
+        ).start()
+        faults = FaultLog()
+        try:
+            load.wait_rounds(3)
+            first = trio.nodes[0]
+            was_leader = trio.leader() is first
+            with faults.fault("first_endpoint_sigstop"):
+                first.pause()
+                time.sleep(pause)
+                first.resume()
+            wait_healthy_with_auth(trio)
+            time.sleep(SETTLE_S)
+        finally:
+            report = load.stop()
+        report = load.verify(root)
+    figures = report.to_dict()
+    figures.update(
+        faults=faults.counts,
+        pause_s=pause,
+        paused_member_was_leader=was_leader,
+        request_timeout_s=5.0,
+    )
+    record("etcd_long_pause_of_connected_member", figures)
+    print(figures)
+    _check(report)
