@@ -49,6 +49,11 @@ DEFAULT_COMPONENT = "torch"
 DEFAULT_TIMEOUT = timedelta(seconds=300)
 
 _T = TypeVar("_T")
+#: Backoff of a read-modify-write that keeps losing its compare-and-swap: after this many
+#: losses, sleep a random time up to base * 2**losses, capped.
+_BACKOFF_AFTER = 2
+_BACKOFF_BASE = 0.0005
+_BACKOFF_CAP = 0.02
 _EQUAL = etcdrpc.Compare.EQUAL
 _MOD = etcdrpc.Compare.MOD
 _CREATE = etcdrpc.Compare.CREATE
@@ -371,10 +376,10 @@ class EthaStore(_C10dStore):
                 kvs = txn.responses[0].response_range.kvs
                 kv = kvs[0] if kvs else None
                 losses += 1
-                if losses >= 2:
+                if losses >= _BACKOFF_AFTER:
                     # Contended key: a short random backoff lets one writer through
                     # instead of every writer failing every round.
-                    time.sleep(random.uniform(0, min(0.0005 * 2**losses, 0.02)))
+                    time.sleep(random.uniform(0, min(_BACKOFF_BASE * 2**losses, _BACKOFF_CAP)))
         except KVStoreError as exc:
             raise _store_error(f"update of {key!r}", exc) from exc
 
