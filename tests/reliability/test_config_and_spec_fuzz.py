@@ -67,7 +67,9 @@ def test_parse_env_gives_a_config_or_a_configuration_error(env: dict[str, str]) 
         message = str(exc)
         assert "ETHA_KV_" in message or any(v in message for v in ("RANK", "MASTER_", "WORLD_"))
         password = env.get("ETHA_KV_PASSWORD", "").strip()
-        if len(password) >= 6:
+        # (unless the same text is also the value of another variable, which may be shown)
+        elsewhere = any(password in v for k, v in env.items() if k != "ETHA_KV_PASSWORD")
+        if len(password) >= 6 and not elsewhere:
             assert password not in message, "a password leaked into an error message"
         return
     assert isinstance(config, (EtcdConfig, TCPStoreConfig))
