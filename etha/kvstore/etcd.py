@@ -50,6 +50,8 @@ from etha.kvstore.etcd_watch import PUT, WatchCompacted
 MAX_TXN_OPS = 128
 #: Protobuf framing of a PutRequest around its key and value (tags and lengths).
 _PUT_FRAMING = 16
+#: Validated keys remembered per store object (rounds of a job reuse their keys).
+_KEY_CACHE_SIZE = 4096
 
 T = TypeVar("T")
 
@@ -218,6 +220,7 @@ class EtcdKVStore(KVStore):
         super().__init__(namespace, component)
         self._lock = threading.Lock()
         self._tracked: set[bytes] = set()
+        self._key_cache: dict[tuple[str, str | None], bytes] = {}
         self._closed = False
         if client is not None:
             self._client = client
@@ -280,7 +283,7 @@ class EtcdKVStore(KVStore):
     def get(self, key: str, *, component: str | None = None) -> bytes | None:
         """The value of ``key`` (bytes), or None if it does not exist."""
         self._check_open()
-        full = self._full_key(key, component).encode()
+        full = self._key_bytes(key, component)
         kvs = self._client.range(full).kvs
         return kvs[0].value if kvs else None
 
@@ -290,25 +293,37 @@ class EtcdKVStore(KVStore):
 
     def exists(self, key: str, *, component: str | None = None) -> bool:
         self._check_open()
-        full = self._full_key(key, component).encode()
+        full = self._key_bytes(key, component)
         return bool(self._client.range(full, count_only=True).count)
 
     def set(self, key: str, value: str, *, component: str | None = None) -> None:
         """Store the UTF-8 encoding of ``value``; the key becomes a coordination key."""
         self._check_open()
-        self._put(self._full_key(key, component), check_str_value(value))
+        self._put(self._key_bytes(key, component), check_str_value(value))
 
     def set_bytes(self, key: str, data: bytes, *, component: str | None = None) -> None:
         """Store ``data`` as is; the key becomes a coordination key."""
         self._check_open()
-        self._put(self._full_key(key, component), check_bytes_value(data))
+        self._put(self._key_bytes(key, component), check_bytes_value(data))
 
-    def _put(self, full_key: str, data: bytes) -> None:
-        key = full_key.encode()
+    def _key_bytes(self, key: str, component: str | None) -> bytes:
+        """The validated, encoded full key; validation is cached per store object."""
+        try:
+            return self._key_cache[(key, component)]
+        except (KeyError, TypeError):  # TypeError: unhashable, and so invalid, input
+            pass
+        full = self._full_key(key, component).encode()
+        cache = self._key_cache
+        if len(cache) >= _KEY_CACHE_SIZE:
+            cache.clear()
+        cache[(key, component)] = full
+        return full
+
+    def _put(self, key: bytes, data: bytes) -> None:
         limit = self._client.max_request_bytes
         if len(key) + len(data) + _PUT_FRAMING + RAFT_OVERHEAD_BYTES > limit:
             raise InvalidValueError(
-                f"value for {full_key!r} is {len(data)} bytes; etcd refuses requests over"
+                f"value for {key.decode()!r} is {len(data)} bytes; etcd refuses requests over"
                 f" {limit} bytes (--max-request-bytes): split the value or store it elsewhere"
             )
         # Tracked before the put, so that a close() racing with this set still deletes
@@ -328,7 +343,7 @@ class EtcdKVStore(KVStore):
     def delete(self, key: str, *, component: str | None = None) -> bool:
         """Delete ``key``; True if it existed."""
         self._check_open()
-        full = self._full_key(key, component).encode()
+        full = self._key_bytes(key, component)
         deleted = self._client.delete_range(full)
         with self._lock:
             self._tracked.discard(full)

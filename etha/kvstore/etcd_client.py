@@ -414,6 +414,10 @@ class EtcdClient:
                 f" {self.max_request_bytes} bytes (--max-request-bytes, less"
                 f" {RAFT_OVERHEAD_BYTES} bytes of overhead): store smaller values"
             )
+        return self._send(service, method, request, timeout)
+
+    def _send(self, service: str, method: str, request: Any, timeout: float | None) -> Any:
+        """:meth:`call` without the argument and size checks (the caller did them)."""
         md = self._metadata
         if md is None and self._password is not None and not self._auth_disabled:
             md = self._token_metadata(timeout)
@@ -519,27 +523,53 @@ class EtcdClient:
         timeout: float | None = None,
     ) -> Any:
         """``KV.Range``: one key, or ``[key, range_end)``; returns the RangeResponse."""
-        request = etcdrpc.RangeRequest(
-            key=key,
-            range_end=range_end or b"",
-            keys_only=keys_only,
-            count_only=count_only,
-            limit=limit,
-            revision=revision,
-            serializable=serializable,
-        )
-        return self.call("KV", "Range", request, timeout=timeout)
+        # Only the fields that differ from the defaults: this is the hot path of get().
+        request = etcdrpc.RangeRequest(key=key)
+        if range_end:
+            request.range_end = range_end
+        if keys_only:
+            request.keys_only = True
+        if count_only:
+            request.count_only = True
+        if limit:
+            request.limit = limit
+        if revision:
+            request.revision = revision
+        if serializable:
+            request.serializable = True
+        self._check_key_size(key, range_end)
+        return self._send("KV", "Range", request, timeout)
 
     def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> Any:
-        """``KV.Put``; returns the PutResponse."""
-        return self.call("KV", "Put", etcdrpc.PutRequest(key=key, value=value), timeout=timeout)
+        """``KV.Put``; returns the PutResponse.
+
+        :raises InvalidValueError: key and value exceed ``max_request_bytes`` (not sent)
+        """
+        # Protobuf framing of key and value is at most 2 x (1 tag + 5 length) bytes.
+        if len(key) + len(value) + 12 + RAFT_OVERHEAD_BYTES > self.max_request_bytes:
+            raise InvalidValueError(
+                f"etcd put of {len(value)} bytes to {key[:80]!r} exceeds the server limit of"
+                f" {self.max_request_bytes} bytes (--max-request-bytes, less"
+                f" {RAFT_OVERHEAD_BYTES} bytes of overhead): store smaller values"
+            )
+        return self._send("KV", "Put", etcdrpc.PutRequest(key=key, value=value), timeout)
 
     def delete_range(
         self, key: bytes, range_end: bytes | None = None, *, timeout: float | None = None
     ) -> int:
         """``KV.DeleteRange``; returns the number of keys deleted."""
-        request = etcdrpc.DeleteRangeRequest(key=key, range_end=range_end or b"")
-        return int(self.call("KV", "DeleteRange", request, timeout=timeout).deleted)
+        request = etcdrpc.DeleteRangeRequest(key=key)
+        if range_end:
+            request.range_end = range_end
+        self._check_key_size(key, range_end)
+        return int(self._send("KV", "DeleteRange", request, timeout).deleted)
+
+    def _check_key_size(self, key: bytes, range_end: bytes | None) -> None:
+        if len(key) + len(range_end or b"") + 32 + RAFT_OVERHEAD_BYTES > self.max_request_bytes:
+            raise InvalidValueError(
+                f"etcd request for key {key[:80]!r}... exceeds the server limit of"
+                f" {self.max_request_bytes} bytes: use shorter keys"
+            )
 
     def txn(self, request: Any, *, timeout: float | None = None) -> Any:
         """``KV.Txn`` (at most 128 operations by default); returns the TxnResponse."""
