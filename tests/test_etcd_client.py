@@ -104,6 +104,14 @@ def test_oversize_request_rejected_before_sending(etcd_plain: EtcdCluster) -> No
     with EtcdClient(etcd_plain.endpoints) as client:
         with pytest.raises(InvalidValueError, match="1572864"):
             client.put(key, b"x" * 1572864)
+        big_txn = etcdrpc.TxnRequest(
+            success=[
+                etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=b"y" * 800_000))
+                for _ in range(2)
+            ]
+        )
+        with pytest.raises(InvalidValueError, match="Txn request is"):
+            client.txn(big_txn)
         assert client.range(key).count == 0
         # Just under the limit is accepted by the server too.
         client.put(key, b"x" * (1572864 - 1024))
