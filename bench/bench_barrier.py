@@ -293,15 +293,25 @@ def w_close() -> None:
         client.close()
 
 
-def w_login(info: dict[str, Any], count: int, shared: bool, go: float) -> list[float]:
-    """``count`` threads log in at ``go`` (new clients, or etha's shared one); seconds each."""
+def _attempt(fn: Callable[[], None], go: float) -> tuple[float, str]:
+    """Run one log-in at ``go``: (seconds until done, "" or the error's first line)."""
+    sleep_until(go)
+    try:
+        fn()
+    except Exception as exc:
+        return time.perf_counter() - go, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    return time.perf_counter() - go, ""
+
+
+def w_login(info: dict[str, Any], count: int, shared: bool, go: float) -> list[tuple[float, str]]:
+    """``count`` threads log in at ``go`` (new clients, or etha's shared one)."""
     from etha.kvstore.etcd import EtcdKVStore
     from etha.kvstore.etcd_client import EtcdClient
 
     done: list[Any] = []
+    lock = threading.Lock()
 
-    def one() -> float:
-        sleep_until(go)
+    def login() -> None:
         if shared:
             store = EtcdKVStore(
                 info["namespace"],
@@ -310,18 +320,19 @@ def w_login(info: dict[str, Any], count: int, shared: bool, go: float) -> list[f
                 password=PASSWORD,
                 timeout=WAIT_S,
             )
+            with lock:
+                done.append(store)
             store.exists("probe")
-            done.append(store)
         else:
             client = EtcdClient(
                 [info["endpoint"]], username=USER, password=PASSWORD, timeout=WAIT_S
             )
+            with lock:
+                done.append(client)
             client.range(f"{info['namespace']}/default/probe".encode())
-            done.append(client)
-        return time.perf_counter() - go
 
     try:
-        return run_threads([one] * count)
+        return run_threads([lambda: _attempt(login, go)] * count)
     finally:
         for obj in done:
             if shared:
@@ -330,20 +341,18 @@ def w_login(info: dict[str, Any], count: int, shared: bool, go: float) -> list[f
                 obj.close()
 
 
-def w_raw_login(info: dict[str, Any], count: int, go: float) -> list[float]:
+def w_raw_login(info: dict[str, Any], count: int, go: float) -> list[tuple[float, str]]:
     """``count`` threads: one raw ``Authenticate`` each on its own channel, at ``go``."""
     import grpc
     from pyetcd import etcdrpc
 
-    def one() -> float:
-        sleep_until(go)
+    def login() -> None:
         with grpc.insecure_channel(info["endpoint"]) as channel:
             etcdrpc.AuthStub(channel).Authenticate(
                 etcdrpc.AuthenticateRequest(name=USER, password=PASSWORD), timeout=WAIT_S
             )
-        return time.perf_counter() - go
 
-    return run_threads([one] * count)
+    return run_threads([lambda: _attempt(login, go)] * count)
 
 
 # -- the driver (this process) -------------------------------------------------------------
@@ -574,7 +583,7 @@ def run_login(quick: bool) -> dict[str, Figure]:
 def _login_storms(quick: bool, bcrypt_cost: int | None) -> dict[str, Figure]:
     sizes = [16] if quick else [64, 256]
     procs = 8 if quick else PROCS
-    rounds = 1 if quick else 3
+    rounds = 1 if quick else 2
     variants = ["etha-new-client", "etha-shared-client"]
     if not quick:
         variants.insert(0, "raw-authenticate")
@@ -586,7 +595,9 @@ def _login_storms(quick: bool, bcrypt_cost: int | None) -> dict[str, Figure]:
         serial: list[float] = []
         for _ in range(3 if quick else 20):
             go = time.perf_counter() + 0.01
-            serial.extend(workers.call(w_raw_login, (info, 1, go), indices=[0])[0])
+            serial.extend(
+                t for t, err in workers.call(w_raw_login, (info, 1, go), indices=[0])[0] if not err
+            )
             time.sleep(0.01)
         figures[f"6.login.serial.raw-authenticate{tag}"] = figure(
             serial, note="one raw Authenticate (new channel) at a time: bcrypt + connect"
@@ -595,7 +606,8 @@ def _login_storms(quick: bool, bcrypt_cost: int | None) -> dict[str, Figure]:
             for variant in variants:
                 storms: list[float] = []
                 per_client: list[float] = []
-                for _ in range(rounds):
+                errors: list[str] = []
+                for _ in range(rounds if k <= 64 else 1):
                     go = time.perf_counter() + 0.1 + 0.002 * k
                     counts = [len(range(w, k, procs)) for w in range(procs)]
                     args: dict[int, tuple[Any, ...]]
@@ -607,8 +619,10 @@ def _login_storms(quick: bool, bcrypt_cost: int | None) -> dict[str, Figure]:
                         args = {w: (info, c, shared, go) for w, c in enumerate(counts)}
                         res = workers.call(w_login, args)
                     flat = [t for per in res for t in per]
-                    storms.append(max(flat))
-                    per_client.extend(flat)
+                    ok = [t for t, err in flat if not err]
+                    errors.extend(err for _, err in flat if err)
+                    storms.append(max(t for t, _ in flat))
+                    per_client.extend(ok)
                     time.sleep(0.2)
                 logins = k if variant != "etha-shared-client" else procs
                 name = f"6.login.{variant}{tag}.K{k}"
@@ -620,9 +634,14 @@ def _login_storms(quick: bool, bcrypt_cost: int | None) -> dict[str, Figure]:
                     layout=f"{procs} processes x {k // procs} threads",
                     per_client_ms=summarize([t * 1000 for t in per_client]),
                     logins_per_s=logins / percentile(storms, 50),
+                    failed_logins=len(errors),
+                    failed_example=errors[0] if errors else None,
                     note="go -> the last of K clients has logged in and read a key",
                 )
-                log(f"#6 {variant}{tag} K={k}: {percentile(storms, 50) * 1000:.0f} ms")
+                log(
+                    f"#6 {variant}{tag} K={k}: {percentile(storms, 50) * 1000:.0f} ms"
+                    + (f", {len(errors)} log-ins FAILED: {errors[0]}" if errors else "")
+                )
     return figures
 
 

@@ -304,6 +304,8 @@ def tables(result: dict[str, Any]) -> str:
                         fmt(f.get("logins_per_s")),
                         fmt(pc.get("p50")),
                         fmt(pc.get("p99")),
+                        str(f.get("failed_logins") or 0)
+                        + (f" ({f['failed_example'][:60]})" if f.get("failed_example") else ""),
                     ]
                 )
         out += [
@@ -316,6 +318,7 @@ def tables(result: dict[str, Any]) -> str:
                     "log-ins/s",
                     "per client p50",
                     "per client p99",
+                    "failed",
                 ],
                 rows,
             ),
