@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import Figure, etcd_server, figure, log
+from bench.common import Figure, counter_delta, etcd_counters, etcd_server, figure, log
 
 GROUP_VERSION = "etha.io/v1alpha1"
 PLURAL = "kvnamespaces"
@@ -327,6 +327,7 @@ def _storm(
     log(f"#9 {n_storm} KVNamespaces at once{tag}")
     stem = f"storm{tag.replace('@', '-')}-"
     rss_start = op.memory().get("VmRSS", 0) / 1024
+    counters_before = etcd_counters(cluster.urls[0])
     names = [f"{stem}{i}" for i in range(n_storm)]
     for name in names:
         kube.create("batch/v1", "jobs", _job(name), NS)
@@ -353,6 +354,11 @@ def _storm(
         time.sleep(0.1)
     all_ready = time.perf_counter() - t0
     mem = op.memory()
+    delta = counter_delta(counters_before, etcd_counters(cluster.urls[0]))
+    per_object = {k: round(v / n_storm, 1) for k, v in sorted(delta.items()) if v}
+    log(
+        f"#9{tag}: {n_ready}/{n_storm} Ready after {all_ready:.1f} s; etcd requests per object {per_object}"
+    )
     step = max(1, len(curve) // 100)
     figures[f"9.operator.{n_storm}-at-once-all-ready{tag}"] = figure(
         [all_ready],
@@ -362,6 +368,7 @@ def _storm(
         ready=n_ready,
         created_in_s=round(created_s, 2),
         ready_curve=curve[::step] + curve[-1:],
+        etcd_requests_per_object=per_object,
         rss_curve_mib=rss_curve[::step] + rss_curve[-1:],
         note="all created in a loop, then until every one is Ready",
     )

@@ -48,6 +48,25 @@ def _met(fig: Fig | None) -> str:
     return "yes" if fig["met"] else "**no**"
 
 
+def _details(fig: Fig) -> str:
+    """The extra facts of an operator figure, in one cell."""
+    parts = []
+    for key in (
+        "keys_deleted_status",
+        "fill_s",
+        "ready",
+        "created_in_s",
+        "rss_at_start_mib",
+        "rss_at_end_mib",
+    ):
+        if fig.get(key) is not None:
+            parts.append(f"{key} {fig[key]}")
+    per = fig.get("etcd_requests_per_object")
+    if per:
+        parts.append("etcd requests per object: " + ", ".join(f"{k} {v:g}" for k, v in per.items()))
+    return "; ".join(parts)
+
+
 def _table(header: list[str], rows: Iterable[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -335,10 +354,16 @@ def tables(result: dict[str, Any]) -> str:
                 f.get("unit", ""),
                 (f.get("target") and f"{f['target'].get('stat')} ≤ {f['target'].get('max')}") or "",
                 _met(f),
+                _details(f),
             ]
             for k, f in op_figs
         ]
-        out += [_table(["figure", "runs", "median (min-max)", "unit", "target", "met"], rows), ""]
+        out += [
+            _table(
+                ["figure", "runs", "median (min-max)", "unit", "target", "met", "details"], rows
+            ),
+            "",
+        ]
     other = [(k, f) for k, f in figs.items() if not k[:1].isdigit()]
     if other:
         out += ["### Other", ""]
