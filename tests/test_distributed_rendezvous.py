@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -37,6 +38,28 @@ pytestmark = pytest.mark.timeout(150)
             "etha://?world_size=-1",
             {"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job7"},
             RendezvousSpec(1, 2, "job7"),
+        ),
+        (
+            "etha://",
+            {
+                "RANK": "1",
+                "WORLD_SIZE": "2",
+                "TORCHELASTIC_RUN_ID": "job7",
+                "MASTER_ADDR": "h",
+                "MASTER_PORT": "1",
+            },
+            RendezvousSpec(1, 2, "job7." + hashlib.sha256(b"h:1").hexdigest()[:8]),
+        ),
+        (
+            "etha:///explicit",
+            {
+                "RANK": "1",
+                "WORLD_SIZE": "2",
+                "TORCHELASTIC_RUN_ID": "job7",
+                "MASTER_ADDR": "h",
+                "MASTER_PORT": "1",
+            },
+            RendezvousSpec(1, 2, "explicit"),
         ),
         (
             "etha:///r?rank=1&world_size=2&component=pg",

@@ -180,8 +180,10 @@ import json, os, sys, time
 import torch
 import torch.distributed as dist
 
-out, steps = sys.argv[1], int(sys.argv[2])
-dist.init_process_group("gloo")  # env:// from torchrun
+out, steps, init_method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if init_method.startswith("etha:"):
+    import etha.distributed  # registers etha://
+dist.init_process_group("gloo", init_method=init_method)
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 model = torch.nn.Linear(4, 1)
@@ -212,7 +214,7 @@ dist.destroy_process_group()
 """
 
 
-def _torchrun(run_id: str, script: Path, out: Path, steps: int) -> list[str]:
+def _torchrun(run_id: str, script: Path, out: Path, steps: int, init_method: str) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes=2", "--nproc-per-node=2",
@@ -220,7 +222,7 @@ def _torchrun(run_id: str, script: Path, out: Path, steps: int) -> list[str]:
         "--max-restarts=3", "--monitor-interval=0.2", "--local-addr=127.0.0.1",
         # Notice a dead node within ~3 s instead of 15 s.
         "--rdzv-conf=join_timeout=120,keep_alive_interval=1,keep_alive_max_attempt=3",
-        str(script), str(out), str(steps),
+        str(script), str(out), str(steps), init_method,
     ]  # fmt: skip
 
 
@@ -235,15 +237,22 @@ def _progress(out: Path) -> list[tuple[int, int]]:
     return found
 
 
+@pytest.mark.parametrize(
+    "init_method",
+    [
+        "env://",  # the usual script: workers use the agent-hosted TCPStore
+        "etha://",  # workers rendezvous in etcd too (run id from TORCHELASTIC_RUN_ID)
+    ],
+)
 def test_two_nodes_one_killed_and_restarted(
-    etcd_auth: EtcdCluster, ns_a: EtcdConfig, tmp_path: Path
+    init_method: str, etcd_auth: EtcdCluster, ns_a: EtcdConfig, tmp_path: Path
 ) -> None:
     script = tmp_path / "train.py"
     script.write_text(TRAIN)
     out = tmp_path / "out"
     out.mkdir()
     run_id = f"job-{uuid.uuid4().hex[:8]}"
-    cmd = _torchrun(run_id, script, out, steps=15)
+    cmd = _torchrun(run_id, script, out, steps=15, init_method=init_method)
     env = child_env(ns_a)
     logs = [tmp_path / "node0.log", tmp_path / "node1.log", tmp_path / "node1-again.log"]
 
@@ -274,11 +283,17 @@ def test_two_nodes_one_killed_and_restarted(
     # The surviving node's workers were restarted once: a second rendezvous round ran.
     restarts = {r["node"]: r["restart"] for r in results}
     assert sorted(restarts.values()) == [0, 1], restarts
+    c10d_keys = [k for k in all_keys(etcd_auth) if k.startswith(f"{ns_a.namespace}/c10d/{run_id}.")]
+    if init_method == "etha://":
+        # Both rounds rendezvoused in etcd, each under its own scope.
+        assert len({k.split("/")[2] for k in c10d_keys}) == 2, c10d_keys
+    else:
+        assert c10d_keys == []
 
     state = read_key(etcd_auth, f"{ns_a.namespace}/torchelastic/{run_id}/state")
     assert state is not None
     assert pickle.loads(state).round >= 1  # noqa: S301 - our own test data
-    written = [k for k in all_keys(etcd_auth) if run_id in k]
+    written = [k for k in all_keys(etcd_auth) if run_id in k and k not in c10d_keys]
     assert all(k.startswith(f"{ns_a.namespace}/torchelastic/{run_id}/") for k in written), written
     state_keys = [
         k for k in written if not k.startswith(f"{ns_a.namespace}/torchelastic/{run_id}/store/")

@@ -6,9 +6,11 @@ URL form::
     etha:///RUN_ID[?...]
 
 * ``RUN_ID`` scopes the keys (``{namespace}/{component}/{RUN_ID}/...``) so that two runs
-  in one namespace never read each other's keys. Without it, ``TORCHELASTIC_RUN_ID`` is
-  used, else ``default``. Give every attempt of a job its own run id: keys of an earlier
-  attempt with the same id are still there until the operator deletes the namespace.
+  in one namespace never read each other's keys. Without it: under torchrun,
+  ``TORCHELASTIC_RUN_ID`` plus a hash of ``MASTER_ADDR:MASTER_PORT`` (the same for all
+  workers of one round), else ``default``. Give every attempt of a job its own run id:
+  keys of an earlier attempt with the same id are still there until the operator deletes
+  the namespace.
 * ``rank`` and ``world_size`` come from the URL (torch adds them when they are passed
   to ``init_process_group``), else from ``RANK`` and ``WORLD_SIZE``.
 * ``component`` defaults to ``c10d``.
@@ -19,6 +21,7 @@ URL form::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -97,8 +100,15 @@ def parse_url(url: str, environ: Mapping[str, str] | None = None) -> RendezvousS
     path = parts.path.strip("/")
     if parts.netloc and path:
         raise _error(f"URL {url!r} names the run twice; use etha://RUN_ID or etha:///RUN_ID")
-    run_id = parts.netloc or path or env.get("TORCHELASTIC_RUN_ID") or DEFAULT_RUN_ID
-    run_id = _name(run_id, "run id")
+    run_id = parts.netloc or path
+    if not run_id and env.get("TORCHELASTIC_RUN_ID"):
+        run_id = env["TORCHELASTIC_RUN_ID"]
+        master = f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
+        if master != ":":
+            # The run id stays the same when torchrun restarts workers; the agent
+            # store's address is what all workers of one round share.
+            run_id += "." + hashlib.sha256(master.encode()).hexdigest()[:8]
+    run_id = _name(run_id or DEFAULT_RUN_ID, "run id")
 
     # torch writes world_size=-1 into the URL when it does not know the size.
     raw_rank = query.get("rank")
