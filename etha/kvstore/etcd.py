@@ -244,7 +244,6 @@ class EtcdKVStore(KVStore):
             )
             self._client = EtcdClient.shared(config)
             self._owns_client = True
-        self._prefix_len = len(self._component_prefix(None))
 
     @classmethod
     def from_config(cls, config: EtcdConfig) -> EtcdKVStore:
