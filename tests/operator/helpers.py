@@ -117,7 +117,7 @@ def job(name: str) -> dict[str, Any]:
 
 
 def wait_phase(
-    kube: EmulatorServer, namespace: str, name: str, phase: str, timeout: float = 30.0
+    kube: EmulatorServer, namespace: str, name: str, phase: str, timeout: float = 60.0
 ) -> dict[str, Any]:
     def probe() -> dict[str, Any] | None:
         obj = kube.find(API, PLURAL, name, namespace)

@@ -24,7 +24,7 @@ from tests.support.etcd_server import EtcdCluster
 from tests.support.kube_emulator import EmulatorServer
 from tests.support.operator_runner import OperatorProcess
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = pytest.mark.timeout(240)
 
 
 def _etha_users(etcd: EtcdCluster) -> set[str]:
@@ -43,7 +43,7 @@ def test_killed_before_the_secret_is_written(
         uid = kube.create(API, PLURAL, kvnamespace("crashy", "crashy-job"), k8s_ns)["metadata"][
             "uid"
         ]
-        assert hold.reached.wait(30), first.log_tail()
+        assert hold.reached.wait(60), first.log_tail()
         # The user exists with a password that nobody will ever learn.
         assert f"etha-{uid}" in etcd_users(etcd)
         first.kill()
@@ -74,7 +74,7 @@ def test_killed_after_the_secret_but_before_ready(
     first = operator_factory().start()
     with kube.hold("PATCH", "kvnamespaces", subresource="status", name="late") as hold:
         uid = kube.create(API, PLURAL, kvnamespace("late", "late-job"), k8s_ns)["metadata"]["uid"]
-        assert hold.reached.wait(30), first.log_tail()
+        assert hold.reached.wait(60), first.log_tail()
         password = secret_env(kube, k8s_ns, "late-etha-kv")["ETHA_KV_PASSWORD"]
         first.kill()
         hold.release(fail=True)

@@ -29,7 +29,7 @@ from tests.support.etcd_server import EtcdCluster
 from tests.support.kube_emulator import EmulatorServer
 from tests.support.operator_runner import OperatorProcess, wait_for
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = pytest.mark.timeout(240)
 
 DEADLINE = 3
 
@@ -70,7 +70,7 @@ def test_delete_with_etcd_down_gives_up_after_the_deadline_and_the_audit_cleans_
         # Not stuck: the finalizer lets go after its deadline although etcd never answered.
         wait_for(
             lambda: kube.find(API, PLURAL, "stranded", k8s_ns) is None,
-            timeout=DEADLINE + 30,
+            timeout=DEADLINE + 60,
             what="the KVNamespace to be deleted despite etcd being down",
         )
         # kopf posts events asynchronously: the object may be gone before its event lands.
@@ -90,7 +90,7 @@ def test_delete_with_etcd_down_gives_up_after_the_deadline_and_the_audit_cleans_
         # EtcdCluster.wait_healthy checks without credentials, which fails once auth is on.
         wait_for(
             lambda: etcd.etcdctl("endpoint", "health", check=False).returncode == 0,
-            timeout=30,
+            timeout=60,
             interval=0.2,
             what="etcd to come back",
         )
@@ -101,7 +101,7 @@ def test_delete_with_etcd_down_gives_up_after_the_deadline_and_the_audit_cleans_
             status["etcdUser"] not in etcd_users(etcd)
             and status["etcdRole"] not in etcd_roles(etcd)
         ),
-        timeout=30,
+        timeout=60,
         interval=0.5,
         what="the audit to remove the stranded user and role",
     )
@@ -140,7 +140,7 @@ def test_audit_removes_orphans_created_behind_the_operators_back(
 
     wait_for(
         lambda: orphan not in etcd_users(etcd) and orphan not in etcd_roles(etcd),
-        timeout=30,
+        timeout=60,
         interval=0.5,
         what="the audit to remove the orphan",
     )

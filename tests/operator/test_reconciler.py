@@ -87,8 +87,9 @@ def test_cleanup_with_unreachable_etcd_returns_within_the_deadline(
         elapsed = time.monotonic() - started
     finally:
         reconciler.admin.close()
-    # Bounded: the deadline plus at most one etcd timeout in flight (generous slack for CI).
-    assert elapsed < 2 + 0.5 + 5
+    # Bounded by the deadline (plus one etcd timeout in flight), not by retries of etcd:
+    # the slack is for a loaded CI machine.
+    assert elapsed < 2 + 0.5 + 12
     assert set(report.failed) == {
         "the keys",
         f"etcd user etha-{body['metadata']['uid']}",

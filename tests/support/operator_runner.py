@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 def wait_for(
     probe: Callable[[], T | None],
-    timeout: float = 30.0,
+    timeout: float = 60.0,
     interval: float = 0.1,
     what: str = "condition",
 ) -> T:
