@@ -197,8 +197,9 @@ class EthaRendezvousHandler(DynamicRendezvousHandler):  # type: ignore[misc]
     def next_rendezvous(self) -> RendezvousInfo:
         previous = self._shared_tcp_store_server
         info: RendezvousInfo = super().next_rendezvous()
-        if not self.use_agent_store:
-            return info  # torch builds fresh store info every round in this mode
+        if not self.use_agent_store or not hasattr(self, "_shared_tcp_store_server"):
+            # Fresh store info every round (or a torch without the shared agent store).
+            return info
         store = info.store
         addr = self._this_node.addr or socket.getfqdn()
         if info.rank == 0:
