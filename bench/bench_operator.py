@@ -335,7 +335,7 @@ def _storm(
     for name in names:
         kube.create(GROUP_VERSION, PLURAL, _kvns(name), NS)
     created_s = time.perf_counter() - t0
-    deadline = time.monotonic() + (120 if quick else 300)
+    deadline = time.monotonic() + (60 if quick else 180)
     curve: list[tuple[float, int]] = []
     rss_curve: list[tuple[float, float]] = []
     while True:
@@ -382,5 +382,8 @@ def _storm(
         note=("VmHWM of the operator process (full run: a fresh one that handled only this storm)"),
     )
     if n_ready < n_storm:
-        raise RuntimeError(f"only {n_ready} of {n_storm} Ready: {op.log_tail()}")
+        # a figure, not an exception: #7 and #8 of this run stay; the curve shows the rate
+        error = f"only {n_ready} of {n_storm} Ready after {all_ready:.0f} s (the deadline)"
+        figures[f"9.operator.{n_storm}-at-once-all-ready{tag}"]["incomplete"] = error
+        log(f"#9{tag}: {error}; operator log tail: {op.log_tail(3)}")
     return figures

@@ -52,6 +52,7 @@ def _details(fig: Fig) -> str:
     """The extra facts of an operator figure, in one cell."""
     parts = []
     for key in (
+        "incomplete",
         "keys_deleted_status",
         "fill_s",
         "ready",
