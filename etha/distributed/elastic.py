@@ -195,7 +195,7 @@ class EthaRendezvousHandler(DynamicRendezvousHandler):  # type: ignore[misc]
     """
 
     def next_rendezvous(self) -> RendezvousInfo:
-        previous = self._shared_tcp_store_server
+        previous = getattr(self, "_shared_tcp_store_server", None)
         info: RendezvousInfo = super().next_rendezvous()
         if not self.use_agent_store or not hasattr(self, "_shared_tcp_store_server"):
             # Fresh store info every round (or a torch without the shared agent store).
