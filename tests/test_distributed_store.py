@@ -453,3 +453,17 @@ def test_wait_is_driven_by_a_watch_not_by_polling(etcd_auth: EtcdCluster, store:
     # One read per wait (a re-read only after a compaction); a poller would make
     # hundreds in these 2.5 s.
     assert _read_calls(etcd_auth) - before <= 3
+
+
+@pytest.mark.parametrize(
+    ("namespace", "component", "scope"),
+    [("a/b", "torch", None), ("..", "torch", None), ("ns", "x/y", None), ("ns", "c", "../up")],
+)
+def test_prefix_parts_are_validated(
+    ns_a: EtcdConfig, namespace: str, component: str, scope: str | None
+) -> None:
+    import dataclasses
+
+    config = dataclasses.replace(ns_a, namespace=namespace)
+    with pytest.raises(ValueError):
+        EthaStore(config, component=component, scope=scope)

@@ -121,6 +121,8 @@ class EthaStore(_C10dStore):
                 )
             config = parsed
         self._config = config
+        # The namespace prefix is what the credentials are granted: never leave it.
+        namespace = validate_name(config.namespace, "namespace")
         self._component = validate_name(component, "component")
         if scope is not None:
             try:
@@ -128,7 +130,7 @@ class EthaStore(_C10dStore):
             except InvalidKeyError as exc:
                 raise InvalidKeyError(f"scope: {exc}") from None
         self._scope = scope
-        prefix = f"{config.namespace}/{self._component}/"
+        prefix = f"{namespace}/{self._component}/"
         if self._scope is not None:
             prefix += f"{self._scope}/"
         self._prefix_str = prefix
