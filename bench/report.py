@@ -268,9 +268,8 @@ def tables(result: dict[str, Any]) -> str:
             "",
         ]
     if any(n.startswith("5.") for n in figs):
-        layout = next((f.get("layout") for k, f in figs.items() if k.startswith("5.")), "")
         out += [
-            f"### #5 barrier scaling (ms; ranks = threads in processes, {layout} at the largest N)",
+            "### #5 barrier scaling (ms; ranks are threads in processes, see layout)",
             "",
         ]
         rows = []
