@@ -121,22 +121,24 @@ def test_audit_removes_orphans_created_behind_the_operators_back(
     orphan_prefix = f"orphan-{uuid.uuid4().hex[:6]}"
     key = f"{orphan_prefix}/".encode()
     with root_client(etcd) as client:
-        client.call("Auth", "RoleAdd", etcdrpc.AuthRoleAddRequest(name=orphan))
+        # Keys first, then the role and its grant back to back: the audit may look at
+        # any moment, and the role's permission is how it finds the keys.
+        for i in range(3):
+            client.put(key + f"default/k{i}".encode(), b"v")
+        for name in ("etha-not-a-uid", "alice"):
+            client.call(
+                "Auth", "UserAdd", etcdrpc.AuthUserAddRequest(name=name, password="pw-" + name)
+            )
         perm = auth_pb2.Permission(
             permType=auth_pb2.Permission.READWRITE, key=key, range_end=prefix_range_end(key)
         )
+        client.call("Auth", "RoleAdd", etcdrpc.AuthRoleAddRequest(name=orphan))
         client.call(
             "Auth",
             "RoleGrantPermission",
             etcdrpc.AuthRoleGrantPermissionRequest(name=orphan, perm=perm),
         )
-        for name in (orphan, "etha-not-a-uid", "alice"):
-            client.call(
-                "Auth", "UserAdd", etcdrpc.AuthUserAddRequest(name=name, password="pw-" + name)
-            )
-        for i in range(3):
-            client.put(key + f"default/k{i}".encode(), b"v")
-    assert count_keys(etcd, orphan_prefix) == 3
+        client.call("Auth", "UserAdd", etcdrpc.AuthUserAddRequest(name=orphan, password="pw"))
 
     wait_for(
         lambda: orphan not in etcd_users(etcd) and orphan not in etcd_roles(etcd),
@@ -150,3 +152,28 @@ def test_audit_removes_orphans_created_behind_the_operators_back(
     assert "alice" in users and "etha-not-a-uid" in users
     assert alive["etcdUser"] in users and alive["etcdRole"] in etcd_roles(etcd)
     assert count_keys(etcd, alive["keyPrefix"]) == 1
+
+
+def test_audit_cleans_up_after_a_finalizer_removed_by_hand(
+    kube: EmulatorServer, operator: OperatorProcess, etcd: EtcdCluster, k8s_ns: str
+) -> None:
+    kube.create(API, PLURAL, kvnamespace("forced", "forced-job"), k8s_ns)
+    status = wait_phase(kube, k8s_ns, "forced", "Ready")["status"]
+    with store_from_secret(kube, k8s_ns, "forced-etha-kv") as store:
+        for i in range(4):
+            store.set(f"k{i}", "v")
+    # What `kubectl patch --type=merge -p '{"metadata":{"finalizers":null}}'` does to a
+    # stuck object: it goes without the operator's clean-up.
+    kube.patch(API, PLURAL, "forced", {"metadata": {"finalizers": None}}, k8s_ns)
+    kube.delete(API, PLURAL, "forced", k8s_ns)
+    assert kube.find(API, PLURAL, "forced", k8s_ns) is None
+    wait_for(
+        lambda: (
+            status["etcdUser"] not in etcd_users(etcd)
+            and status["etcdRole"] not in etcd_roles(etcd)
+        ),
+        timeout=60,
+        interval=0.5,
+        what="the audit to remove the user and role of the force-deleted KVNamespace",
+    )
+    assert count_keys(etcd, status["keyPrefix"]) == 0
