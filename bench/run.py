@@ -36,6 +36,7 @@ from bench.common import (
 BENCHES: dict[str, tuple[str, str, str]] = {
     "ops": ("bench.bench_ops", "run", "#1 etcd op latency, #2 TCPStore set+get"),
     "wait": ("bench.bench_wait", "run", "#3 wake-up latency across processes"),
+    "cpu": ("bench.bench_cpu", "run", "client CPU per call, etha vs raw (explains #1, #4, #5)"),
     "barrier": ("bench.bench_barrier", "run_barrier", "#4 barrier of N processes"),
     "scaling": ("bench.bench_barrier", "run_scaling", "#5 barrier of 64..1024 ranks"),
     "login": ("bench.bench_barrier", "run_login", "#6 log-in storm with password auth"),
