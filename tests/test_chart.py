@@ -62,15 +62,20 @@ CONTRACT_ENV = {
 # (apiGroup, resource) -> verbs.
 NAMESPACED_RULES = {
     ("etha.io", "kvnamespaces"): {"get", "list", "watch", "patch"},
-    ("etha.io", "kvnamespaces/status"): {"get", "patch"},
+    ("etha.io", "kvnamespaces/status"): {"patch"},
     ("", "secrets"): {"get", "create", "patch", "delete"},
     ("batch", "jobs"): {"get", "list", "watch"},
-    ("", "events"): {"create", "patch"},
+    ("", "events"): {"create"},
 }
 CLUSTER_RULES = {
-    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
 }
-CLUSTER_WIDE_ONLY_RULES = {("", "namespaces"): {"list", "watch"}}
+# Namespaced mode only: kopf watches the listed namespaces' existence, and the orphan
+# audit lists KVNamespaces cluster-wide (cluster-wide mode gets both from the rules above).
+NAMESPACED_MODE_CLUSTER_RULES = {
+    ("", "namespaces"): {"list", "watch"},
+    ("etha.io", "kvnamespaces"): {"list"},
+}
 
 PRODUCTION = {
     "image": {
@@ -490,7 +495,7 @@ def _rules(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
 def test_cluster_wide_rbac_grants_exactly_the_contract() -> None:
     docs = manifests()
     role = one(docs, "ClusterRole")
-    assert _rules(role) == {**CLUSTER_RULES, **CLUSTER_WIDE_ONLY_RULES, **NAMESPACED_RULES}
+    assert _rules(role) == {**CLUSTER_RULES, **NAMESPACED_RULES}
     assert not by_kind(docs, "Role")
     binding = one(docs, "ClusterRoleBinding")
     account = one(docs, "ServiceAccount")
@@ -504,7 +509,7 @@ def test_cluster_wide_rbac_grants_exactly_the_contract() -> None:
 
 def test_namespaced_rbac_grants_the_contract_per_watched_namespace() -> None:
     docs = manifests(PRODUCTION)
-    assert _rules(one(docs, "ClusterRole")) == CLUSTER_RULES
+    assert _rules(one(docs, "ClusterRole")) == {**CLUSTER_RULES, **NAMESPACED_MODE_CLUSTER_RULES}
     roles = {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role")}
     assert set(roles) == {"team-a", "team-b"}
     for role in roles.values():
