@@ -122,36 +122,6 @@ def _secret_material(tls: TLSFiles, etcd: EtcdCluster, passwords: set[str]) -> d
     return found
 
 
-#: Measured differences between the chart's RBAC and the operator's requests (findings
-#: reported to the chart/operator owners; pinned so that any NEW difference fails):
-#: - namespaces list/watch: kopf lists namespaces only when NOT cluster-wide
-#:   (kopf/_core/reactor/observation.py); the chart grants it only when cluster-wide.
-#:   Namespaced, kopf logs a warning and falls back to the configured names.
-#: - events patch, kvnamespaces/status get, customresourcedefinitions get: never used.
-#: - namespaced mode: the orphan audit lists KVNamespaces cluster-wide, which a namespaced
-#:   install does not grant; the audit then skips itself with a warning (by design).
-KNOWN_UNUSED: dict[str, dict[str, list[str]]] = {
-    "clusterwide": {
-        "apiextensions.k8s.io/customresourcedefinitions": ["get"],
-        "core/events": ["patch"],
-        "core/namespaces": ["list", "watch"],
-        "etha.io/kvnamespaces/status": ["get"],
-    },
-    "namespaced": {
-        "apiextensions.k8s.io/customresourcedefinitions": ["get"],
-        "core/events": ["patch"],
-        "etha.io/kvnamespaces/status": ["get"],
-    },
-}
-KNOWN_DENIED: dict[str, dict[str, list[str]]] = {
-    "clusterwide": {},
-    "namespaced": {
-        "cluster:core/namespaces": ["list", "watch"],
-        "cluster:etha.io/kvnamespaces": ["list"],
-    },
-}
-
-
 @pytest.mark.parametrize("mode", ["clusterwide", "namespaced"])
 def test_full_lifecycle_leaks_nothing_and_uses_exactly_the_granted_verbs(
     etcd: EtcdCluster, tls: TLSFiles, tmp_path: Path, mode: str
@@ -292,8 +262,11 @@ def test_full_lifecycle_leaks_nothing_and_uses_exactly_the_granted_verbs(
             "used_but_not_granted": missing,
         },
     )
-    assert missing == KNOWN_DENIED[mode], f"used but not granted: {missing}"
-    assert unused == KNOWN_UNUSED[mode], f"granted but never used: {unused}"
+    # This test first found 4 unused grants cluster-wide and 3 requests not granted when
+    # namespaced (kopf lists namespaces only when NOT cluster-wide; the audit lists
+    # KVNamespaces cluster-wide); the chart was fixed in dc15e70. Now: exact.
+    assert missing == {}, f"the operator made requests the chart does not grant: {missing}"
+    assert unused == {}, f"the chart grants verbs the operator never used: {unused}"
 
 
 def _rules(roles: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
