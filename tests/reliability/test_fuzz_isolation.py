@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from etha.kvstore.base import MAX_EXPECTED_COUNT
@@ -293,17 +293,18 @@ def test_raw_requests_with_the_users_token_never_touch_other_keys(
     _unchanged(world, baseline)
 
 
-surrogate_text = st.text(
-    alphabet=st.one_of(
-        st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF),
-        st.characters(codec="utf-8"),
-    ),
+# hypothesis' text() never yields lone surrogates (the only str that is not UTF-8), so
+# they are mixed in explicitly.
+surrogate_text = st.lists(
+    st.one_of(st.integers(0xD800, 0xDFFF).map(chr), st.characters(codec="utf-8")),
     max_size=30,
-)
+).map("".join)
 
 
 @FUZZ
 @given(value=surrogate_text)
+@example(value="ok \udcff")
+@example(value="plain text")
 def test_set_of_text_that_is_not_utf8_is_refused_and_nothing_is_stored(
     world: World, value: str
 ) -> None:
