@@ -189,7 +189,7 @@ class Rank:
 
             self.store = TCPStoreKVStore(ns, host=info["host"], port=info["port"], timeout=WAIT_S)
             self.store.exists("probe")
-        elif kind == "etha-etcd":
+        elif kind in ("etha-etcd", "etha-etcd-view"):
             from etha.kvstore.etcd import EtcdKVStore
 
             self.store = EtcdKVStore(
@@ -219,6 +219,11 @@ class Rank:
         elif self.kind == "etha-etcd":
             self.store.set(f"{rp}rank:{rank}/ready", "1")
             self.store.wait_for_keys(f"{rp}rank:*/ready", n, timeout=WAIT_S)
+        elif self.kind == "etha-etcd-view":
+            from bench import proto_shared_view
+
+            self.store.set(f"{rp}rank:{rank}/ready", "1")
+            proto_shared_view.wait_for_keys(self.store, f"{rp}rank:*/ready", n, timeout=WAIT_S)
         else:
             self.store.barrier(rp, rank, n)
 
@@ -281,7 +286,7 @@ def _proc_cpu(pid: int) -> float:
 
 
 def _server_cpu(servers: Servers, kind: str) -> float:
-    if kind.endswith("etcd"):
+    if "etcd" in kind:
         proc = servers.cluster.nodes[0].process
         return _proc_cpu(proc.pid) if proc is not None else 0.0
     # the TCPStore server is a thread of this process, which otherwise only waits here
@@ -412,7 +417,7 @@ def barrier_rounds(
         timeout=WAIT_S * 2,
     )
     connect_all = time.perf_counter() - t0
-    is_etcd = kind.endswith("etcd")
+    is_etcd = "etcd" in kind
     url = servers.cluster.urls[0]
     totals: list[float] = []
     skews: list[float] = []
@@ -545,6 +550,8 @@ def run_scaling(quick: bool) -> dict[str, Figure]:
         # raw-etcd logs every rank in separately (bcrypt each): 512 ranks take minutes
         "raw-etcd": [n for n in sizes if n <= 256],
         "etha-tcpstore": [n for n in sizes if n <= 256],
+        # the prototype of bench/proto_shared_view.py: one read + one view per process
+        "etha-etcd-view": sizes,
     }
     if quick:
         plan = {"raw-tcpstore": sizes, "etha-etcd": sizes}

@@ -274,7 +274,13 @@ def tables(result: dict[str, Any]) -> str:
         ]
         rows = []
         for n in _ns(figs, "5.scaling"):
-            for kind in ("raw-tcpstore", "etha-tcpstore", "etha-etcd", "raw-etcd"):
+            for kind in (
+                "raw-tcpstore",
+                "etha-tcpstore",
+                "etha-etcd",
+                "raw-etcd",
+                "etha-etcd-view",
+            ):
                 f = figs.get(f"5.scaling.{kind}.N{n}")
                 c = figs.get(f"5.scaling.{kind}.N{n}.connect")
                 if not f:
@@ -384,7 +390,13 @@ def plots(result: dict[str, Any], img: Path) -> list[Path]:
     figs: dict[str, Fig] = result["figures"]
     img.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    styles = {"raw-tcpstore": "o-", "etha-tcpstore": "s--", "etha-etcd": "D-", "raw-etcd": "^:"}
+    styles = {
+        "raw-tcpstore": "o-",
+        "etha-tcpstore": "s--",
+        "etha-etcd": "D-",
+        "raw-etcd": "^:",
+        "etha-etcd-view": "v-.",
+    }
 
     def curve(ax: Any, prefix: str, scale: float = 1.0) -> None:
         for kind, style in styles.items():
