@@ -336,7 +336,7 @@ def _storm(
     for name in names:
         kube.create(GROUP_VERSION, PLURAL, _kvns(name), NS)
     created_s = time.perf_counter() - t0
-    deadline = time.monotonic() + (60 if quick else 120)
+    deadline = time.monotonic() + (60 if quick else 90)
     curve: list[tuple[float, int]] = []
     rss_curve: list[tuple[float, float]] = []
     while True:
