@@ -19,6 +19,7 @@ from typing import Any
 from bench.common import LATEST, fmt
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+SUM_BEGIN, SUM_END = "<!-- summary:begin -->", "<!-- summary:end -->"
 Fig = dict[str, Any]
 
 
@@ -381,6 +382,36 @@ def tables(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def summary(result: dict[str, Any]) -> str:
+    """One row per figure that has a target: the result and whether it is met."""
+    rows = []
+    for name, f in result["figures"].items():
+        target = f.get("target")
+        if not target:
+            continue
+        stats = target.get("stats") or [target.get("stat", "median")]
+        if "max_ratio" in target:
+            want = f"{'/'.join(stats)} ≤ {target['max_ratio']}x {f.get('baseline', '')}"
+            got = ", ".join(
+                f"{st} {f[f'ratio_{st}']:.2f}x" for st in stats if f.get(f"ratio_{st}") is not None
+            )
+        else:
+            want = f"{'/'.join(stats)} ≤ {target['max']:g} {f.get('unit', '')}"
+            got = ", ".join(f"{st} {fmt(f.get(st))} {f.get('unit', '')}" for st in stats)
+        if f.get("incomplete"):
+            got += f" ({f['incomplete']})"
+        if f.get("error"):
+            got = f"failed: {f['error'][:80]}"
+        rows.append([f"`{name}`", want, got or "-", _met(f) or "-"])
+    return _table(["figure", "target", "result", "met"], rows)
+
+
+def _replace(doc: str, begin: str, end: str, text: str) -> str:
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{text}\n{end}{tail}"
+
+
 def plots(result: dict[str, Any], img: Path) -> list[Path]:
     import matplotlib
 
@@ -502,9 +533,10 @@ def main(argv: list[str] | None = None) -> int:
     text = tables(result)
     doc = args.doc.read_text() if args.doc.exists() else ""
     if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        args.doc.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+        doc = _replace(doc, BEGIN, END, text)
+        if SUM_BEGIN in doc and SUM_END in doc:
+            doc = _replace(doc, SUM_BEGIN, SUM_END, summary(result))
+        args.doc.write_text(doc)
         print(f"updated {args.doc}")
     else:
         print(text)
