@@ -261,4 +261,27 @@ def run(quick: bool) -> dict[str, Figure]:
             if kind == "etha-etcd":
                 fig["target"] = {"stat": "p50", "max": 1.5}
             figures[name] = fig
+        figures.update(_idle_puts(info, 30 if quick else 150))
     return figures
+
+
+def _idle_puts(info: dict[str, Any], n: int) -> dict[str, Figure]:
+    """A raw Put back to back, and after ARM_S of idleness (as the setter above does)."""
+    setter = _setter("raw-etcd", info)
+    key = f"{info['namespace']}/default/idle"
+    out: dict[str, Figure] = {}
+    try:
+        for name, gap in (("back-to-back", 0.0), (f"after-{ARM_S * 1000:.0f}ms-idle", ARM_S)):
+            samples = []
+            for _ in range(n):
+                if gap:
+                    time.sleep(gap)
+                t0 = time.perf_counter()
+                setter.set(key, "1")
+                samples.append(time.perf_counter() - t0)
+            out[f"3.raw-etcd-put.{name}"] = figure(
+                samples, note="raw gRPC Put with a token; the floor of a wake-up's set()"
+            )
+    finally:
+        setter.close()
+    return out

@@ -194,22 +194,26 @@ def tables(result: dict[str, Any]) -> str:
         out += ["### #3 wake-up latency across processes (ms)", ""]
         rows = []
         for name, f in figs.items():
-            if name.startswith("3."):
+            if name.startswith("3.raw-etcd-put."):
+                kind, mode = "raw-etcd Put alone", name.split(".", 2)[2]
+            elif name.startswith("3.wake."):
                 _, _, kind, mode = name.split(".", 3)
-                rows.append(
-                    [
-                        kind,
-                        f"`{mode}`",
-                        str(f["runs"]),
-                        _r(f, "p50"),
-                        _r(f, "p99"),
-                        _r(f, "min"),
-                        _r(f, "max"),
-                        _r(f.get("set_call_ms"), "p50"),
-                        _ratio(f),
-                        _met(f),
-                    ]
-                )
+            else:
+                continue
+            rows.append(
+                [
+                    kind,
+                    f"`{mode}`",
+                    str(f["runs"]),
+                    _r(f, "p50"),
+                    _r(f, "p99"),
+                    _r(f, "min"),
+                    _r(f, "max"),
+                    _r(f.get("set_call_ms"), "p50"),
+                    _ratio(f),
+                    _met(f),
+                ]
+            )
         out += [
             _table(
                 [
