@@ -489,6 +489,8 @@ def plots(result: dict[str, Any], img: Path) -> list[Path]:
                 capsize=3,
                 label=variant,
             )
+        ax.set_yscale("log")
+        ax.set_xscale("log", base=2)
         ax.set_xlabel("clients K logging in at once")
         ax.set_ylabel("seconds until all logged in")
         ax.set_title("#6 log-in storm, password auth (bcrypt in etcd)")
@@ -506,6 +508,7 @@ def plots(result: dict[str, Any], img: Path) -> list[Path]:
         for name, storm in storms.items():
             xs, ys = zip(*storm["ready_curve"], strict=True)
             ax.plot(xs, ys, label=name.split(".", 2)[2])
+        ax.axvline(60, color="grey", lw=0.8, ls="--", label="target: all Ready in 60 s")
         ax.legend()
         ax.set_xlabel("seconds after the first create")
         ax.set_ylabel("KVNamespaces Ready")
