@@ -211,6 +211,9 @@ def test_fuzzed_namespace_is_invalid_or_refused_unless_it_is_the_users(
 
 @FUZZ
 @given(pattern=patterns, count=st.integers(min_value=-5, max_value=10**13))
+@example(pattern="rank:*/ready", count=2)
+@example(pattern="*", count=1)
+@example(pattern="rank:*", count=3)
 def test_fuzzed_wait_patterns_and_counts(
     world: World, baseline: dict[bytes, bytes], pattern: str, count: int
 ) -> None:
