@@ -31,10 +31,8 @@ from etha.kvstore.config import (
     DEFAULT_TIMEOUT,
     Endpoint,
     EtcdConfig,
-    parse_endpoints,
 )
 from etha.kvstore.errors import (
-    ConfigurationError,
     InvalidArgumentError,
     InvalidValueError,
     KVStoreError,
@@ -43,7 +41,12 @@ from etha.kvstore.errors import (
     StoreClosedError,
     UnavailableError,
 )
-from etha.kvstore.etcd_client import RAFT_OVERHEAD_BYTES, EtcdClient, prefix_range_end
+from etha.kvstore.etcd_client import (
+    RAFT_OVERHEAD_BYTES,
+    EtcdClient,
+    normalize_endpoints,
+    prefix_range_end,
+)
 from etha.kvstore.etcd_watch import PUT, WatchCompacted
 
 #: etcd's default ``--max-txn-ops``.
@@ -54,24 +57,6 @@ _PUT_FRAMING = 16
 _KEY_CACHE_SIZE = 4096
 
 T = TypeVar("T")
-
-
-def _endpoints_of(endpoints: Sequence[str | Endpoint] | str) -> tuple[tuple[Endpoint, ...], bool]:
-    items = [endpoints] if isinstance(endpoints, str) else list(endpoints)
-    result: list[Endpoint] = []
-    tls = False
-    for item in items:
-        if isinstance(item, Endpoint):
-            result.append(item)
-            continue
-        if not isinstance(item, str):
-            raise ConfigurationError(f"etcd endpoint {item!r} must be a str like 'host:port'")
-        parsed, scheme_tls = parse_endpoints(item, "endpoints")
-        tls = tls or bool(scheme_tls)
-        result.extend(parsed)
-    if not result:
-        raise ConfigurationError("no etcd endpoints given; pass at least one 'host:port'")
-    return tuple(result), tls
 
 
 def _show(value: bytes, limit: int = 60) -> str:
@@ -226,13 +211,13 @@ class EtcdKVStore(KVStore):
             self._client = client
             self._owns_client = False
         else:
-            parsed, scheme_tls = _endpoints_of(endpoints)
+            parsed, scheme_tls = normalize_endpoints(endpoints)
             if tls is None:
                 tls = scheme_tls or bool(ca_file or ca_pem or cert_file)
             config = EtcdConfig(
                 namespace=namespace,
                 component=component,
-                endpoints=parsed,
+                endpoints=tuple(parsed),
                 username=username,
                 password=password,
                 tls=tls,

@@ -133,7 +133,13 @@ def _read(path: str, what: str) -> bytes:
         raise ConfigurationError(f"cannot read the {what} {path!r}: {exc.strerror}") from None
 
 
-def _normalize_endpoints(endpoints: Sequence[str | Endpoint] | str) -> tuple[list[Endpoint], bool]:
+def normalize_endpoints(
+    endpoints: Sequence[str | Endpoint] | str,
+) -> tuple[list[Endpoint], bool]:
+    """Parse endpoints given as strings (``host:port``, ``http(s)://...``) or Endpoints.
+
+    :returns: the endpoints, and whether an ``https://`` scheme asked for TLS
+    """
     if isinstance(endpoints, str):
         endpoints = [endpoints]
     result: list[Endpoint] = []
@@ -183,7 +189,7 @@ class EtcdClient:
         timeout: float = 10.0,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
-        self._endpoints, scheme_tls = _normalize_endpoints(endpoints)
+        self._endpoints, scheme_tls = normalize_endpoints(endpoints)
         if (username is None) != (password is None):
             raise ConfigurationError("etcd username and password go together; set both or neither")
         if (cert_file is None) != (key_file is None):
