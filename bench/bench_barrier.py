@@ -511,7 +511,7 @@ def _failed(kind: str, n: int, exc: Exception) -> Figure:
 
 def run_barrier(quick: bool) -> dict[str, Figure]:
     sizes = [8] if quick else [8, 32, 64]
-    rounds = 3 if quick else 10
+    rounds = 2 if quick else 10
     kinds = ["raw-tcpstore", "etha-tcpstore", "etha-etcd"]
     if not quick:
         kinds.append("raw-etcd")

@@ -47,7 +47,7 @@ def run(quick: bool) -> dict[str, Figure]:
     from etha.kvstore.etcd import EtcdKVStore
     from etha.kvstore.tcpstore import TCPStoreKVStore
 
-    calls, reps = (200, 3) if quick else (1000, 7)
+    calls, reps = (100, 3) if quick else (1000, 7)
     figures: dict[str, Figure] = {}
     with etcd_server() as cluster:
         channel = grpc.insecure_channel(cluster.endpoints[0])

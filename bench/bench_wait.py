@@ -223,7 +223,7 @@ def measure(
 
 
 def run(quick: bool) -> dict[str, Figure]:
-    iters, warmup = (15, 3) if quick else (200, 20)
+    iters, warmup = (10, 2) if quick else (200, 20)
     figures: dict[str, Figure] = {}
     namespace = f"bench-wait-{uuid.uuid4().hex[:8]}"
     with (
@@ -261,7 +261,7 @@ def run(quick: bool) -> dict[str, Figure]:
             if kind == "etha-etcd":
                 fig["target"] = {"stat": "p50", "max": 1.5}
             figures[name] = fig
-        figures.update(_idle_puts(info, 30 if quick else 150))
+        figures.update(_idle_puts(info, 20 if quick else 150))
     return figures
 
 
