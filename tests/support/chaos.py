@@ -221,10 +221,11 @@ class _Worker(threading.Thread):
                 time.sleep(0.05)
         while arrived and time.monotonic() < deadline:
             remaining = max(deadline - time.monotonic(), 0.001)
-            ok, err = self._op(
-                "barrier_wait",
-                lambda t=remaining: store.wait_for_keys(pattern, load.workers, timeout=t),
-            )
+
+            def wait(t: float = remaining) -> list[str]:
+                return store.wait_for_keys(pattern, load.workers, timeout=t)
+
+            ok, err = self._op("barrier_wait", wait)
             if ok:
                 if len(err) != load.workers:
                     self.unclear.append(f"barrier r{round_no} returned {len(err)} keys")
