@@ -7,6 +7,7 @@ repeated. Passwords are passed through to etcd and never logged or returned.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,13 @@ class EtcdAdmin:
 
     def __init__(self, client: EtcdClient) -> None:
         self.client = client
+        # Prefix key -> the operator-made role granting it. Built by one scan of every role
+        # on first use, then kept current by ensure_role/delete_role, so that checking a
+        # new prefix costs O(1) requests instead of one RoleGet per existing role (a
+        # 500-object storm was O(n^2)). One operator replica writes these roles; roles
+        # changed by hand are picked up when the audit calls forget_owners().
+        self._owners: dict[bytes, str] | None = None
+        self._owners_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: OperatorSettings) -> EtcdAdmin:
@@ -102,14 +110,43 @@ class EtcdAdmin:
 
     def prefix_owner(self, prefix: str, *, exclude: str) -> str | None:
         """The operator-made role (other than ``exclude``) that already grants ``prefix``."""
-        wanted = prefix_grant(prefix)
-        for role in self.list_roles():
-            if role == exclude or model.uid_of_etcd_name(role) is None:
-                continue
-            grants = self.role_grants(role) or []
-            if any(g.key == wanted.key for g in grants):
-                return role
+        wanted = prefix_grant(prefix).key
+        with self._owners_lock:
+            if self._owners is None:
+                self._owners = self._scan_owners()
+            owner = self._owners.get(wanted)
+        if owner is None or owner == exclude:
+            return None
+        # The index may be stale (a role deleted by hand): confirm with etcd.
+        if any(g.key == wanted for g in self.role_grants(owner) or []):
+            return owner
+        self._forget(owner)
         return None
+
+    def forget_owners(self) -> None:
+        """Drop the prefix index; the next prefix_owner() rescans etcd's roles."""
+        with self._owners_lock:
+            self._owners = None
+
+    def _scan_owners(self) -> dict[bytes, str]:
+        owners: dict[bytes, str] = {}
+        for role in self.list_roles():
+            if model.uid_of_etcd_name(role) is None:
+                continue
+            for grant in self.role_grants(role) or []:
+                owners.setdefault(grant.key, role)
+        return owners
+
+    def _remember(self, prefix_key: bytes, role: str) -> None:
+        with self._owners_lock:
+            if self._owners is not None:
+                self._owners.setdefault(prefix_key, role)
+
+    def _forget(self, role: str) -> None:
+        with self._owners_lock:
+            if self._owners is not None:
+                for key in [k for k, v in self._owners.items() if v == role]:
+                    del self._owners[key]
 
     def authenticate(self, user: str, password: str, timeout: float | None = None) -> None:
         """Check that ``password`` logs ``user`` in.
@@ -148,6 +185,7 @@ class EtcdAdmin:
                 "RoleGrantPermission",
                 etcdrpc.AuthRoleGrantPermissionRequest(name=role, perm=permission),
             )
+        self._remember(wanted.key, role)
 
     def set_user(self, user: str, password: str, role: str) -> bool:
         """Create ``user`` with ``password`` (or reset the password) and grant only ``role``.
@@ -201,8 +239,10 @@ class EtcdAdmin:
             self._auth("RoleDelete", etcdrpc.AuthRoleDeleteRequest(role=role), timeout)
         except KVStoreError as exc:
             if _missing(exc):
+                self._forget(role)
                 return False
             raise
+        self._forget(role)
         return True
 
     def prefix_of_role(self, role: str, timeout: float | None = None) -> str | None:

@@ -476,6 +476,8 @@ class Reconciler:
         a user or role that someone is setting up right now is left alone for a round.
         """
         report = AuditReport()
+        # Resync the prefix index with etcd, in case roles were changed behind our back.
+        self.admin.forget_owners()
         users = self.admin.list_users()
         roles = self.admin.list_roles()
         try:
