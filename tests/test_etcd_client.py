@@ -21,7 +21,7 @@ from etha.kvstore.errors import (
     StoreClosedError,
     UnavailableError,
 )
-from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
+from etha.kvstore.etcd_client import EtcdClient, _is_conditional, _never_sent, prefix_range_end
 from etha.kvstore.etcd_watch import DELETE, PUT, WatchCompacted
 from tests.etcd_helpers import grant_prefix_user, root_client, wait_threads_gone
 from tests.support.etcd_server import ROOT_USER, EtcdCluster
@@ -512,3 +512,29 @@ def test_shared_watch_with_fold_wakes_each_waiter_once(etcd_plain: EtcdCluster) 
         assert isinstance(result, int) and 3 <= result <= 5
         assert b.get(10) == 5
         assert a.get(0) is None  # one result only
+
+
+def test_conditional_txn_is_re_sent_only_when_it_never_reached_a_server(
+    etcd_plain: EtcdCluster,
+) -> None:
+    key = f"cas-{uuid.uuid4().hex}".encode()
+    cas = etcdrpc.TxnRequest(
+        compare=[
+            etcdrpc.Compare(
+                key=key,
+                result=etcdrpc.Compare.EQUAL,
+                target=etcdrpc.Compare.CREATE,
+                create_revision=0,
+            )
+        ],
+        success=[etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=b"1"))],
+    )
+    assert _is_conditional("KV", "Txn", cas)
+    assert not _is_conditional("KV", "Txn", etcdrpc.TxnRequest())
+    # etcd's answer after a leader failure: the txn may have been applied, never re-send.
+    assert not _never_sent("etcdserver: request timed out, possibly due to previous leader failure")
+    # A dead first endpoint: the request never left, so it goes to the next one.
+    dead = f"127.0.0.1:{free_port()}"
+    with EtcdClient([dead, *etcd_plain.endpoints], timeout=10) as client:
+        assert client.txn(cas).succeeded
+        assert client.range(key).kvs[0].value == b"1"

@@ -158,6 +158,20 @@ def normalize_endpoints(
     return result, wants_tls
 
 
+def _is_conditional(service: str, method: str, request: Any) -> bool:
+    """A Txn with compares: re-sending one that was applied would apply it twice.
+
+    (A put, a delete or an unconditional Txn of them leaves the same state when repeated.)
+    """
+    return service == "KV" and method == "Txn" and len(request.compare) > 0
+
+
+def _never_sent(details: str) -> bool:
+    """True when an UNAVAILABLE error says the request never reached a server."""
+    lowered = details.lower()
+    return "failed to connect" in lowered or "connection refused" in lowered
+
+
 class EtcdClient:
     """Thread-safe etcd v3 client; one per process per config is enough (see :meth:`shared`).
 
@@ -460,6 +474,15 @@ class EtcdClient:
                 code: grpc.StatusCode = exc.code()
                 details: str = exc.details() or ""
                 if code is grpc.StatusCode.UNAVAILABLE:
+                    if _is_conditional(service, method, request) and not _never_sent(details):
+                        # The request may have been applied ("request timed out, possibly
+                        # due to previous leader failure"): re-sending a CAS would apply
+                        # it twice (an add counted twice), so the caller must re-read.
+                        raise UnavailableError(
+                            f"etcd {service}.{method} failed on {conn.endpoint} ({details});"
+                            " it may or may not have been applied: read the current state"
+                            " before retrying"
+                        ) from None
                     unavailable = exc
                     tried += 1
                     if tried % len(self._endpoints) == 0:
