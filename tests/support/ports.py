@@ -13,6 +13,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports that were free a moment ago.
+
+    The sockets stay bound until all are chosen: calling :func:`free_port` repeatedly can
+    hand out the same port twice (the kernel reuses a just-released ephemeral port).
+    """
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     """Block until something accepts TCP connections on host:port."""
     deadline = time.monotonic() + timeout
