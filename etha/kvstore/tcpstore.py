@@ -11,13 +11,12 @@ prefix queries and no authentication, so this backend:
   blocks until its timeout on a missing key);
 * waits with a bounded poll, always within the caller's timeout: while the awaited keys
   (one key, or every candidate of ``wait_for_keys`` when all are needed) are missing,
-  during the wait's first second each poll blocks server-side until they all exist,
-  for at most 0.2 s (``multi_get`` under that timeout, i.e. TCPStore's own wait, then
-  the values in the same call). A timed-out TCPStore wait leaves the connection usable,
-  but it holds this store's lock, so another thread's call on the same store may wait up
-  to one slice, and torch logs a warning per timed-out slice (at most five per wait;
-  ``TORCH_CPP_LOG_LEVEL=ERROR`` silences them); after that first second it polls.
-  While the keys exist but hold another value, or fewer than all
+  each poll blocks server-side until they all exist, for at most 0.2 s (``multi_get``
+  under that timeout, i.e. TCPStore's own wait, then the values in the same call), and
+  gets their values. A timed-out TCPStore wait leaves the connection usable, but it
+  holds this store's lock, so another thread's call on the same store may wait up to
+  one slice, and torch logs a warning per timed-out slice (``TORCH_CPP_LOG_LEVEL=ERROR``
+  silences it). While the keys exist but hold another value, or fewer than all
   candidates are needed, it polls with exponential backoff (1 ms doubling to 50 ms);
   stores wrapped with ``store=`` that are not a ``TCPStore`` are only polled.
   ``wait_for_keys`` needs the caller's ``candidate_keys`` because TCPStore cannot list
@@ -83,10 +82,6 @@ _POLL_MAX = 0.05
 # One server-side TCPStore.wait() lasts at most this long: it holds the connection (and
 # the lock), and each timed-out slice logs a c10d warning.
 _WAIT_SLICE = 0.2
-# Bounded server-side waits only during a wait's first second, when a barrier's peers are
-# arriving and wake-up latency matters; a longer wait falls back to backoff polling, so
-# it neither logs a c10d warning per slice for minutes nor keeps other threads waiting.
-_BLOCK_PHASE = 1.0
 # torch counts wait timeouts in whole milliseconds.
 _MIN_SLICE = 0.001
 # A valid key in one regex (the fast path; keys.validate_key explains a rejection).
@@ -556,21 +551,18 @@ class TCPStoreKVStore(KVStore):
     ) -> _T | None:
         """Call ``probe`` until it returns non-None or ``timeout`` passes (last try at the end).
 
-        With ``wait_keys`` (and a real TCPStore), during the first :data:`_BLOCK_PHASE`
-        seconds each try first blocks server-side until those keys all exist, in slices of
-        at most :data:`_WAIT_SLICE`, and ``probe`` gets their values. Otherwise
-        ``probe(None)`` runs with exponential backoff between tries, as it also does
-        while the keys exist but the probe is not satisfied.
+        With ``wait_keys`` (and a real TCPStore), each try first blocks server-side until
+        those keys all exist, in slices of at most :data:`_WAIT_SLICE`, and ``probe`` gets
+        their values. Otherwise ``probe(None)`` runs with exponential backoff between
+        tries, as it also does while the keys exist but the probe is not satisfied.
         """
         deadline = time.monotonic() + timeout
         delay = _POLL_START
         block = wait_keys is not None and isinstance(self._live_store(), self._tcpstore_type)
-        block_until = time.monotonic() + _BLOCK_PHASE
         while True:
-            now = time.monotonic()
-            remaining = deadline - now
+            remaining = deadline - time.monotonic()
             got = None
-            if block and wait_keys is not None and remaining >= _MIN_SLICE and now < block_until:
+            if block and wait_keys is not None and remaining >= _MIN_SLICE:
                 got = self._bounded_get(wait_keys, min(remaining, _WAIT_SLICE))
                 if got is None:
                     continue
