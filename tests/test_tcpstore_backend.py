@@ -36,12 +36,7 @@ from etha.kvstore import (
     UnavailableError,
 )
 from etha.kvstore.config import TCPStoreConfig
-from etha.kvstore.tcpstore import (
-    MAX_BYTES_DATA,
-    MAX_VALUE_BYTES,
-    TCPStoreKVStore,
-    _validate_candidates,
-)
+from etha.kvstore.tcpstore import MAX_BYTES_DATA, MAX_VALUE_BYTES, TCPStoreKVStore
 from tests.support.ports import free_port
 from tests.support.tcpstore_server import TCPStoreServer
 
@@ -267,55 +262,6 @@ def test_candidates_must_be_valid_keys_matching_the_pattern(
         store.wait_for_keys("rank:*/ready", 1, candidate_keys=["rank:*/ready"], timeout=1)
     with pytest.raises(InvalidKeyError, match=re.escape("'..' segment")):
         store.wait_for_keys("rank:*/ready", 1, candidate_keys=["rank:0/../ready"], timeout=1)
-
-
-@pytest.mark.parametrize(
-    ("candidates", "pattern"),
-    [
-        ([f"b/1/rank:{i}/ready" for i in range(64)], "b/1/rank:*/ready"),
-        (["r:1", "r:0", "r:1", "r:2"], "r:*"),
-        (["a/x/y/z", "a/q"], "a/*"),
-        (["rank:0\nrank:1"], "rank:*"),
-        (["rank:0", "rank:1\n"], "rank:*"),
-        (["rank:0", "rank:1/./x"], "rank:*"),
-        (["rank:0", "rank:1/.."], "rank:*"),
-        (["rank:0", "."], "*"),
-        (["rank:0", "rank://1"], "rank:*"),
-        (["rank:0", "/rank:1"], "*rank:*"),
-        (["rank:0", ""], "*"),
-        (["rank:0", "rank:*"], "rank:*"),
-        (["rank:0", "rank:1 "], "rank:*"),
-        (["rank:0", "x" * 1025], "*"),
-        (["rank:0", "other:1"], "rank:*"),
-        (["rank:0", 1], "rank:*"),
-        (["rank:0", b"rank:1"], "rank:*"),
-        ([], "rank:*"),
-    ],
-)
-def test_candidate_validation_agrees_with_validating_key_by_key(
-    candidates: list[Any], pattern: str
-) -> None:
-    # _validate_candidates checks a whole list in a few regex passes; it must accept and
-    # reject exactly what validate_key plus the pattern accept and reject, one by one.
-    regex = etha.kvstore.keys.compile_pattern(pattern)
-
-    def one_by_one() -> list[str]:
-        seen: dict[str, None] = {}
-        for key in candidates:
-            etha.kvstore.keys.validate_key(key)
-            if not regex.fullmatch(key):
-                raise InvalidKeyError(f"{key!r} does not match")
-            seen[key] = None
-        return list(seen)
-
-    try:
-        expected = one_by_one()
-    except InvalidKeyError:
-        with pytest.raises(InvalidKeyError):
-            _validate_candidates(candidates, pattern)
-    else:
-        assert _validate_candidates(candidates, pattern) == expected
-        assert _validate_candidates(tuple(candidates), pattern) == expected
 
 
 def test_an_unreachable_count_fails_at_once(connect: Callable[..., TCPStoreKVStore]) -> None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import functools
 import re
 import threading
 import time
@@ -85,10 +84,7 @@ _WAIT_SLICE = 0.2
 # torch counts wait timeouts in whole milliseconds.
 _MIN_SLICE = 0.001
 # A valid key in one regex (the fast path; keys.validate_key explains a rejection).
-_FAST_KEY = f"[{_keys._SEGMENT_CHARS}]+(?:/[{_keys._SEGMENT_CHARS}]+)*"
-_FAST_KEY_RE = re.compile(_FAST_KEY)
-# Valid keys joined by newlines (no key can hold one): a candidate list in one match.
-_FAST_KEYS_RE = re.compile(f"{_FAST_KEY}(?:\n{_FAST_KEY})*")
+_FAST_KEY_RE = re.compile(f"[{_keys._SEGMENT_CHARS}]+(?:/[{_keys._SEGMENT_CHARS}]+)*")
 # compare_set(key, S, S) returns S when the key is missing and never writes anything, unless
 # the stored value is S itself (then it writes S again: still no change). S is not UTF-8, so
 # neither set() (UTF-8 text) nor set_bytes() (base64) can store it.
@@ -119,10 +115,6 @@ def _validate_candidates(candidate_keys: object, pattern: str) -> list[str]:
         raise InvalidArgumentError(
             f"candidate_keys must be a list of keys, got {type(candidate_keys).__name__}"
         )
-    if isinstance(candidate_keys, (list, tuple)) and _fast_valid_candidates(
-        candidate_keys, pattern
-    ):
-        return list(dict.fromkeys(candidate_keys))
     regex = _keys.compile_pattern(pattern)
     seen: dict[str, None] = {}
     for key in candidate_keys:
@@ -135,35 +127,6 @@ def _validate_candidates(candidate_keys: object, pattern: str) -> list[str]:
             )
         seen[key] = None
     return list(seen)
-
-
-@functools.lru_cache(maxsize=64)
-def _lines_regex(pattern: str) -> re.Pattern[str]:
-    """Newline-joined keys that each match the validated ``pattern`` as a whole."""
-    one = "[^\n]*".join(re.escape(part) for part in pattern.split("*"))
-    return re.compile(f"(?:{one})(?:\n(?:{one}))*")
-
-
-def _fast_valid_candidates(candidates: list[Any] | tuple[Any, ...], pattern: str) -> bool:
-    """True if every candidate is a valid key matching ``pattern`` (False: check one by one).
-
-    A few regex passes over the joined list instead of two per key: barriers pass a new
-    list of N keys on every call.
-    """
-    try:
-        joined = "\n".join(candidates)
-    except TypeError:
-        return False
-    if not candidates or max(map(len, candidates)) > _keys.MAX_KEY_LENGTH:
-        return False
-    if joined.count("\n") != len(candidates) - 1:  # a key holding a newline
-        return False
-    if not _FAST_KEYS_RE.fullmatch(joined):
-        return False
-    padded = "/" + joined.replace("\n", "/\n/") + "/"
-    if "/./" in padded or "/../" in padded:
-        return False
-    return _lines_regex(pattern).fullmatch(joined) is not None
 
 
 def _fast_valid_key(key: object) -> bool:
