@@ -10,17 +10,13 @@ prefix queries and no authentication, so this backend:
 * reads a key with one ``compare_set`` round trip that never writes (TCPStore's ``get``
   blocks until its timeout on a missing key);
 * waits with a bounded poll, always within the caller's timeout: while the awaited keys
-  (one key, or every candidate of ``wait_for_keys`` when all are needed) are missing,
-  each poll blocks server-side until they all exist, for at most 0.2 s (``multi_get``
-  under that timeout, i.e. TCPStore's own wait, then the values in the same call), and
-  gets their values. A timed-out TCPStore wait leaves the connection usable, but it
-  holds this store's lock, so another thread's call on the same store may wait up to
-  one slice, and torch logs a warning per timed-out slice (``TORCH_CPP_LOG_LEVEL=ERROR``
-  silences it). While the keys exist but hold another value, or fewer than all
-  candidates are needed, it polls with exponential backoff (1 ms doubling to 50 ms);
-  stores wrapped with ``store=`` that are not a ``TCPStore`` are only polled.
-  ``wait_for_keys`` needs the caller's ``candidate_keys`` because TCPStore cannot list
-  keys by prefix cheaply;
+  are missing it blocks server-side in ``TCPStore.wait(keys)`` for slices of at most
+  0.2 s (a timed-out ``wait`` leaves the connection usable; it holds this store's lock,
+  so another thread's call on the same store may wait up to one slice), then reads the
+  values in one request; while keys exist but hold another value it polls with
+  exponential backoff (1 ms doubling to 50 ms). Stores wrapped with ``store=`` that are
+  not a ``TCPStore`` are polled with backoff only. ``wait_for_keys`` needs the caller's
+  ``candidate_keys`` because TCPStore cannot list keys by prefix cheaply;
 * refuses what breaks a TCPStore connection for good: values over 8 MiB (after base64)
   and ``add()`` on non-integers (never called on user data);
 * never reconnects: after the connection broke every call raises
@@ -357,15 +353,13 @@ class TCPStoreKVStore(KVStore):
     def wait_for_key(
         self, key: str, timeout: float = DEFAULT_WAIT_TIMEOUT, *, component: str | None = None
     ) -> bytes:
-        """Wait (bounded server-side waits) until ``key`` exists; return its stored bytes.
+        """Poll until ``key`` exists; return its stored bytes.
 
         :raises KVTimeoutError: (a TimeoutError) if the key did not appear in time
         """
         full = self._full_key(key, component)
         timeout = check_timeout(timeout)
-        found = self._poll(
-            timeout, lambda got: got[0] if got is not None else self._read(full), [full]
-        )
+        found = self._poll(timeout, lambda _woke: self._read(full), [full])
         if found is None:
             raise KVTimeoutError(f"key {full!r} did not appear within {timeout}s")
         return found
@@ -387,8 +381,8 @@ class TCPStoreKVStore(KVStore):
         timeout = check_timeout(timeout)
         last: list[bytes | None] = [None]
 
-        def probe(got: list[bytes] | None) -> bytes | None:
-            last[0] = got[0] if got is not None else self._read(full)
+        def probe(_woke: bool) -> bytes | None:
+            last[0] = self._read(full)
             return last[0] if last[0] == want else None
 
         found = self._poll(timeout, probe, [full])
@@ -414,10 +408,9 @@ class TCPStoreKVStore(KVStore):
         """Poll ``candidate_keys`` until ``expected_count`` of them hold ``value``.
 
         ``candidate_keys`` (relative keys, each matching ``key_pattern``) is required.
-        When every candidate is needed (``expected_count == len(candidates)``), each poll
-        is one bounded server-side wait for all of them that reads their values
-        (``multi_get``); otherwise each poll is one ``list_keys`` and the values are read
-        only once enough candidates exist. Never one request per key.
+        Each poll is one request for all candidates: ``check`` when every candidate is
+        needed, ``list_keys`` otherwise; values are read (``multi_get``) only once enough
+        candidates exist.
 
         :returns: every candidate that holds ``value``, relative to the component, sorted
         :raises InvalidArgumentError: candidate_keys missing, or fewer than expected_count
@@ -440,8 +433,8 @@ class TCPStoreKVStore(KVStore):
 
         every = count == len(fulls)
 
-        def probe(got: list[bytes] | None) -> list[str] | None:
-            if got is not None:  # a server-side wait for all of fulls read their values
+        def probe(woke: bool) -> list[str] | None:
+            if woke:  # a server-side wait for all of fulls returned: they exist
                 present = fulls
             elif every:
                 present = fulls if self._call("check", lambda s: s.check(fulls)) else []
@@ -451,7 +444,7 @@ class TCPStoreKVStore(KVStore):
             progress[0] = len(present)
             if len(present) < count:
                 return None
-            values = got if got is not None else self._multi_get(present, deadline)
+            values = self._multi_get(present, deadline)
             if values is None:  # a key vanished between the two requests: poll again
                 return None
             matched = sorted(by_full[k] for k, v in zip(present, values, strict=True) if v == want)
@@ -509,27 +502,27 @@ class TCPStoreKVStore(KVStore):
     def _poll(
         self,
         timeout: float,
-        probe: Callable[[list[bytes] | None], _T | None],
+        probe: Callable[[bool], _T | None],
         wait_keys: list[str] | None = None,
     ) -> _T | None:
         """Call ``probe`` until it returns non-None or ``timeout`` passes (last try at the end).
 
         With ``wait_keys`` (and a real TCPStore), each try first blocks server-side until
-        those keys all exist, in slices of at most :data:`_WAIT_SLICE`, and ``probe`` gets
-        their values. Otherwise ``probe(None)`` runs with exponential backoff between
-        tries, as it also does while the keys exist but the probe is not satisfied.
+        those keys all exist, in slices of at most :data:`_WAIT_SLICE`, and ``probe(True)``
+        then knows they existed. Otherwise ``probe(False)`` runs with exponential backoff
+        between tries, as it also does while the keys exist but the probe is not satisfied.
         """
         deadline = time.monotonic() + timeout
         delay = _POLL_START
         block = wait_keys is not None and isinstance(self._live_store(), self._tcpstore_type)
         while True:
             remaining = deadline - time.monotonic()
-            got = None
+            woke = False
             if block and wait_keys is not None and remaining >= _MIN_SLICE:
-                got = self._bounded_get(wait_keys, min(remaining, _WAIT_SLICE))
-                if got is None:
+                if not self._bounded_wait(wait_keys, min(remaining, _WAIT_SLICE)):
                     continue
-            result = probe(got)
+                woke = True
+            result = probe(woke)
             if result is not None:
                 return result
             remaining = deadline - time.monotonic()
@@ -538,30 +531,17 @@ class TCPStoreKVStore(KVStore):
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, _POLL_MAX)
 
-    def _bounded_get(self, fulls: list[str], seconds: float) -> list[bytes] | None:
-        """The values of ``fulls`` once all exist, waiting server-side up to ``seconds``.
+    def _bounded_wait(self, fulls: list[str], seconds: float) -> bool:
+        """Block in ``TCPStore.wait(fulls)`` up to ``seconds``; False if it timed out.
 
-        None if the wait timed out: torch cancels a timed-out wait and the connection
-        stays usable. On a store it created, ``multi_get`` under a ``seconds`` timeout
-        waits and reads in one call; a wrapped store's timeout is left alone (``wait``,
-        then ``multi_get``).
+        A timed-out wait is cancelled by torch and leaves the connection usable.
         """
         span = timedelta(seconds=seconds)
-
-        def do(store: Any) -> list[bytes]:
-            if not self._owns_store:
-                store.wait(fulls, span)
-                return [bytes(v) for v in store.multi_get(fulls)]
-            store.set_timeout(span)
-            try:
-                return [bytes(v) for v in store.multi_get(fulls)]
-            finally:
-                store.set_timeout(timedelta(seconds=self._timeout))
-
         try:
-            return self._call("wait", do)
+            self._call("wait", lambda s: s.wait(fulls, span))
         except KVTimeoutError:
-            return None
+            return False
+        return True
 
     def close(self, cleanup: bool = True) -> None:
         """Release the TCPStore; idempotent. Later calls raise StoreClosedError.
