@@ -215,10 +215,8 @@ def test_no_request_uses_add_and_waits_poll_all_candidates_at_once(
         store.wait_for_keys("rank:*/ready", 16, candidate_keys=candidates, timeout=0.3)
     polls = counting.calls["check"]
     assert polls >= 2
-    # one check() per poll for all 16 candidates; nothing per key (a wrapped store that is
-    # not a TCPStore gets no server-side wait); one list_keys counts them for the message
-    assert counting.calls["list_keys"] == 1
-    assert set(counting.calls) == {"check", "list_keys"}
+    # one check() per poll for all 16 candidates; nothing per key
+    assert set(counting.calls) == {"check"}
 
     counting.calls.clear()
     with pytest.raises(KVTimeoutError):
@@ -330,67 +328,6 @@ def test_wait_survives_a_candidate_deleted_between_requests(
 
 
 # -- close ------------------------------------------------------------------------------------
-
-
-def test_a_timed_out_server_side_wait_leaves_the_store_usable(
-    connect: Callable[..., TCPStoreKVStore], raw: Any, namespace: str
-) -> None:
-    # The torch request itself: a wait() that times out raises and the connection stays.
-    with pytest.raises(dist.DistStoreError, match="timeout"):
-        raw.wait([f"{namespace}/default/missing"], timedelta(milliseconds=50))
-    raw.set(f"{namespace}/default/raw-after", "1")
-    assert raw.get(f"{namespace}/default/raw-after") == b"1"
-
-    # Through the store: timeouts longer than one wait slice end in several timed-out
-    # server-side waits; every later call on the same connection still works.
-    store, other = connect(), connect()
-    candidates = ["rank:0", "rank:1", "rank:2"]
-    store.set("rank:0", "1")
-    with pytest.raises(KVTimeoutError) as info:
-        store.wait_for_keys("rank:*", 3, candidate_keys=candidates, timeout=0.5)
-    assert "1 of 3 candidate keys existed" in str(info.value)
-    with pytest.raises(KVTimeoutError):
-        store.wait_for_key("never", timeout=0.5)
-    with pytest.raises(KVTimeoutError):
-        store.wait_for_value("never", "x", timeout=0.3)
-    store.set("after", "ok")
-    assert store.get("after") == b"ok"
-    assert store.exists("rank:0") and not store.exists("never")
-    other.set("rank:1", "1")
-    other.set("rank:2", "1")
-    assert store.wait_for_keys("rank:*", 3, candidate_keys=candidates, timeout=30) == candidates
-    assert store.wait_for_key("after", timeout=30) == b"ok"
-
-
-@pytest.mark.parametrize("first_value", [None, "0"], ids=["missing", "wrong-value"])
-def test_wait_for_all_candidates_wakes_when_another_client_sets_the_last_key(
-    connect: Callable[..., TCPStoreKVStore], first_value: str | None
-) -> None:
-    waiter_store, setter = connect(), connect()
-    candidates = [f"rank:{i}/ready" for i in range(8)]
-    for key in candidates[:-1]:
-        setter.set(key, "1")
-    if first_value is not None:
-        # the last key exists with another value first: the wait must not stop there
-        setter.set(candidates[-1], first_value)
-    results: list[object] = []
-
-    def waiter() -> None:
-        try:
-            results.append(
-                waiter_store.wait_for_keys("rank:*/ready", 8, candidate_keys=candidates, timeout=30)
-            )
-        except BaseException as exc:
-            results.append(exc)
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
-    time.sleep(0.3)  # let the waiter block (server-side or in its backoff) first
-    assert not results
-    setter.set(candidates[-1], "1")
-    thread.join(timeout=40)
-    assert not thread.is_alive()
-    assert results == [sorted(candidates)]
 
 
 def test_close_keeps_the_keys_and_is_idempotent(connect: Callable[..., TCPStoreKVStore]) -> None:

@@ -9,14 +9,9 @@ prefix queries and no authentication, so this backend:
   decodes it;
 * reads a key with one ``compare_set`` round trip that never writes (TCPStore's ``get``
   blocks until its timeout on a missing key);
-* waits with a bounded poll, always within the caller's timeout: while the awaited keys
-  are missing it blocks server-side in ``TCPStore.wait(keys)`` for slices of at most
-  0.2 s (a timed-out ``wait`` leaves the connection usable; it holds this store's lock,
-  so another thread's call on the same store may wait up to one slice), then reads the
-  values in one request; while keys exist but hold another value it polls with
-  exponential backoff (1 ms doubling to 50 ms). Stores wrapped with ``store=`` that are
-  not a ``TCPStore`` are polled with backoff only. ``wait_for_keys`` needs the caller's
-  ``candidate_keys`` because TCPStore cannot list keys by prefix cheaply;
+* waits by polling with bounded exponential backoff (1 ms doubling to 50 ms), and
+  ``wait_for_keys`` needs the caller's ``candidate_keys`` because TCPStore cannot list
+  keys by prefix cheaply;
 * refuses what breaks a TCPStore connection for good: values over 8 MiB (after base64)
   and ``add()`` on non-integers (never called on user data);
 * never reconnects: after the connection broke every call raises
@@ -30,8 +25,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -74,13 +67,6 @@ MAX_BYTES_DATA = MAX_VALUE_BYTES // 4 * 3
 _MAX_REQUEST_TIMEOUT = 365 * 24 * 3600.0
 _POLL_START = 0.001
 _POLL_MAX = 0.05
-# One server-side TCPStore.wait() lasts at most this long: it holds the connection (and
-# the lock), and each timed-out slice logs a c10d warning.
-_WAIT_SLICE = 0.2
-# torch counts wait timeouts in whole milliseconds.
-_MIN_SLICE = 0.001
-# A valid key in one regex (the fast path; keys.validate_key explains a rejection).
-_FAST_KEY_RE = re.compile(f"[{_keys._SEGMENT_CHARS}]+(?:/[{_keys._SEGMENT_CHARS}]+)*")
 # compare_set(key, S, S) returns S when the key is missing and never writes anything, unless
 # the stored value is S itself (then it writes S again: still no change). S is not UTF-8, so
 # neither set() (UTF-8 text) nor set_bytes() (base64) can store it.
@@ -114,8 +100,7 @@ def _validate_candidates(candidate_keys: object, pattern: str) -> list[str]:
     regex = _keys.compile_pattern(pattern)
     seen: dict[str, None] = {}
     for key in candidate_keys:
-        if not _fast_valid_key(key):
-            _keys.validate_key(key)
+        _keys.validate_key(key)
         if not regex.fullmatch(key):
             raise InvalidKeyError(
                 f"candidate key {key!r} does not match the pattern {pattern!r};"
@@ -123,16 +108,6 @@ def _validate_candidates(candidate_keys: object, pattern: str) -> list[str]:
             )
         seen[key] = None
     return list(seen)
-
-
-def _fast_valid_key(key: object) -> bool:
-    """True for a key :func:`etha.kvstore.keys.validate_key` accepts (False: ask it)."""
-    if not isinstance(key, str) or len(key) > _keys.MAX_KEY_LENGTH:
-        return False
-    if not _FAST_KEY_RE.fullmatch(key):
-        return False
-    padded = f"/{key}/"
-    return "/./" not in padded and "/../" not in padded
 
 
 class TCPStoreKVStore(KVStore):
@@ -179,10 +154,6 @@ class TCPStoreKVStore(KVStore):
         dist = _import_torch_distributed()
         self._network_errors: tuple[type[BaseException], ...] = (dist.DistNetworkError,)
         self._store_errors: tuple[type[BaseException], ...] = (dist.DistStoreError,)
-        self._tcpstore_type: type[Any] = dist.TCPStore
-        # The last validated (pattern, candidates) of wait_for_keys: a loop of waits on
-        # the same candidates validates them once.
-        self._candidates_cache: tuple[tuple[str, tuple[object, ...]], list[str]] | None = None
         if store is not None:
             if host is not None or port is not None or is_server or world_size is not None:
                 raise ConfigurationError(
@@ -359,7 +330,7 @@ class TCPStoreKVStore(KVStore):
         """
         full = self._full_key(key, component)
         timeout = check_timeout(timeout)
-        found = self._poll(timeout, lambda _woke: self._read(full), [full])
+        found = self._poll(timeout, lambda: self._read(full))
         if found is None:
             raise KVTimeoutError(f"key {full!r} did not appear within {timeout}s")
         return found
@@ -381,11 +352,11 @@ class TCPStoreKVStore(KVStore):
         timeout = check_timeout(timeout)
         last: list[bytes | None] = [None]
 
-        def probe(_woke: bool) -> bytes | None:
+        def probe() -> bytes | None:
             last[0] = self._read(full)
             return last[0] if last[0] == want else None
 
-        found = self._poll(timeout, probe, [full])
+        found = self._poll(timeout, probe)
         if found is None:
             seen = (
                 "was missing" if last[0] is None else f"held another value ({len(last[0])} bytes)"
@@ -420,7 +391,7 @@ class TCPStoreKVStore(KVStore):
         count = check_expected_count(expected_count)
         want = check_str_value(value, "value")
         timeout = check_timeout(timeout)
-        candidates = self._candidates(candidate_keys, key_pattern)
+        candidates = _validate_candidates(candidate_keys, key_pattern)
         if count > len(candidates):
             raise InvalidArgumentError(
                 f"expected_count {count} is more than the {len(candidates)} distinct"
@@ -431,12 +402,8 @@ class TCPStoreKVStore(KVStore):
         progress = [0, 0]  # keys present, keys with the value, at the last poll
         deadline = time.monotonic() + timeout
 
-        every = count == len(fulls)
-
-        def probe(woke: bool) -> list[str] | None:
-            if woke:  # a server-side wait for all of fulls returned: they exist
-                present = fulls
-            elif every:
+        def probe() -> list[str] | None:
+            if count == len(fulls):
                 present = fulls if self._call("check", lambda s: s.check(fulls)) else []
             else:
                 stored = set(self._call("list_keys", lambda s: s.list_keys()))
@@ -451,13 +418,8 @@ class TCPStoreKVStore(KVStore):
             progress[1] = len(matched)
             return matched if len(matched) >= count else None
 
-        found = self._poll(timeout, probe, fulls if every else None)
+        found = self._poll(timeout, probe)
         if found is None:
-            if every:
-                # bounded waits do not count the keys: one request for the message
-                with contextlib.suppress(KVStoreError):
-                    stored = set(self._call("list_keys", lambda s: s.list_keys()))
-                    progress[0] = sum(k in stored for k in fulls)
             raise KVTimeoutError(
                 f"wait_for_keys({prefix + key_pattern!r}) timed out after {timeout}s:"
                 f" {progress[1]} of {count} needed keys had the expected value;"
@@ -487,42 +449,12 @@ class TCPStoreKVStore(KVStore):
         except KVTimeoutError:
             return None
 
-    def _candidates(self, candidate_keys: object, pattern: str) -> list[str]:
-        """:func:`_validate_candidates`, remembering the last accepted list."""
-        if isinstance(candidate_keys, (list, tuple)):
-            ident = (pattern, tuple(candidate_keys))
-            cached = self._candidates_cache
-            if cached is not None and cached[0] == ident:
-                return cached[1]
-            result = _validate_candidates(candidate_keys, pattern)
-            self._candidates_cache = (ident, result)
-            return result
-        return _validate_candidates(candidate_keys, pattern)
-
-    def _poll(
-        self,
-        timeout: float,
-        probe: Callable[[bool], _T | None],
-        wait_keys: list[str] | None = None,
-    ) -> _T | None:
-        """Call ``probe`` until it returns non-None or ``timeout`` passes (last try at the end).
-
-        With ``wait_keys`` (and a real TCPStore), each try first blocks server-side until
-        those keys all exist, in slices of at most :data:`_WAIT_SLICE`, and ``probe(True)``
-        then knows they existed. Otherwise ``probe(False)`` runs with exponential backoff
-        between tries, as it also does while the keys exist but the probe is not satisfied.
-        """
+    def _poll(self, timeout: float, probe: Callable[[], _T | None]) -> _T | None:
+        """Call ``probe`` until it returns non-None or ``timeout`` passes (last try at the end)."""
         deadline = time.monotonic() + timeout
         delay = _POLL_START
-        block = wait_keys is not None and isinstance(self._live_store(), self._tcpstore_type)
         while True:
-            remaining = deadline - time.monotonic()
-            woke = False
-            if block and wait_keys is not None and remaining >= _MIN_SLICE:
-                if not self._bounded_wait(wait_keys, min(remaining, _WAIT_SLICE)):
-                    continue
-                woke = True
-            result = probe(woke)
+            result = probe()
             if result is not None:
                 return result
             remaining = deadline - time.monotonic()
@@ -530,18 +462,6 @@ class TCPStoreKVStore(KVStore):
                 return None
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, _POLL_MAX)
-
-    def _bounded_wait(self, fulls: list[str], seconds: float) -> bool:
-        """Block in ``TCPStore.wait(fulls)`` up to ``seconds``; False if it timed out.
-
-        A timed-out wait is cancelled by torch and leaves the connection usable.
-        """
-        span = timedelta(seconds=seconds)
-        try:
-            self._call("wait", lambda s: s.wait(fulls, span))
-        except KVTimeoutError:
-            return False
-        return True
 
     def close(self, cleanup: bool = True) -> None:
         """Release the TCPStore; idempotent. Later calls raise StoreClosedError.
