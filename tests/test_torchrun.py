@@ -205,6 +205,7 @@ result = {
     "rank": rank,
     "world": world,
     "node": int(os.environ["GROUP_RANK"]),
+    "agent": os.getppid(),
     "restart": int(os.environ["TORCHELASTIC_RESTART_COUNT"]),
     "same_params": all(torch.equal(g, flat) for g in gathered),
 }
@@ -220,8 +221,9 @@ def _torchrun(run_id: str, script: Path, out: Path, steps: int, init_method: str
         "--nnodes=2", "--nproc-per-node=2",
         "--rdzv-backend=etha", f"--rdzv-id={run_id}",
         "--max-restarts=3", "--monitor-interval=0.2", "--local-addr=127.0.0.1",
-        # Notice a dead node within ~3 s instead of 15 s.
-        "--rdzv-conf=join_timeout=120,keep_alive_interval=1,keep_alive_max_attempt=3",
+        # Notice a dead node within ~5 s instead of 15 s; fewer misses would declare a
+        # live but CPU-starved agent dead on a loaded 2-core CI machine.
+        "--rdzv-conf=join_timeout=120,keep_alive_interval=1,keep_alive_max_attempt=5",
         str(script), str(out), str(steps), init_method,
     ]  # fmt: skip
 
@@ -253,7 +255,8 @@ def test_two_nodes_one_killed_and_restarted(
     out.mkdir()
     run_id = f"job-{uuid.uuid4().hex[:8]}"
     cmd = _torchrun(run_id, script, out, steps=15, init_method=init_method)
-    env = child_env(ns_a)
+    # INFO makes the agents log each restart and its cause, for the diagnostics.
+    env = child_env(ns_a, LOGLEVEL="INFO")
     logs = [tmp_path / "node0.log", tmp_path / "node1.log", tmp_path / "node1-again.log"]
 
     def diagnostics() -> str:
@@ -280,13 +283,18 @@ def test_two_nodes_one_killed_and_restarted(
     )
     assert [r["rank"] for r in results] == [0, 1, 2, 3], diagnostics()
     assert all(r["world"] == 4 and r["same_params"] for r in results)
-    # The surviving node's workers were restarted once: a second rendezvous round ran.
-    restarts = {r["node"]: r["restart"] for r in results}
-    assert sorted(restarts.values()) == [0, 1], restarts
+    # The surviving node's workers were restarted: a second rendezvous round ran. How
+    # many restarts each node counts is torch's business: a worker that dies under load
+    # (torch 2.13 under a loaded CI machine: "terminate called without an active
+    # exception") restarts both nodes once more, within --max-restarts (exit code 0).
+    restarts = {r["agent"]: r["restart"] for r in results}
+    assert set(restarts) == {node0.pid, node1.pid}, (restarts, node0.pid, node1.pid)
+    assert restarts[node0.pid] >= 1, (restarts, diagnostics())
     c10d_keys = [k for k in all_keys(etcd_auth) if k.startswith(f"{ns_a.namespace}/c10d/{run_id}.")]
     if init_method == "etha://":
-        # Both rounds rendezvoused in etcd, each under its own scope.
-        assert len({k.split("/")[2] for k in c10d_keys}) == 2, c10d_keys
+        # Every round rendezvoused in etcd, each under its own scope (a membership change
+        # can add a round that no restart counts).
+        assert len({k.split("/")[2] for k in c10d_keys}) >= 1 + restarts[node0.pid], c10d_keys
     else:
         assert c10d_keys == []
 
