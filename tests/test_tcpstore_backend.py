@@ -262,6 +262,29 @@ def test_candidates_must_be_valid_keys_matching_the_pattern(
         store.wait_for_keys("rank:*/ready", 1, candidate_keys=["rank:0/../ready"], timeout=1)
 
 
+def test_validated_candidates_are_remembered_per_pattern(
+    connect: Callable[..., TCPStoreKVStore],
+) -> None:
+    # Validated candidate lists are cached (barrier loops repeat them); the cache must
+    # never let a list that is valid for one pattern through for another, nor remember
+    # a list that failed.
+    store = connect()
+    candidates = ["rank:0/ready", "rank:1/ready"]
+    store.set("rank:0/ready", "1")
+    store.set("rank:1/ready", "1")
+    for _ in range(2):
+        assert store.wait_for_keys("rank:*/ready", 2, candidate_keys=candidates, timeout=5) == (
+            candidates
+        )
+    with pytest.raises(InvalidKeyError, match="does not match"):
+        store.wait_for_keys("rank:*/done", 1, candidate_keys=candidates, timeout=1)
+    for _ in range(2):
+        with pytest.raises(InvalidKeyError, match=re.escape("'..' segment")):
+            store.wait_for_keys("rank:*", 1, candidate_keys=["rank:0/../x"], timeout=1)
+    with pytest.raises(InvalidKeyError):
+        store.wait_for_keys("rank:*", 1, candidate_keys=[["rank:0"]], timeout=1)  # type: ignore[list-item]
+
+
 def test_an_unreachable_count_fails_at_once(connect: Callable[..., TCPStoreKVStore]) -> None:
     store = connect()
     # duplicates count once: 2 distinct candidates can never give 3 keys

@@ -86,6 +86,13 @@ def _import_torch_distributed() -> Any:
     return dist
 
 
+# Barrier loops call wait_for_keys with the same candidates again and again; validating
+# 64 keys costs more CPU than the TCPStore round trip itself, so validated lists are kept.
+_CANDIDATE_CACHE_SIZE = 64
+_candidate_cache: dict[tuple[str, tuple[object, ...]], tuple[str, ...]] = {}
+_candidate_cache_lock = threading.Lock()
+
+
 def _validate_candidates(candidate_keys: object, pattern: str) -> list[str]:
     """Return the distinct candidates in their given order; each must match ``pattern``."""
     if candidate_keys is None:
@@ -97,16 +104,30 @@ def _validate_candidates(candidate_keys: object, pattern: str) -> list[str]:
         raise InvalidArgumentError(
             f"candidate_keys must be a list of keys, got {type(candidate_keys).__name__}"
         )
+    given = tuple(candidate_keys)
+    cache_key: tuple[str, tuple[object, ...]] | None = (pattern, given)
+    try:
+        with _candidate_cache_lock:
+            cached = _candidate_cache.get(cache_key)  # type: ignore[arg-type]
+    except TypeError:  # an unhashable candidate; validate_key names it below
+        cached, cache_key = None, None
+    if cached is not None:
+        return list(cached)
     regex = _keys.compile_pattern(pattern)
     seen: dict[str, None] = {}
-    for key in candidate_keys:
-        _keys.validate_key(key)
+    for candidate in given:
+        key = _keys.validate_key(candidate)
         if not regex.fullmatch(key):
             raise InvalidKeyError(
                 f"candidate key {key!r} does not match the pattern {pattern!r};"
                 " pass only keys the pattern can match"
             )
         seen[key] = None
+    if cache_key is not None:
+        with _candidate_cache_lock:
+            if len(_candidate_cache) >= _CANDIDATE_CACHE_SIZE:
+                del _candidate_cache[next(iter(_candidate_cache))]
+            _candidate_cache[cache_key] = tuple(seen)
     return list(seen)
 
 
