@@ -167,3 +167,66 @@ def test_a_new_store_starts_when_the_first_endpoint_is_down(
     with open_store(trio, namespace) as store:
         store.set("k", "v")
         assert store.wait_for_key("k", timeout=30) == b"v"
+
+
+def test_a_hung_member_is_left_for_the_next_one(trio: EtcdCluster, namespace: str) -> None:
+    # SIGSTOP: the member keeps its TCP connections open and answers nothing, so gRPC
+    # never reports it UNAVAILABLE; only deadlines and watch progress requests show it.
+    store = open_store(trio, namespace, timeout=9.0)
+    first = trio.nodes[0]
+    try:
+        store.set("before", "1")
+        barrier = Waiter(lambda: store.wait_for_keys("rank:*/ready", 2, timeout=30))
+        barrier.start()
+        time.sleep(0.5)
+        store.set("rank:0/ready", "1")
+        assert store.client._connection().endpoint.port == first.client_port
+        first.pause()
+        # A read is retried on the next member within the call's own timeout.
+        assert store.get("before") == b"1"
+        assert store.client._connection().endpoint.port != first.client_port
+        store.set("rank:1/ready", "1")
+        # The barrier's watch stream left the hung member too (a progress request went
+        # unanswered), so the second arrival reaches it well within its timeout.
+        barrier.join(60)
+        assert not barrier.is_alive()
+        assert barrier.error is None, barrier.error
+        assert barrier.result == ["rank:0/ready", "rank:1/ready"]
+        assert store.client.watch_hub.describe() != (
+            f"watch stream connected to 127.0.0.1:{first.client_port}"
+        )
+    finally:
+        first.resume()
+        store.close()
+
+
+def test_a_compare_and_swap_is_not_re_sent_to_another_member_after_a_deadline(
+    trio: EtcdCluster, namespace: str
+) -> None:
+    from pyetcd import etcdrpc
+
+    from etha.kvstore.errors import KVTimeoutError
+
+    store = open_store(trio, namespace, timeout=9.0)
+    first = trio.nodes[0]
+    key = f"{namespace}/default/counter".encode()
+    try:
+        store.client.put(key, b"0")
+        cas = etcdrpc.TxnRequest(
+            compare=[etcdrpc.Compare(
+                result=etcdrpc.Compare.EQUAL, target=etcdrpc.Compare.VALUE, key=key, value=b"0"
+            )],
+            success=[etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=b"1"))],
+        )  # fmt: skip
+        assert store.client._connection().endpoint.port == first.client_port
+        first.pause()
+        # The CAS may have reached the hung member: it times out rather than being
+        # re-sent elsewhere (which could apply it twice)...
+        with pytest.raises(KVTimeoutError):
+            store.client.txn(cas, timeout=2.0)
+        # ...and the calls after it go to the next member.
+        assert store.client._connection().endpoint.port != first.client_port
+        assert store.get("counter") == b"0"
+    finally:
+        first.resume()
+        store.close()

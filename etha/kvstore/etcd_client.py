@@ -166,6 +166,26 @@ def _is_conditional(service: str, method: str, request: Any) -> bool:
     return service == "KV" and method == "Txn" and len(request.compare) > 0
 
 
+#: Calls that leave the same state when sent twice (reads, a put, a delete, a login).
+_RETRYABLE = frozenset({
+    ("KV", "Range"), ("KV", "Put"), ("KV", "DeleteRange"),
+    ("Auth", "Authenticate"), ("Auth", "UserGet"), ("Auth", "UserList"),
+    ("Auth", "RoleGet"), ("Auth", "RoleList"),
+    ("Maintenance", "Status"), ("Cluster", "MemberList"),
+})  # fmt: skip
+#: With several endpoints, one attempt of a retryable call gets this share of the call's
+#: timeout (at least _MIN_ATTEMPT seconds): a hung member (SIGSTOP, a partition) keeps
+#: its TCP connections open and answers nothing, so only a deadline reveals it.
+_ATTEMPT_SHARE = 1 / 3
+_MIN_ATTEMPT = 1.0
+
+
+def _retryable(service: str, method: str, request: Any) -> bool:
+    if service == "KV" and method == "Txn":
+        return not _is_conditional(service, method, request)
+    return (service, method) in _RETRYABLE
+
+
 def _never_sent(details: str) -> bool:
     """True when an UNAVAILABLE error says the request never reached a server."""
     lowered = details.lower()
@@ -177,7 +197,7 @@ class EtcdClient:
 
     :param endpoints: ``host:port`` strings (``http://``/``https://`` allowed) or
         :class:`~etha.kvstore.config.Endpoint` objects; tried in order, failed over on
-        ``UNAVAILABLE``
+        ``UNAVAILABLE`` and when a member does not answer in time (see :meth:`call`)
     :param username: user to log in as; with ``password``. With mTLS and no password,
         etcd takes the user from the client certificate's CN.
     :param tls: use TLS (also implied by https endpoints or any TLS file)
@@ -416,6 +436,12 @@ class EtcdClient:
         ``UNAVAILABLE`` endpoint is failed over to the next one (with backoff once all
         were tried) until ``timeout`` (default: the client's) runs out.
 
+        With several endpoints, a member that does not answer in time is left too: a
+        call that leaves the same state when repeated (reads, puts, deletes, a Txn
+        without compares) gives each attempt a third of ``timeout`` (at least 1 s) and
+        retries on the next member; any call that times out moves later calls to the
+        next member. A Txn with compares is never re-sent after it may have arrived.
+
         :raises InvalidValueError: the serialized request exceeds ``max_request_bytes``
             (nothing is sent), or the server refused it as too large
         :raises PermissionDeniedError: bad credentials, or the user may not do this
@@ -458,13 +484,20 @@ class EtcdClient:
         unavailable: grpc.RpcError | None = None
         tried = 0
         backoff = 0.05
+        several = len(self._endpoints) > 1
+        attempt_cap = (
+            max(_MIN_ATTEMPT, total * _ATTEMPT_SHARE)
+            if several and _retryable(service, method, request)
+            else None
+        )
         while True:
             fn = conn.methods.get((service, method)) or conn.method(service, method)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._deadline_error(service, method, total, unavailable)
+            attempt = remaining if attempt_cap is None else min(remaining, attempt_cap)
             try:
-                return fn(request, timeout=remaining, metadata=md)
+                return fn(request, timeout=attempt, metadata=md)
             except ValueError:
                 # grpc's "Cannot invoke RPC on closed channel!"
                 if self._closed:
@@ -492,6 +525,11 @@ class EtcdClient:
                     conn = self._failover(conn)
                     continue
                 if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    if several:
+                        # The member may be hung: later calls go to the next one.
+                        conn = self._failover(conn)
+                        if attempt_cap is not None:
+                            continue
                     raise self._deadline_error(service, method, total, unavailable) from None
                 if may_relogin and self._password is not None and _is_token_error(code, details):
                     md = self._relogin(md, max(deadline - time.monotonic(), 0.001))

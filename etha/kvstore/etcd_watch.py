@@ -11,7 +11,12 @@ objects over it. Contracts:
   the next endpoint with backoff, and re-creates every live watch from the revision
   after the last event it delivered: no event is lost or repeated;
 * a watch on a compacted revision fails its watcher with :class:`WatchCompacted`; the
-  caller re-reads and watches again from the new revision.
+  caller re-reads and watches again from the new revision;
+* with several endpoints, a stream silent for :data:`PROBE_AFTER` seconds gets a progress
+  request; when the member does not answer it within :data:`PROBE_TIMEOUT` seconds (it
+  is hung: SIGSTOP, a partition; its TCP connection stays open, so gRPC sees nothing)
+  the hub fails over as if the stream had broken, and moves the client's unary calls
+  to the next member too.
 
 etcd checks the permission of a watch when it is created, using the token the stream
 was opened with. That token may have expired on an idle stream, which etcd reports as
@@ -48,6 +53,11 @@ DELETE = 1
 
 _MAX_BACKOFF = 1.0
 _STOP = None
+#: Seconds of silence on a stream with watches before the hub asks the member for progress.
+PROBE_AFTER = 2.0
+#: Seconds a member has to answer that progress request before it is taken as hung.
+PROBE_TIMEOUT = 3.0
+_PROGRESS_REQUEST = etcdrpc.WatchRequest(progress_request=etcdrpc.WatchProgressRequest())
 
 
 class WatchCompacted(KVStoreError):
@@ -257,6 +267,11 @@ class WatchHub:
         self._endpoint: str | None = None
         self._last_error: str | None = None
         self._down_since: float | None = None
+        #: monotonic time of the last response on the current stream
+        self._heard_at = 0.0
+        #: the stream given up on as hung (its end is a failover, not a plain restart)
+        self._hung_stream: Any = None
+        self._prober: threading.Thread | None = None
 
     # -- public API ----------------------------------------------------------------------
 
@@ -300,6 +315,11 @@ class WatchHub:
                     target=self._run, name="etha-etcd-watch", daemon=True
                 )
                 self._thread.start()
+                if len(self._client.endpoints) > 1:
+                    self._prober = threading.Thread(
+                        target=self._probe, name="etha-etcd-watch-probe", daemon=True
+                    )
+                    self._prober.start()
         return watcher
 
     def describe(self) -> str:
@@ -333,15 +353,16 @@ class WatchHub:
             watches = self._drop_all()
             requests, self._requests = self._requests, None
             stream = self._stream
-            thread = self._thread
+            threads = [self._thread, self._prober]
         self._fail_subs(watches, StoreClosedError("the etcd client was closed during a watch"))
         if requests is not None:
             requests.put(_STOP)
         if stream is not None:
             stream.cancel()
         self._wake.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=30)
+        for thread in threads:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=30)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -418,10 +439,12 @@ class WatchHub:
                 self._stream = stream
                 self._requests = requests
                 self._endpoint = str(conn.endpoint)
+                self._heard_at = time.monotonic()
             error = "the server ended the watch stream"
             code: grpc.StatusCode | None = None
             try:
                 for response in stream:
+                    self._heard_at = time.monotonic()
                     backoff = 0.05
                     self._handle(response, stream)
             except grpc.RpcError as exc:
@@ -438,7 +461,12 @@ class WatchHub:
                 stream.cancel()
             if self._closed:
                 break
-            if self._restart:
+            if self._hung_stream is stream:
+                error = (
+                    f"{conn.endpoint} did not answer a watch progress request within"
+                    f" {PROBE_TIMEOUT:g}s"
+                )
+            elif self._restart:
                 continue
             self._note_down(error)
             if code is grpc.StatusCode.UNAUTHENTICATED or "auth token" in error:
@@ -457,6 +485,26 @@ class WatchHub:
             self._closed = True
             watches = self._drop_all()
         self._fail_subs(watches, StoreClosedError("the etcd client was closed during a watch"))
+
+    def _probe(self) -> None:
+        """Give up on a stream whose member stopped answering (see the module docstring)."""
+        asked: tuple[Any, float] | None = None  # (stream, when) of the pending request
+        while not self._closed:
+            self._wake.wait(PROBE_AFTER / 4)
+            with self._lock:
+                stream, requests = self._stream, self._requests
+                watching = bool(self._by_watch_id) or bool(self._pending)
+            now = time.monotonic()
+            if requests is None or not watching or self._heard_at > now - PROBE_AFTER:
+                asked = None
+                continue
+            if asked is None or asked[0] is not stream or self._heard_at > asked[1]:
+                asked = (stream, now)
+                requests.put(_PROGRESS_REQUEST)
+            elif now - asked[1] > PROBE_TIMEOUT:
+                asked = None
+                self._hung_stream = stream
+                stream.cancel()
 
     def _note_down(self, error: str) -> None:
         with self._lock:
