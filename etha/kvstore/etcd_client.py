@@ -173,8 +173,8 @@ _RETRYABLE = frozenset({
     ("Auth", "RoleGet"), ("Auth", "RoleList"),
     ("Maintenance", "Status"), ("Cluster", "MemberList"),
 })  # fmt: skip
-#: With several endpoints, one attempt of a retryable call gets this share of the call's
-#: timeout (at least _MIN_ATTEMPT seconds): a hung member (SIGSTOP, a partition) keeps
+#: With several endpoints, one attempt of a retryable call gets this share of its timeout
+#: (at most the client's; at least _MIN_ATTEMPT seconds): a hung member (SIGSTOP, a partition) keeps
 #: its TCP connections open and answers nothing, so only a deadline reveals it.
 _ATTEMPT_SHARE = 1 / 3
 _MIN_ATTEMPT = 1.0
@@ -438,7 +438,8 @@ class EtcdClient:
 
         With several endpoints, a member that does not answer in time is left too: a
         call that leaves the same state when repeated (reads, puts, deletes, a Txn
-        without compares) gives each attempt a third of ``timeout`` (at least 1 s) and
+        without compares) gives each attempt a third of ``timeout`` or of the client's
+        timeout, whichever is shorter (at least 1 s), and
         retries on the next member; any call that times out moves later calls to the
         next member. A Txn with compares is never re-sent after it may have arrived.
 
@@ -485,8 +486,9 @@ class EtcdClient:
         tried = 0
         backoff = 0.05
         several = len(self._endpoints) > 1
+        # Sized by the client's timeout too: a wait's read may be given minutes.
         attempt_cap = (
-            max(_MIN_ATTEMPT, total * _ATTEMPT_SHARE)
+            max(_MIN_ATTEMPT, min(total, self.timeout) * _ATTEMPT_SHARE)
             if several and _retryable(service, method, request)
             else None
         )
