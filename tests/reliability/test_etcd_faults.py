@@ -101,9 +101,10 @@ def test_workers_survive_leader_kills_and_member_pauses(trio: EtcdCluster) -> No
 def test_long_pause_of_the_member_every_client_is_connected_to(trio: EtcdCluster) -> None:
     """Every client starts on the first endpoint; that member is SIGSTOPped for long.
 
-    A paused member accepts TCP but never answers, so requests run into their deadline
-    rather than failing over at once; gRPC keepalive (10 s + 5 s) eventually declares the
-    connection dead. Measured: the longest stall; required: nothing lost, clear errors.
+    A paused member accepts TCP but never answers, so requests run into a deadline
+    rather than failing over at once: a retryable attempt's (a third of the request
+    timeout), or the watch hub's unanswered progress request (2 s + 3 s). Measured: the
+    longest stall; required: nothing lost, clear errors.
     """
     workers = scaled(6, 16)
     pause = float(scaled(8, 20))
