@@ -125,6 +125,9 @@ def test_from_env_opens_an_etcd_store(etcd_auth: EtcdCluster, namespace: str) ->
         assert isinstance(s, EtcdKVStore)
         s.set("k", "v")
         assert s.get("k") == b"v"
+        client = s.client
+    # The store held the process-wide shared client and released it on close.
+    assert client.closed
 
 
 # -- waits ----------------------------------------------------------------------------

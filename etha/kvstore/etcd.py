@@ -233,19 +233,14 @@ class EtcdKVStore(KVStore):
     @classmethod
     def from_config(cls, config: EtcdConfig) -> EtcdKVStore:
         """Open a store for ``config`` (as parsed from ``ETHA_KV_*``)."""
-        return cls(
-            config.namespace,
-            config.component,
-            endpoints=config.endpoints,
-            username=config.username,
-            password=config.password,
-            tls=config.tls,
-            ca_file=config.ca_file,
-            ca_pem=config.ca_pem,
-            cert_file=config.cert_file,
-            key_file=config.key_file,
-            timeout=config.timeout,
-        )
+        client = EtcdClient.shared(config)
+        try:
+            store = cls(config.namespace, config.component, endpoints=(), client=client)
+        except BaseException:
+            client.release()
+            raise
+        store._owns_client = True  # the shared reference taken above is the store's
+        return store
 
     @property
     def client(self) -> EtcdClient:
