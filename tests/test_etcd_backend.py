@@ -9,9 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyetcd import etcdrpc
 
 from etha.kvstore import from_env
+from etha.kvstore import keys as _keys
 from etha.kvstore.config import EtcdConfig, parse_endpoints
 from etha.kvstore.errors import (
     InvalidKeyError,
@@ -20,7 +23,7 @@ from etha.kvstore.errors import (
     PermissionDeniedError,
     StoreClosedError,
 )
-from etha.kvstore.etcd import EtcdKVStore
+from etha.kvstore.etcd import EtcdKVStore, _PatternView
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from tests.etcd_helpers import grant_prefix_user, root_client, wait_threads_gone
 from tests.support.etcd_server import ROOT_USER, EtcdCluster
@@ -479,3 +482,28 @@ def test_close_wakes_a_waiter_in_another_thread(etcd_auth: EtcdCluster, namespac
     thread.join(30)
     assert not thread.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], StoreClosedError)
+
+
+# -- pattern matching of wait_for_keys ---------------------------------------------------
+
+_PATTERN_TEXT = st.text(alphabet="ab/:*", min_size=1, max_size=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pattern=_PATTERN_TEXT,
+    tail=st.binary(max_size=8) | st.text(alphabet="ab/:", max_size=8).map(str.encode),
+)
+def test_the_byte_level_matcher_agrees_with_the_documented_pattern(
+    pattern: str, tail: bytes
+) -> None:
+    # _PatternView tests one-star and star-less patterns on raw bytes, without the
+    # regex; it must match exactly the keys the regex matches, whatever bytes a foreign
+    # writer put under the prefix (etcd returns only keys starting with the prefix).
+    comp = b"ns/default/"
+    prefix = comp + _keys.literal_prefix(pattern).encode()
+    regex = _keys.compile_pattern(pattern)
+    view = _PatternView(prefix, len(comp), regex, 1, b"1", pattern)
+    key = prefix + tail
+    expected = regex.fullmatch(key[len(comp) :].decode("utf-8", "replace")) is not None
+    assert view.matches(key) == expected

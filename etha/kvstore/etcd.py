@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar, cast
 
 from pyetcd import etcdrpc
@@ -120,47 +120,72 @@ class _KeyView(_View[bytes]):
 
 
 class _PatternView(_View[list[str]]):
-    """Keys under a prefix matching a pattern; done when ``count`` of them hold ``want``."""
+    """Keys under a prefix matching a pattern; done when ``count`` of them hold ``want``.
+
+    The range read and the watch cover exactly the keys that start with the pattern's
+    literal prefix, so a pattern with one ``*`` (``rank:*/ready``) matches a key when its
+    bytes end with the literal suffix, and a pattern without ``*`` only the prefix
+    itself: tested on the raw bytes, without decoding or a regex (keys are ASCII). Other
+    patterns use the regex on the decoded relative key.
+    """
 
     def __init__(
-        self, prefix: bytes, strip: int, regex: re.Pattern[str], count: int, want: bytes
+        self,
+        prefix: bytes,
+        strip: int,
+        regex: re.Pattern[str],
+        count: int,
+        want: bytes,
+        pattern: str,
     ) -> None:
         self.key = prefix
         self.range_end = prefix_range_end(prefix)
         self.strip = strip
-        self.fullmatch = regex.fullmatch
         self.regex = regex
+        self.pattern = pattern
         self.count = count
         self.want = want
-        self.matched: set[str] = set()
+        #: full keys (bytes) that hold ``want``
+        self.matched: set[bytes] = set()
+        parts = pattern.split("*")
+        if len(parts) == 1:
+            self.matches: Callable[[bytes], bool] = prefix.__eq__
+        elif len(parts) == 2:
+            suffix = parts[1].encode()
+            shortest = len(prefix) + len(suffix)
+            self.matches = lambda key: key.endswith(suffix) and len(key) >= shortest
+        else:
+            fullmatch = regex.fullmatch
+            self.matches = lambda key: fullmatch(key[strip:].decode("utf-8", "replace")) is not None
 
     def fresh(self) -> _PatternView:
-        return _PatternView(self.key, self.strip, self.regex, self.count, self.want)
-
-    def _relative(self, raw: bytes) -> str | None:
-        rel = raw[self.strip :].decode("utf-8", "replace")
-        return rel if self.fullmatch(rel) else None
+        return _PatternView(self.key, self.strip, self.regex, self.count, self.want, self.pattern)
 
     def _done(self) -> list[str] | None:
-        return sorted(self.matched) if len(self.matched) >= self.count else None
+        if len(self.matched) < self.count:
+            return None
+        strip = self.strip
+        return sorted(key[strip:].decode("utf-8", "replace") for key in self.matched)
 
     def load(self, kvs: Iterable[Any]) -> list[str] | None:
+        matches, want, matched = self.matches, self.want, self.matched
         for kv in kvs:
-            rel = self._relative(kv.key)
-            if rel is not None and kv.value == self.want:
-                self.matched.add(rel)
+            key = kv.key
+            if matches(key) and kv.value == want:
+                matched.add(key)
         return self._done()
 
     def apply(self, events: Iterable[Any]) -> list[str] | None:
-        matched = self.matched
+        matches, want, matched = self.matches, self.want, self.matched
         for event in events:
-            rel = self._relative(event.kv.key)
-            if rel is None:
+            kv = event.kv
+            key = kv.key
+            if not matches(key):
                 continue
-            if event.type == PUT and event.kv.value == self.want:
-                matched.add(rel)
+            if event.type == PUT and kv.value == want:
+                matched.add(key)
             else:
-                matched.discard(rel)
+                matched.discard(key)
         return self._done()
 
     def seen(self) -> str:
@@ -386,7 +411,7 @@ class EtcdKVStore(KVStore):
         want = check_str_value(value, "value")
         seconds = check_timeout(timeout)
         prefix = (comp_prefix + _keys.literal_prefix(key_pattern)).encode()
-        view = _PatternView(prefix, len(comp_prefix.encode()), regex, count, want)
+        view = _PatternView(prefix, len(comp_prefix.encode()), regex, count, want, key_pattern)
         what = f"{count} keys matching {comp_prefix + key_pattern!r} to hold {_show(want)}"
         return self._wait(view, seconds, what)
 
