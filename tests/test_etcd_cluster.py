@@ -11,6 +11,7 @@ import pytest
 
 from etha.kvstore.errors import KVStoreError
 from etha.kvstore.etcd import EtcdKVStore
+from tests.etcd_helpers import wait_threads_gone
 from tests.support.etcd_server import EtcdCluster
 
 pytestmark = pytest.mark.timeout(240)
@@ -172,6 +173,7 @@ def test_a_new_store_starts_when_the_first_endpoint_is_down(
 def test_a_hung_member_is_left_for_the_next_one(trio: EtcdCluster, namespace: str) -> None:
     # SIGSTOP: the member keeps its TCP connections open and answers nothing, so gRPC
     # never reports it UNAVAILABLE; only deadlines and watch progress requests show it.
+    before = set(threading.enumerate())
     store = open_store(trio, namespace, timeout=9.0)
     first = trio.nodes[0]
     try:
@@ -195,9 +197,12 @@ def test_a_hung_member_is_left_for_the_next_one(trio: EtcdCluster, namespace: st
         assert store.client.watch_hub.describe() != (
             f"watch stream connected to 127.0.0.1:{first.client_port}"
         )
+        assert any(t.name == "etha-etcd-watch-probe" for t in threading.enumerate())
     finally:
         first.resume()
         store.close()
+    # The watch reader and the prober end with the store (the shared client's last user).
+    assert wait_threads_gone(before) == []
 
 
 def test_a_compare_and_swap_is_not_re_sent_to_another_member_after_a_deadline(
