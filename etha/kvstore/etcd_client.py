@@ -174,8 +174,9 @@ _RETRYABLE = frozenset({
     ("Maintenance", "Status"), ("Cluster", "MemberList"),
 })  # fmt: skip
 #: With several endpoints, one attempt of a retryable call gets this share of its timeout
-#: (at most the client's; at least _MIN_ATTEMPT seconds): a hung member (SIGSTOP, a partition) keeps
-#: its TCP connections open and answers nothing, so only a deadline reveals it.
+#: (at most the client's; at least _MIN_ATTEMPT seconds): a hung member (SIGSTOP, a
+#: partition) keeps its TCP connections open and answers nothing, so only a deadline
+#: reveals it.
 _ATTEMPT_SHARE = 1 / 3
 _MIN_ATTEMPT = 1.0
 
@@ -439,9 +440,9 @@ class EtcdClient:
         With several endpoints, a member that does not answer in time is left too: a
         call that leaves the same state when repeated (reads, puts, deletes, a Txn
         without compares) gives each attempt a third of ``timeout`` or of the client's
-        timeout, whichever is shorter (at least 1 s), and
-        retries on the next member; any call that times out moves later calls to the
-        next member. A Txn with compares is never re-sent after it may have arrived.
+        timeout, whichever is shorter (at least 1 s), and retries on the next member;
+        any call that times out moves later calls to the next member. A Txn with
+        compares is never re-sent after it may have arrived.
 
         :raises InvalidValueError: the serialized request exceeds ``max_request_bytes``
             (nothing is sent), or the server refused it as too large

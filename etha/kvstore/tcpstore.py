@@ -105,12 +105,13 @@ def _validate_candidates(candidate_keys: object, pattern: str) -> list[str]:
             f"candidate_keys must be a list of keys, got {type(candidate_keys).__name__}"
         )
     given = tuple(candidate_keys)
-    cache_key: tuple[str, tuple[object, ...]] | None = (pattern, given)
+    cache_key = (pattern, given)
     try:
         with _candidate_cache_lock:
-            cached = _candidate_cache.get(cache_key)  # type: ignore[arg-type]
+            cached = _candidate_cache.get(cache_key)
+        cacheable = True
     except TypeError:  # an unhashable candidate; validate_key names it below
-        cached, cache_key = None, None
+        cached, cacheable = None, False
     if cached is not None:
         return list(cached)
     regex = _keys.compile_pattern(pattern)
@@ -123,7 +124,7 @@ def _validate_candidates(candidate_keys: object, pattern: str) -> list[str]:
                 " pass only keys the pattern can match"
             )
         seen[key] = None
-    if cache_key is not None:
+    if cacheable:
         with _candidate_cache_lock:
             if len(_candidate_cache) >= _CANDIDATE_CACHE_SIZE:
                 del _candidate_cache[next(iter(_candidate_cache))]
