@@ -151,7 +151,11 @@ def _format_float(value: float) -> str:
     return str(int(value)) if value == int(value) else repr(value)
 
 
-def _get(env: Mapping[str, str], name: str) -> str | None:
+# env_value, env_seconds, parse_port and env_file also parse the operator's
+# ETHA_OPERATOR_* settings: one set of rules and messages for every variable.
+
+
+def env_value(env: Mapping[str, str], name: str) -> str | None:
     """The variable's value with surrounding blanks removed; unset and empty are None."""
     value = env.get(name)
     if value is None:
@@ -161,7 +165,7 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
 
 
 def _require(env: Mapping[str, str], name: str, why: str) -> str:
-    value = _get(env, name)
+    value = env_value(env, name)
     if value is None:
         raise ConfigurationError(f"{name} is not set: {why}")
     return value
@@ -174,20 +178,28 @@ def _parse_name(env: Mapping[str, str], name: str, value: str) -> str:
         raise ConfigurationError(str(exc)) from None
 
 
-def _parse_timeout(env: Mapping[str, str]) -> float:
-    raw = _get(env, TIMEOUT)
+def env_seconds(
+    env: Mapping[str, str], name: str, default: float, *, allow_zero: bool = False
+) -> float:
+    """A duration in seconds: ``default`` when unset; finite, positive (or zero if allowed).
+
+    :raises ConfigurationError: naming the variable
+    """
+    raw = env_value(env, name)
     if raw is None:
-        return DEFAULT_TIMEOUT
+        return default
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigurationError(f"{TIMEOUT}={raw!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigurationError(f"{TIMEOUT}={raw!r} must be a positive number of seconds")
+        raise ConfigurationError(f"{name}={raw!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        limit = "zero or more" if allow_zero else "a positive number of"
+        raise ConfigurationError(f"{name}={raw!r} must be {limit} seconds")
     return value
 
 
-def _parse_port(name: str, raw: str) -> int:
+def parse_port(name: str, raw: str) -> int:
+    """``raw`` (the value of variable ``name``) as a TCP port, 1-65535."""
     try:
         port = int(raw)
     except ValueError:
@@ -241,10 +253,11 @@ def parse_endpoints(raw: str, name: str = ENDPOINTS) -> tuple[tuple[Endpoint, ..
     return tuple(endpoints), tls
 
 
-def _check_file(env: Mapping[str, str], name: str) -> str | None:
-    path = _get(env, name)
+def env_file(env: Mapping[str, str], name: str, hint: str = "") -> str | None:
+    """The path in variable ``name`` (None when unset); it must be an existing file."""
+    path = env_value(env, name)
     if path is not None and not os.path.isfile(path):
-        raise ConfigurationError(f"{name}={path!r}: no such file")
+        raise ConfigurationError(f"{name}={path!r}: no such file{f' ({hint})' if hint else ''}")
     return path
 
 
@@ -255,12 +268,12 @@ def parse_env(environ: Mapping[str, str] | None = None) -> StoreConfig:
         contradiction with another one
     """
     env = os.environ if environ is None else environ
-    backend = (_get(env, BACKEND) or "etcd").lower()
+    backend = (env_value(env, BACKEND) or "etcd").lower()
     namespace = _parse_name(
         env, NAMESPACE, _require(env, NAMESPACE, "it names the key namespace of this job")
     )
-    component = _parse_name(env, COMPONENT, _get(env, COMPONENT) or DEFAULT_COMPONENT)
-    timeout = _parse_timeout(env)
+    component = _parse_name(env, COMPONENT, env_value(env, COMPONENT) or DEFAULT_COMPONENT)
+    timeout = env_seconds(env, TIMEOUT, DEFAULT_TIMEOUT)
     if backend == "etcd":
         return _parse_etcd(env, namespace, component, timeout)
     if backend == "tcpstore":
@@ -272,25 +285,25 @@ def _parse_etcd(
     env: Mapping[str, str], namespace: str, component: str, timeout: float
 ) -> EtcdConfig:
     for name in (TCPSTORE_HOST, TCPSTORE_PORT, TCPSTORE_IS_SERVER, TCPSTORE_WORLD_SIZE):
-        if _get(env, name) is not None:
+        if env_value(env, name) is not None:
             raise ConfigurationError(
                 f"{name} is set but {BACKEND} is etcd; unset it or set {BACKEND}=tcpstore"
             )
     endpoints, scheme_tls = parse_endpoints(
         _require(env, ENDPOINTS, "list the etcd endpoints as host:port[,host:port]")
     )
-    username, password = _get(env, USERNAME), env.get(PASSWORD)
+    username, password = env_value(env, USERNAME), env.get(PASSWORD)
     if password is not None and password == "":
         password = None
     if (username is None) != (password is None):
         missing = PASSWORD if password is None else USERNAME
         raise ConfigurationError(f"{missing} is not set: {USERNAME} and {PASSWORD} go together")
-    ca_file, ca_pem = _check_file(env, CA_FILE), _get(env, CA_PEM)
+    ca_file, ca_pem = env_file(env, CA_FILE), env_value(env, CA_PEM)
     if ca_file and ca_pem:
         raise ConfigurationError(f"{CA_FILE} and {CA_PEM} are both set; set one of them")
     if ca_pem is not None and "BEGIN CERTIFICATE" not in ca_pem:
         raise ConfigurationError(f"{CA_PEM} does not hold a PEM certificate")
-    cert_file, key_file = _check_file(env, CERT_FILE), _check_file(env, KEY_FILE)
+    cert_file, key_file = env_file(env, CERT_FILE), env_file(env, KEY_FILE)
     if (cert_file is None) != (key_file is None):
         missing = KEY_FILE if key_file is None else CERT_FILE
         raise ConfigurationError(f"{missing} is not set: {CERT_FILE} and {KEY_FILE} go together")
@@ -318,23 +331,23 @@ def _parse_tcpstore(
     env: Mapping[str, str], namespace: str, component: str, timeout: float
 ) -> TCPStoreConfig:
     for name in (ENDPOINTS, USERNAME, PASSWORD, CA_FILE, CA_PEM, CERT_FILE, KEY_FILE):
-        if _get(env, name) is not None:
+        if env_value(env, name) is not None:
             raise ConfigurationError(
                 f"{name} is set but {BACKEND} is tcpstore, which has no such setting; unset it"
             )
-    host = _get(env, TCPSTORE_HOST) or _get(env, "MASTER_ADDR")
+    host = env_value(env, TCPSTORE_HOST) or env_value(env, "MASTER_ADDR")
     if host is None:
         raise ConfigurationError(f"{TCPSTORE_HOST} is not set (nor MASTER_ADDR)")
-    port_name = TCPSTORE_PORT if _get(env, TCPSTORE_PORT) is not None else "MASTER_PORT"
-    raw_port = _get(env, port_name)
+    port_name = TCPSTORE_PORT if env_value(env, TCPSTORE_PORT) is not None else "MASTER_PORT"
+    raw_port = env_value(env, port_name)
     if raw_port is None:
         raise ConfigurationError(f"{TCPSTORE_PORT} is not set (nor MASTER_PORT)")
-    port = _parse_port(port_name, raw_port)
-    raw_server = _get(env, TCPSTORE_IS_SERVER)
+    port = parse_port(port_name, raw_port)
+    raw_server = env_value(env, TCPSTORE_IS_SERVER)
     if raw_server is not None:
         is_server = _parse_bool(TCPSTORE_IS_SERVER, raw_server)
     else:
-        rank = _get(env, "RANK")
+        rank = env_value(env, "RANK")
         if rank is None:
             raise ConfigurationError(
                 f"{TCPSTORE_IS_SERVER} is not set (nor RANK): say whether this process"
@@ -344,8 +357,10 @@ def _parse_tcpstore(
             is_server = int(rank) == 0
         except ValueError:
             raise ConfigurationError(f"RANK={rank!r} is not an integer") from None
-    world_name = TCPSTORE_WORLD_SIZE if _get(env, TCPSTORE_WORLD_SIZE) is not None else "WORLD_SIZE"
-    raw_world = _get(env, world_name)
+    world_name = (
+        TCPSTORE_WORLD_SIZE if env_value(env, TCPSTORE_WORLD_SIZE) is not None else "WORLD_SIZE"
+    )
+    raw_world = env_value(env, world_name)
     world_size = None
     if raw_world is not None:
         try:

@@ -7,12 +7,18 @@ Every error names the variable that is wrong. The root password is kept out of
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from etha.kvstore.config import Endpoint, parse_endpoints
+from etha.kvstore.config import (
+    Endpoint,
+    env_file,
+    env_seconds,
+    env_value,
+    parse_endpoints,
+    parse_port,
+)
 from etha.kvstore.errors import ConfigurationError
 
 PREFIX = "ETHA_OPERATOR_"
@@ -77,45 +83,13 @@ class OperatorSettings:
             return fh.read()
 
 
-def _get(env: Mapping[str, str], name: str) -> str | None:
-    value = env.get(name)
-    if value is None or not value.strip():
-        return None
-    return value.strip()
-
-
-def _seconds(env: Mapping[str, str], name: str, default: float, *, allow_zero: bool) -> float:
-    raw = _get(env, name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        limit = "zero or more" if allow_zero else "a positive number of"
-        raise ConfigurationError(f"{name}={raw!r} must be {limit} seconds")
-    return value
-
-
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = _get(env, name)
-    if raw is None:
-        return default
-    try:
-        port = int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise ConfigurationError(f"{name}={raw!r} is not a port between 1 and 65535")
-    return port
+    raw = env_value(env, name)
+    return default if raw is None else parse_port(name, raw)
 
 
 def _file(env: Mapping[str, str], name: str) -> str | None:
-    path = _get(env, name)
-    if path is not None and not os.path.isfile(path):
-        raise ConfigurationError(f"{name}={path!r}: no such file (is the Secret mounted?)")
-    return path
+    return env_file(env, name, "is the Secret mounted?")
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -124,14 +98,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
     :raises ConfigurationError: naming the missing or malformed variable
     """
     env = os.environ if environ is None else environ
-    raw = _get(env, ETCD_ENDPOINTS)
+    raw = env_value(env, ETCD_ENDPOINTS)
     if raw is None:
         raise ConfigurationError(
             f"{ETCD_ENDPOINTS} is not set: list the etcd endpoints the operator uses,"
             " e.g. https://etcd-0.etcd:2379"
         )
     endpoints, scheme_tls = parse_endpoints(raw, ETCD_ENDPOINTS)
-    raw_workers = _get(env, WORKER_ENDPOINTS)
+    raw_workers = env_value(env, WORKER_ENDPOINTS)
     if raw_workers is None:
         workers, worker_scheme_tls = endpoints, scheme_tls
     else:
@@ -151,21 +125,22 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
     etcd_tls = bool(scheme_tls) or wants_tls
     worker_tls = etcd_tls if worker_scheme_tls is None else worker_scheme_tls
     password = env.get(ETCD_PASSWORD) or None
-    username = _get(env, ETCD_USERNAME) or "root"
+    username = env_value(env, ETCD_USERNAME) or "root"
     if password is None and cert_file is None:
         raise ConfigurationError(
             f"{ETCD_PASSWORD} is not set: give the etcd root password (from the"
             " root-credentials Secret) or a client certificate"
         )
-    cert_pair = _get(env, WEBHOOK_CERT_FILE), _get(env, WEBHOOK_KEY_FILE)
+    cert_pair = env_value(env, WEBHOOK_CERT_FILE), env_value(env, WEBHOOK_KEY_FILE)
     if (cert_pair[0] is None) != (cert_pair[1] is None):
         missing = WEBHOOK_KEY_FILE if cert_pair[1] is None else WEBHOOK_CERT_FILE
         raise ConfigurationError(
             f"{missing} is not set: {WEBHOOK_CERT_FILE} and {WEBHOOK_KEY_FILE} go together"
         )
     webhook_cert, webhook_key = _file(env, WEBHOOK_CERT_FILE), _file(env, WEBHOOK_KEY_FILE)
-    namespaces = tuple(ns.strip() for ns in (_get(env, NAMESPACES) or "").split(",") if ns.strip())
-    level_name = (_get(env, LOG_LEVEL) or "INFO").upper()
+    listed = (env_value(env, NAMESPACES) or "").split(",")
+    namespaces = tuple(ns.strip() for ns in listed if ns.strip())
+    level_name = (env_value(env, LOG_LEVEL) or "INFO").upper()
     if level_name not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigurationError(
             f"{LOG_LEVEL}={level_name!r} must be DEBUG, INFO, WARNING or ERROR"
@@ -180,15 +155,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         etcd_ca_file=ca_file,
         etcd_cert_file=cert_file,
         etcd_key_file=key_file,
-        etcd_timeout=_seconds(env, ETCD_TIMEOUT, 5.0, allow_zero=False),
+        etcd_timeout=env_seconds(env, ETCD_TIMEOUT, 5.0, allow_zero=False),
         namespaces=namespaces,
         webhook_port=_port(env, WEBHOOK_PORT, 9443),
         webhook_cert_file=webhook_cert,
         webhook_key_file=webhook_key,
         health_port=_port(env, HEALTH_PORT, 8080),
-        audit_interval=_seconds(env, AUDIT_INTERVAL, 300.0, allow_zero=True),
-        cleanup_deadline=_seconds(env, CLEANUP_DEADLINE, 30.0, allow_zero=False),
-        job_check_interval=_seconds(env, JOB_CHECK_INTERVAL, 30.0, allow_zero=False),
-        watch_server_timeout=_seconds(env, WATCH_SERVER_TIMEOUT, 300.0, allow_zero=False),
+        audit_interval=env_seconds(env, AUDIT_INTERVAL, 300.0, allow_zero=True),
+        cleanup_deadline=env_seconds(env, CLEANUP_DEADLINE, 30.0, allow_zero=False),
+        job_check_interval=env_seconds(env, JOB_CHECK_INTERVAL, 30.0, allow_zero=False),
+        watch_server_timeout=env_seconds(env, WATCH_SERVER_TIMEOUT, 300.0, allow_zero=False),
         log_level=getattr(logging, level_name),
     )
