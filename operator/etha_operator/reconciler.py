@@ -17,7 +17,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -74,6 +75,17 @@ class AuditReport:
     orphans: list[str] = field(default_factory=list)
     keys_deleted: int = 0
     skipped: str | None = None
+
+
+@contextmanager
+def _retry_on_outage() -> Iterator[None]:
+    """Turn etcd and Kubernetes API failures into :class:`TemporaryFailure` (kopf retries)."""
+    try:
+        yield
+    except KVStoreError as exc:
+        raise TemporaryFailure(f"etcd: {exc}") from exc
+    except TRANSIENT_API_ERRORS as exc:
+        raise TemporaryFailure(f"Kubernetes API: {exc}") from exc
 
 
 def _meta(body: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -171,16 +183,11 @@ class Reconciler:
         :raises TemporaryFailure: etcd or the API failed; retry later
         """
         _, _, uid = _meta(body)
-        with self.lock(uid):
-            try:
-                fresh = self._fresh(body)
-                if fresh is None:
-                    return None
-                return self._provision(fresh)
-            except KVStoreError as exc:
-                raise TemporaryFailure(f"etcd: {exc}") from exc
-            except TRANSIENT_API_ERRORS as exc:
-                raise TemporaryFailure(f"Kubernetes API: {exc}") from exc
+        with self.lock(uid), _retry_on_outage():
+            fresh = self._fresh(body)
+            if fresh is None:
+                return None
+            return self._provision(fresh)
 
     def _provision(self, body: Obj) -> Obj:
         namespace, name, uid = _meta(body)
@@ -304,16 +311,11 @@ class Reconciler:
         :raises TemporaryFailure: etcd or the API failed; retry later
         """
         _, _, uid = _meta(body)
-        with self.lock(uid):
-            try:
-                fresh = self._fresh(body)
-                if fresh is None or fresh["metadata"].get("deletionTimestamp"):
-                    return None
-                return self._check_job(fresh)
-            except KVStoreError as exc:
-                raise TemporaryFailure(f"etcd: {exc}") from exc
-            except TRANSIENT_API_ERRORS as exc:
-                raise TemporaryFailure(f"Kubernetes API: {exc}") from exc
+        with self.lock(uid), _retry_on_outage():
+            fresh = self._fresh(body)
+            if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+                return None
+            return self._check_job(fresh)
 
     def _job_end(self, status: Obj, job: Obj | None) -> tuple[str | None, str | None, str | None]:
         """(reason, time, uid seen): reason is Complete/Failed/Deleted when the job ended."""
