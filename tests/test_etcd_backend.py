@@ -27,6 +27,7 @@ from etha.kvstore.etcd import EtcdKVStore, _PatternView
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from tests.etcd_helpers import grant_prefix_user, root_client, wait_threads_gone
 from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.threads import Waiter
 from tests.support.tls import TLSFiles, make_tls
 
 pytestmark = pytest.mark.timeout(120)
@@ -465,23 +466,15 @@ def test_close_wakes_a_waiter_in_another_thread(etcd_auth: EtcdCluster, namespac
         )
     )
     s = EtcdKVStore(namespace, endpoints="unused:1", client=client)
-    errors: list[BaseException] = []
-
-    def waiter() -> None:
-        try:
-            s.wait_for_key("never", timeout=60)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
+    waiter = Waiter(lambda: s.wait_for_key("never", timeout=60))
+    waiter.start()
     time.sleep(0.5)
     s.close()
     assert not client.closed  # a client passed in is not the store's to close
     client.close()
-    thread.join(30)
-    assert not thread.is_alive()
-    assert len(errors) == 1 and isinstance(errors[0], StoreClosedError)
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert isinstance(waiter.error, StoreClosedError), waiter.error
 
 
 # -- pattern matching of wait_for_keys ---------------------------------------------------

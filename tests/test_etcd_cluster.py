@@ -13,27 +13,9 @@ from etha.kvstore.errors import KVStoreError
 from etha.kvstore.etcd import EtcdKVStore
 from tests.etcd_helpers import wait_threads_gone
 from tests.support.etcd_server import EtcdCluster
+from tests.support.threads import Waiter
 
 pytestmark = pytest.mark.timeout(240)
-
-
-class Waiter(threading.Thread):
-    """Runs one wait in a thread and records its outcome and duration."""
-
-    def __init__(self, fn: object) -> None:
-        super().__init__(daemon=True)
-        self.fn = fn
-        self.result: object = None
-        self.error: BaseException | None = None
-        self.elapsed = 0.0
-
-    def run(self) -> None:
-        started = time.monotonic()
-        try:
-            self.result = self.fn()  # type: ignore[operator]
-        except BaseException as exc:
-            self.error = exc
-        self.elapsed = time.monotonic() - started
 
 
 @pytest.fixture

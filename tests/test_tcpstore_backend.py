@@ -39,6 +39,7 @@ from etha.kvstore.config import TCPStoreConfig
 from etha.kvstore.tcpstore import MAX_BYTES_DATA, MAX_VALUE_BYTES, TCPStoreKVStore
 from tests.support.ports import free_port
 from tests.support.tcpstore_server import TCPStoreServer
+from tests.support.threads import Waiter
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -376,21 +377,13 @@ def test_wait_in_another_thread_ends_when_the_store_is_closed(
     connect: Callable[..., TCPStoreKVStore],
 ) -> None:
     store = connect()
-    errors: list[BaseException] = []
-
-    def waiter() -> None:
-        try:
-            store.wait_for_key("never", timeout=3600)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
+    waiter = Waiter(lambda: store.wait_for_key("never", timeout=3600))
+    waiter.start()
     time.sleep(0.2)
     store.close()
-    thread.join(timeout=30)
-    assert not thread.is_alive()
-    assert len(errors) == 1 and isinstance(errors[0], StoreClosedError)
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
+    assert isinstance(waiter.error, StoreClosedError), waiter.error
 
 
 # -- construction and configuration ---------------------------------------------------------------
@@ -516,21 +509,13 @@ def test_a_wait_in_progress_fails_when_the_server_dies(
     external_server: TCPStoreServer, namespace: str
 ) -> None:
     store = TCPStoreKVStore(namespace, host="127.0.0.1", port=external_server.port, timeout=5)
-    errors: list[BaseException] = []
-
-    def waiter() -> None:
-        try:
-            store.wait_for_key("never", timeout=3600)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
+    waiter = Waiter(lambda: store.wait_for_key("never", timeout=3600))
+    waiter.start()
     time.sleep(0.3)
     external_server.kill()
-    thread.join(timeout=30)
-    assert not thread.is_alive()
-    assert len(errors) == 1 and isinstance(errors[0], UnavailableError), errors
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
+    assert isinstance(waiter.error, UnavailableError), waiter.error
     store.close()
 
 
