@@ -8,8 +8,11 @@ record's ``mod_revision``, so rotating the secret also retires the old tokens).
 Why etcd and not the Kubernetes API: the gateway then needs nothing but etcd (no
 Kubernetes credentials, no RBAC to read Secrets), the registry is as available as the
 data it guards, and a replica sees a revocation through the same watch machinery it
-already runs. The prefix starts with ``/``, which no ``keyPrefix`` may contain
-(``[A-Za-z0-9._:-]+``), so no tenant range ``[<prefix>/, <prefix>0)`` can reach it.
+already runs. The prefix starts with ``!`` (0x21). A ``keyPrefix`` is made of
+``[A-Za-z0-9._:-]``, whose smallest byte is ``-`` (0x2d), so every tenant range
+``[<prefix>/, <prefix>0)`` lies inside :data:`TENANT_KEYSPACE` and the registry lies
+outside it: the gateway's own etcd role can be read-write on the tenants' keys and
+read-only on the registry.
 
 Secrets are 256-bit random values made by the operator. Because they cannot be guessed,
 a fast hash (SHA-256) is as strong as bcrypt here, and log-ins cost microseconds, not a
@@ -29,9 +32,11 @@ from typing import Any
 from etha.kvstore.errors import ConfigurationError
 from etha.kvstore.keys import validate_name
 
+#: Every tenant range lies in ``[TENANT_KEYSPACE[0], TENANT_KEYSPACE[1])``.
+TENANT_KEYSPACE = (b"-", b"\x7f")
 #: Every registry key starts with this; no tenant prefix can reach it (see above).
-REGISTRY_PREFIX = b"/etha/registry/"
-#: Tenant records: ``/etha/registry/tenants/<username>``.
+REGISTRY_PREFIX = b"!etha/registry/"
+#: Tenant records: ``!etha/registry/tenants/<username>``.
 TENANTS_PREFIX = REGISTRY_PREFIX + b"tenants/"
 #: Record format version; a replica ignores (and reports) records it does not understand.
 RECORD_VERSION = 1
@@ -157,6 +162,7 @@ __all__ = [
     "REGISTRY_PREFIX",
     "SECRET_BYTES",
     "TENANTS_PREFIX",
+    "TENANT_KEYSPACE",
     "TenantRecord",
     "hash_secret",
     "new_secret",
