@@ -11,7 +11,7 @@ N ?= 8
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[tcpstore,operator,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[tcpstore,operator,gateway,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
