@@ -28,6 +28,7 @@ from etha.kvstore.errors import (
     KVStoreError,
     KVTimeoutError,
     PermissionDeniedError,
+    QuotaExceededError,
     StoreClosedError,
     UnavailableError,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "KVStoreError",
     "KVTimeoutError",
     "PermissionDeniedError",
+    "QuotaExceededError",
     "StoreClosedError",
     "TCPStoreConfig",
     "UnavailableError",

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 
 class KVStoreError(Exception):
-    """Base class of every error raised by etha.kvstore."""
+    """Base class of every error raised by etha.kvstore.
+
+    Errors made from a server's answer also carry ``code`` (the gRPC status name, e.g.
+    ``"PERMISSION_DENIED"``), ``details`` (the server's message) and ``endpoint`` (the
+    ``host:port`` that answered); they are None on errors raised before anything was sent.
+    """
+
+    code: str | None = None
+    details: str | None = None
+    endpoint: str | None = None
 
 
 class InvalidArgumentError(KVStoreError, ValueError):
@@ -40,6 +49,19 @@ class KVTimeoutError(KVStoreError, TimeoutError):
     """A wait or a request did not complete within its timeout."""
 
 
+class QuotaExceededError(KVStoreError):
+    """A quota refused the write; nothing was changed.
+
+    ``quota`` names the limit: one of the gateway's per-tenant quotas (``bytes``,
+    ``keys``, ``value_bytes``, ``watches``, ``requests_per_second``) or ``etcd_space``
+    (etcd's storage is, or is nearly, full). Branch on ``quota``, not on the message.
+    """
+
+    def __init__(self, message: str, *, quota: str) -> None:
+        super().__init__(message)
+        self.quota = quota
+
+
 class StoreClosedError(KVStoreError):
     """The store was used after :meth:`KVStore.close`."""
 
@@ -52,6 +74,7 @@ __all__ = [
     "KVStoreError",
     "KVTimeoutError",
     "PermissionDeniedError",
+    "QuotaExceededError",
     "StoreClosedError",
     "UnavailableError",
 ]

@@ -30,6 +30,7 @@ from etha.kvstore.errors import (
     KVStoreError,
     KVTimeoutError,
     PermissionDeniedError,
+    QuotaExceededError,
     StoreClosedError,
     UnavailableError,
 )
@@ -75,6 +76,9 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 _TOKEN_ERRORS = ("invalid auth token", "user name is empty", "revision of auth store is old")
 _AUTH_DISABLED = "authentication is not enabled"
 _TOO_LARGE = ("request is too large", "message larger than max", "exceeds maximum")
+_NO_SPACE = "database space exceeded"
+#: Trailing metadata an etha gateway adds to a quota refusal: the quota's name.
+QUOTA_METADATA_KEY = "etha-quota"
 
 
 def prefix_range_end(prefix: bytes) -> bytes:
@@ -541,7 +545,10 @@ class EtcdClient:
                     continue
                 if md is None and not may_relogin and _AUTH_DISABLED in details:
                     raise _AuthDisabled() from None
-                raise self._map_error(service, method, code, details, conn) from None
+                error = self._map_error(service, method, code, details, conn, _quota_name(exc))
+                error.code, error.details = code.name, details
+                error.endpoint = str(conn.endpoint)
+                raise error from None
 
     def _deadline_error(
         self, service: str, method: str, total: float, unavailable: grpc.RpcError | None
@@ -558,9 +565,25 @@ class EtcdClient:
         )
 
     def _map_error(
-        self, service: str, method: str, code: grpc.StatusCode, details: str, conn: _Connection
+        self,
+        service: str,
+        method: str,
+        code: grpc.StatusCode,
+        details: str,
+        conn: _Connection,
+        quota: str | None = None,
     ) -> KVStoreError:
         where = f"etcd {service}.{method} at {conn.endpoint}"
+        if quota is not None and code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # An etha gateway's per-tenant quota: the message says which and what to do.
+            return QuotaExceededError(f"{where}: {details}", quota=quota)
+        if _NO_SPACE in details:
+            return QuotaExceededError(
+                f"{where}: etcd is full ({details}): its database reached --quota-backend-bytes;"
+                " the etcd operator must compact, defragment and disarm the NOSPACE alarm"
+                " (or raise the quota) before writes succeed again",
+                quota="etcd_space",
+            )
         if code is grpc.StatusCode.PERMISSION_DENIED or "permission denied" in details:
             who = f"user {self.username!r}" if self.username else "this client"
             return PermissionDeniedError(
@@ -572,7 +595,7 @@ class EtcdClient:
                 f"{where}: authentication failed for user {self.username!r} ({details});"
                 " check the username and password (ETHA_KV_USERNAME/ETHA_KV_PASSWORD)"
             )
-        if code is grpc.StatusCode.RESOURCE_EXHAUSTED or any(t in details for t in _TOO_LARGE):
+        if any(t in details for t in _TOO_LARGE):
             return InvalidValueError(
                 f"{where}: the server refused the request as too large ({details});"
                 " store smaller values"
@@ -651,10 +674,23 @@ class _AuthDisabled(Exception):
     """Authenticate was refused because the server has auth disabled."""
 
 
+def _quota_name(exc: grpc.RpcError) -> str | None:
+    """The ``etha-quota`` trailing metadata of a gateway's quota refusal, if any."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    try:
+        metadata = trailing() if trailing is not None else None
+    except Exception:  # a failed call without a server answer has none
+        return None
+    for key, value in metadata or ():
+        if key == QUOTA_METADATA_KEY:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
+
+
 def _is_token_error(code: grpc.StatusCode, details: str) -> bool:
     if code is grpc.StatusCode.UNAUTHENTICATED:
         return "authentication failed" not in details
     return any(t in details for t in _TOKEN_ERRORS)
 
 
-__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "EtcdClient", "prefix_range_end"]
+__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "QUOTA_METADATA_KEY", "EtcdClient", "prefix_range_end"]
