@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis bench/out .demo
 
-## Benchmarks (issue 5): start their own etcd/TCPStore, print a table, write bench/out/latest.json.
+## Benchmarks: start their own etcd/TCPStore, print a table, write bench/out/latest.json.
 bench: $(STAMP)
 	$(PY) -m bench.run
 
@@ -48,7 +48,7 @@ bench-quick: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py --workers $(N)
 
-## Reliability and security suite at full scale (issue 6): real faults (etcd SIGKILL/SIGSTOP,
+## Reliability and security suite at full scale: real faults (etcd SIGKILL/SIGSTOP,
 ## operator SIGKILL x24, TCPStore death), fuzzing against etcd with auth, leak and RBAC
 ## checks. Writes bench/out/reliability.json, the figures docs/reliability.md reports.
 ## `make test` runs the same tests at ETHA_CHAOS_SCALE=quick.

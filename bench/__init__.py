@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-# Reverse DNS stalls TCPStore connects for seconds in this sandbox (platform findings);
+# Reverse DNS stalls TCPStore connects for seconds on hosts without working reverse DNS;
 # set before any worker process is forked so that every worker inherits it.
 os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:1")
 # torch warns once per TCPStore client that the reverse lookup failed; 1024 of those

@@ -1,7 +1,7 @@
 """Prototype (not library code): waits of one process share one read and one watch.
 
-Measured in #5 as kind ``etha-etcd-view`` next to ``etha-etcd``, to size a proposed
-change of ``EtcdKVStore.wait_for_keys`` (helper A's code): today every waiter reads the
+Measured by the barrier benchmark as kind ``etha-etcd-view`` next to ``etha-etcd``, to size a
+proposed change of ``EtcdKVStore.wait_for_keys``: today every waiter reads the
 whole prefix (one Range returning up to N keys), so N ranks cost O(N^2) key-values in
 etcd and in the clients. Here the first waiter of a process on a prefix reads it once
 and starts one watch that keeps a local copy of the prefix; later waiters of the same

@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.etcd_server import EtcdCluster
 
-# Reverse DNS stalls TCPStore connects for seconds in this sandbox (platform findings).
+# Reverse DNS stalls TCPStore connects for seconds on hosts without working reverse DNS.
 os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:1")
 
 

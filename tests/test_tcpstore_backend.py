@@ -120,7 +120,7 @@ def test_set_stores_utf8_text_and_set_bytes_stores_base64(
     assert raw.get(f"{namespace}/default/text") == "grüße".encode()
     assert raw.get(f"{namespace}/default/blob") == base64.b64encode(b"\x00\xffbin")
     # get() returns what is stored: for set_bytes data that is the base64 text (etcd
-    # returns the raw bytes instead; the spec makes this difference).
+    # returns the raw bytes instead; the interface makes this difference).
     assert store.get("blob") == base64.b64encode(b"\x00\xffbin")
     assert store.get_bytes("blob") == b"\x00\xffbin"
 

@@ -1,6 +1,6 @@
 """KV Store abstraction - designed around etcd capabilities.
 
-:class:`KVStore` is the interface of ``../shared/spec/etha.kvstore.base.rst``. Backends
+:class:`KVStore` is the interface documented in ``docs/api/etha.kvstore.base.rst``. Backends
 implement the abstract methods; the concrete helpers here hold the rules that every
 backend shares (key layout, validation, argument checks), so that both backends reject
 the same inputs with the same errors.
@@ -44,13 +44,19 @@ class KVStore(abc.ABC):
         self.namespace = _keys.validate_name(namespace, "namespace")
         self.component = _keys.validate_name(component, "component")
 
-    # -- the spec's abstract interface -------------------------------------------------
+    # -- the abstract interface (docs/api/etha.kvstore.base.rst) ------------------------
 
     @abc.abstractmethod
     def close(self, cleanup: bool = True) -> None:
         """Close the store and release resources.
 
         :param cleanup: If True, delete coordination keys (etcd only)
+
+        With ``cleanup=True`` (the default, so also when a ``with`` block ends) the etcd
+        backend deletes every key *this store object* wrote. A rank that leaves first
+        would then delete a value that slower ranks still wait for: a store whose keys
+        others read must close with ``cleanup=False`` and leave the clean-up to the
+        operator's job-end deletion of the namespace.
         """
 
     @abc.abstractmethod

@@ -11,7 +11,7 @@ operator grants to a namespace's credentials:
   No leading or trailing ``/``, no ``//``, no ``*``, no whitespace or control
   characters.
 * **pattern** (``wait_for_keys``): a key in which segments may also contain ``*``. A
-  ``*`` matches any sequence of characters, ``/`` included, as the spec says.
+  ``*`` matches any sequence of characters, ``/`` included (docs/api/etha.kvstore.base.rst).
 """
 
 from __future__ import annotations

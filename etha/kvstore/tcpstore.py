@@ -3,7 +3,7 @@
 TCPStore is a flat in-memory map served by rank 0 of a job. It has no watches, no
 prefix queries and no authentication, so this backend:
 
-* stores ``set()`` values as their UTF-8 text and ``set_bytes()`` data as base64 (the spec
+* stores ``set()`` values as their UTF-8 text and ``set_bytes()`` data as base64 (the interface
   says so); :meth:`TCPStoreKVStore.get` returns the stored bytes unchanged, so ``get()`` of
   ``set_bytes()`` data returns the base64 text, and :meth:`~TCPStoreKVStore.get_bytes`
   decodes it;
@@ -488,7 +488,7 @@ class TCPStoreKVStore(KVStore):
     def close(self, cleanup: bool = True) -> None:
         """Release the TCPStore; idempotent. Later calls raise StoreClosedError.
 
-        ``cleanup`` is ignored: TCPStore keeps its keys (the spec makes cleanup etcd-only),
+        ``cleanup`` is ignored: TCPStore keeps its keys (the interface makes cleanup etcd-only),
         and they go away with the server. A store that started the server stops it here
         once no other reference to the torch store remains.
         """
