@@ -41,6 +41,11 @@ BENCHES: dict[str, tuple[str, str, str]] = {
     "scaling": ("bench.bench_barrier", "run_scaling", "#5 barrier of 64..1024 ranks"),
     "login": ("bench.bench_barrier", "run_login", "#6 log-in storm with password auth"),
     "operator": ("bench.bench_operator", "run", "#7-#9 operator latencies and RSS"),
+    "gateway": (
+        "bench.bench_gateway",
+        "run",
+        "etha through etha-gateway vs straight to etcd: ops, wake-up, barrier, log-ins, CPU",
+    ),
     "init_pg": (
         "bench.bench_init_process_group",
         "run",
