@@ -23,6 +23,7 @@ fmt: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check etha operator tests bench examples
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff format --check etha operator tests bench examples
 
 typecheck: $(STAMP)
