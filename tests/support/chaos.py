@@ -27,7 +27,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -255,7 +255,10 @@ class EtcdWorkload:
         namespace: str | None = None,
         request_timeout: float = 5.0,
         barrier_timeout: float = 60.0,
+        ranks: Sequence[int] | None = None,
     ) -> None:
+        """``ranks``: the worker indices this object runs (default: all of ``workers``);
+        the others run elsewhere (other processes) and barriers still wait for all."""
         self.endpoints = endpoints
         self.username = username
         self.password = password
@@ -268,7 +271,7 @@ class EtcdWorkload:
         self.stop_round = 1 << 30
         self._max_round = 0
         self._lock = threading.Lock()
-        self._threads = [_Worker(self, i) for i in range(workers)]
+        self._threads = [_Worker(self, i) for i in (range(workers) if ranks is None else ranks)]
         self._started = 0.0
         self.report = WorkloadReport(workers=workers)
 
@@ -296,11 +299,16 @@ class EtcdWorkload:
                 raise RuntimeError("every chaos worker exited early")
             time.sleep(0.1)
 
-    def stop(self, timeout: float = 180.0) -> WorkloadReport:
-        """Let every worker finish the same last round, join them, and merge their figures."""
+    def stop(self, timeout: float = 180.0, at_round: int | None = None) -> WorkloadReport:
+        """Let every worker finish the same last round, join them, and merge their figures.
+
+        ``at_round``: the round to stop before, when the workers of one workload run in
+        several processes (each must stop at the same round); default: one that every
+        worker of this object can reach.
+        """
         with self._lock:
             # Workers are at most one barrier apart: max + 2 is reachable by all of them.
-            self.stop_round = self._max_round + 2
+            self.stop_round = self._max_round + 2 if at_round is None else at_round
         for thread in self._threads:
             thread.join(timeout)
         report = self.report
