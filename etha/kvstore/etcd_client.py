@@ -52,7 +52,9 @@ _STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
     "Auth": etcdrpc.AuthStub,
     "Watch": etcdrpc.WatchStub,
 }
-UNARY_SERVICES = frozenset({"KV", "Lease", "Cluster", "Maintenance", "Auth"})
+#: "Coordination" is etha's gateway extension (etha.kvstore.gateway_api); plain etcd
+#: answers it UNIMPLEMENTED.
+UNARY_SERVICES = frozenset({"KV", "Lease", "Cluster", "Maintenance", "Auth", "Coordination"})
 
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # A restarted member must be found again within a wait's timeout; grpc's default
@@ -122,7 +124,13 @@ class _Connection:
                     f"etcd service {service!r} is not a unary service; use one of"
                     f" {sorted(UNARY_SERVICES)}"
                 )
-            fn = getattr(self.stub(service), name, None)
+            if service == "Coordination":
+                from etha.kvstore import gateway_api
+
+                stubs = {"Wait": gateway_api.wait_stub, "Add": gateway_api.add_stub}
+                fn = stubs[name](self.channel) if name in stubs else None
+            else:
+                fn = getattr(self.stub(service), name, None)
             if fn is None:
                 raise InvalidArgumentError(f"etcd service {service} has no method {name!r}")
             self.methods[(service, name)] = fn
@@ -167,6 +175,8 @@ def _is_conditional(service: str, method: str, request: Any) -> bool:
 
     (A put, a delete or an unconditional Txn of them leaves the same state when repeated.)
     """
+    if service == "Coordination":
+        return method == "Add"
     return service == "KV" and method == "Txn" and len(request.compare) > 0
 
 
@@ -538,7 +548,9 @@ class EtcdClient:
                         conn = self._failover(conn)
                         if attempt_cap is not None:
                             continue
-                    raise self._deadline_error(service, method, total, unavailable) from None
+                    error = self._deadline_error(service, method, total, unavailable)
+                    error.code, error.details = code.name, details
+                    raise error from None
                 if may_relogin and self._password is not None and _is_token_error(code, details):
                     md = self._relogin(md, max(deadline - time.monotonic(), 0.001))
                     may_relogin = False
