@@ -214,11 +214,12 @@ class EthaStore(_C10dStore):
             raise ValueError(
                 f"multi_set got {len(keys)} keys and {len(values)} values; pass one value per key"
             )
+        # A key given twice keeps its last value, like TCPStore, HashStore and FileStore;
+        # etcd refuses a transaction that puts one key twice.
+        latest = {self._key(k): _as_bytes(v, "value") for k, v in zip(keys, values, strict=True)}
         ops = [
-            etcdrpc.RequestOp(
-                request_put=etcdrpc.PutRequest(key=self._key(k), value=_as_bytes(v, "value"))
-            )
-            for k, v in zip(keys, values, strict=True)
+            etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=k, value=v))
+            for k, v in latest.items()
         ]
         try:
             for start in range(0, len(ops), MAX_TXN_OPS):
