@@ -3,6 +3,8 @@
 Runs kopf standalone (no peering: the Deployment has one replica with the Recreate
 strategy), cluster-wide or in ETHA_OPERATOR_NAMESPACES, with the liveness endpoint on
 ETHA_OPERATOR_HEALTH_PORT and the admission webhook when its certificate is configured.
+In direct mode it first asks etcd its version and refuses to start on a version with
+known permission bypasses (unless ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT=true).
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import sys
 
 import kopf
 
-from etha.kvstore.errors import ConfigurationError
+from etha.kvstore.errors import ConfigurationError, KVStoreError
+from etha_operator import etcd_version
+from etha_operator.etcd_admin import EtcdAdmin
 from etha_operator.handlers import register
 from etha_operator.settings import OperatorSettings, load_settings
+
+logger = logging.getLogger("etha_operator")
 
 
 def build_registry(cfg: OperatorSettings) -> kopf.OperatorRegistry:
@@ -35,6 +41,27 @@ async def run(cfg: OperatorSettings) -> None:
     )
 
 
+def check_direct_mode(cfg: OperatorSettings, admin: EtcdAdmin) -> list[str]:
+    """Direct mode only: etcd's version on every listed endpoint must be free of known
+    permission bypasses, or the override must be set.
+
+    :returns: the problems found and overridden (logged as warnings by the caller)
+    :raises UnsafeEtcdError: a member runs an affected version and there is no override
+    :raises KVStoreError: no endpoint answered
+    """
+    if cfg.gateway_mode:
+        return []
+    problems = []
+    for endpoint, version in sorted(admin.versions(timeout=cfg.etcd_timeout).items()):
+        reason = etcd_version.refusal(endpoint, version)
+        if reason is None:
+            continue
+        if not cfg.allow_unsafe_direct:
+            raise etcd_version.UnsafeEtcdError(reason, version)
+        problems.append(reason)
+    return problems
+
+
 def main() -> None:
     try:
         cfg = load_settings()
@@ -48,6 +75,25 @@ def main() -> None:
     # kopf's own DEBUG output includes whole request payloads; keep it at INFO or above
     # unless explicitly debugging, and never log the kubernetes client's bodies.
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    if not cfg.gateway_mode:
+        admin = EtcdAdmin.from_settings(cfg)
+        try:
+            overridden = check_direct_mode(cfg, admin)
+        except etcd_version.UnsafeEtcdError as exc:
+            print(f"etha-operator: refusing direct mode: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except KVStoreError as exc:
+            print(
+                f"etha-operator: cannot check etcd's version for direct mode: {exc}",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+        finally:
+            admin.close()
+        for reason in overridden:
+            logger.warning(
+                "direct mode on an unsafe etcd (ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT=true): %s", reason
+            )
     asyncio.run(run(cfg))
 
 

@@ -1,20 +1,26 @@
-"""etcd administration for KVNamespaces: roles, users, grants, key clean-up.
+"""etcd administration for KVNamespaces: tenant records, roles, users, grants, clean-up.
 
-Every operation is idempotent, so a provisioning run that crashed at any point can be
-repeated. Passwords are passed through to etcd and never logged or returned.
+Gateway mode writes one :class:`~etha.gateway.tenancy.TenantRecord` per KVNamespace into
+the registry (``!etha/registry/tenants/<username>``); direct mode makes an etcd role and
+user instead. Both share the key clean-up and the prefix index. Every operation is
+idempotent, so a provisioning run that crashed at any point can be repeated. Passwords
+are passed through to etcd and never logged or returned; records hold only a hash.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pyetcd import etcdrpc
-from pyetcd.etcdrpc import auth_pb2
+from pyetcd.etcdrpc import auth_pb2, rpc_pb2
 
-from etha.kvstore.errors import KVStoreError
+from etha.gateway.tenancy import TENANTS_PREFIX, TenantRecord, tenant_key
+from etha.kvstore.config import Endpoint
+from etha.kvstore.errors import ConfigurationError, KVStoreError
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from etha.kvstore.keys import namespace_prefix
 from etha_operator import model
@@ -23,6 +29,10 @@ from etha_operator.settings import OperatorSettings
 logger = logging.getLogger(__name__)
 
 READWRITE = auth_pb2.Permission.READWRITE
+#: etcd alarms that make the store unusable (a NOSPACE etcd takes no writes; a CORRUPT
+#: member's data cannot be trusted), by etcd's AlarmType number. The bundled stubs only
+#: name NONE and NOSPACE; etcd's own rpc.proto has CORRUPT = 2.
+BLOCKING_ALARMS = {1: "NOSPACE", 2: "CORRUPT"}
 
 
 @dataclass(frozen=True)
@@ -51,8 +61,15 @@ def _exists(exc: KVStoreError) -> bool:
 class EtcdAdmin:
     """Root-privileged operations on one etcd cluster (thread-safe via the client)."""
 
-    def __init__(self, client: EtcdClient) -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        connect: Callable[[tuple[Endpoint, ...]], EtcdClient] | None = None,
+    ) -> None:
+        """:param connect: opens a client like ``client`` to other endpoints (for
+        :meth:`versions`, which asks every member); None: ask through ``client`` only."""
         self.client = client
+        self._connect = connect
         # Prefix key -> the operator-made role granting it. Built by one scan of every role
         # on first use, then kept current by ensure_role/delete_role, so that checking a
         # new prefix costs O(1) requests instead of one RoleGet per existing role (a
@@ -63,17 +80,19 @@ class EtcdAdmin:
 
     @classmethod
     def from_settings(cls, settings: OperatorSettings) -> EtcdAdmin:
-        client = EtcdClient(
-            settings.etcd_endpoints,
-            username=settings.etcd_username if settings.etcd_password else None,
-            password=settings.etcd_password,
-            tls=settings.etcd_tls,
-            ca_file=settings.etcd_ca_file,
-            cert_file=settings.etcd_cert_file,
-            key_file=settings.etcd_key_file,
-            timeout=settings.etcd_timeout,
-        )
-        return cls(client)
+        def connect(endpoints: tuple[Endpoint, ...]) -> EtcdClient:
+            return EtcdClient(
+                endpoints,
+                username=settings.etcd_username if settings.etcd_password else None,
+                password=settings.etcd_password,
+                tls=settings.etcd_tls,
+                ca_file=settings.etcd_ca_file,
+                cert_file=settings.etcd_cert_file,
+                key_file=settings.etcd_key_file,
+                timeout=settings.etcd_timeout,
+            )
+
+        return cls(connect(settings.etcd_endpoints), connect)
 
     def close(self) -> None:
         self.client.close()
@@ -117,8 +136,11 @@ class EtcdAdmin:
             owner = self._owners.get(wanted)
         if owner is None or owner == exclude:
             return None
-        # The index may be stale (a role deleted by hand): confirm with etcd.
+        # The index may be stale (a role or record deleted by hand): confirm with etcd.
         if any(g.key == wanted for g in self.role_grants(owner) or []):
+            return owner
+        record = self.get_record(owner)
+        if record is not None and prefix_grant(record.prefix).key == wanted:
             return owner
         self._forget(owner)
         return None
@@ -129,12 +151,15 @@ class EtcdAdmin:
             self._owners = None
 
     def _scan_owners(self) -> dict[bytes, str]:
+        """Prefix key -> owner, from every operator-made role and every tenant record."""
         owners: dict[bytes, str] = {}
         for role in self.list_roles():
             if model.uid_of_etcd_name(role) is None:
                 continue
             for grant in self.role_grants(role) or []:
                 owners.setdefault(grant.key, role)
+        for username, record in self.list_records().items():
+            owners.setdefault(prefix_grant(record.prefix).key, username)
         return owners
 
     def _remember(self, prefix_key: bytes, role: str) -> None:
@@ -155,6 +180,88 @@ class EtcdAdmin:
         """
         request = etcdrpc.AuthenticateRequest(name=user, password=password)
         self._auth("Authenticate", request, timeout)
+
+    # -- the tenant registry (gateway mode) -------------------------------------------------
+
+    def get_record(self, username: str, timeout: float | None = None) -> TenantRecord | None:
+        """The tenant record of ``username``, or None (also for an unreadable record)."""
+        response = self.client.range(tenant_key(username), timeout=timeout)
+        if not response.kvs:
+            return None
+        try:
+            return TenantRecord.from_json(response.kvs[0].value)
+        except ConfigurationError as exc:
+            # Rewritten by the next provisioning run; never fatal for the operator.
+            logger.warning(
+                "tenant record of %s is unreadable (%s); it will be replaced", username, exc
+            )
+            return None
+
+    def list_records(self, timeout: float | None = None) -> dict[str, TenantRecord]:
+        """Every readable tenant record, by username (one Range over the registry)."""
+        response = self.client.range(
+            TENANTS_PREFIX, prefix_range_end(TENANTS_PREFIX), timeout=timeout
+        )
+        records: dict[str, TenantRecord] = {}
+        for kv in response.kvs:
+            try:
+                record = TenantRecord.from_json(kv.value)
+            except ConfigurationError as exc:
+                logger.warning("skipping unreadable tenant record %r: %s", kv.key, exc)
+                continue
+            records[record.username] = record
+        return records
+
+    def list_record_names(self, timeout: float | None = None) -> list[str]:
+        """The usernames of every registry key, readable or not (for the audit)."""
+        response = self.client.range(
+            TENANTS_PREFIX, prefix_range_end(TENANTS_PREFIX), keys_only=True, timeout=timeout
+        )
+        return [kv.key[len(TENANTS_PREFIX) :].decode(errors="replace") for kv in response.kvs]
+
+    def put_record(self, record: TenantRecord, timeout: float | None = None) -> None:
+        """Write ``record`` (a new secret hash, prefix or quotas retire the old tokens)."""
+        self.client.put(record.key, record.to_json(), timeout=timeout)
+        self._remember(prefix_grant(record.prefix).key, record.username)
+
+    def delete_record(self, username: str, timeout: float | None = None) -> bool:
+        """Delete the tenant record: every gateway replica refuses the tenant at once."""
+        deleted = self.client.delete_range(tenant_key(username), timeout=timeout) > 0
+        self._forget(username)
+        return deleted
+
+    # -- cluster health ----------------------------------------------------------------------
+
+    def blocking_alarms(self, timeout: float | None = None) -> list[str]:
+        """The NOSPACE/CORRUPT alarms etcd holds right now (names, sorted; empty: none)."""
+        request = etcdrpc.AlarmRequest(
+            action=etcdrpc.AlarmRequest.GET, memberID=0, alarm=rpc_pb2.AlarmType.NONE
+        )
+        response = self.client.call("Maintenance", "Alarm", request, timeout=timeout)
+        return sorted(
+            {BLOCKING_ALARMS[a.alarm] for a in response.alarms if a.alarm in BLOCKING_ALARMS}
+        )
+
+    def versions(self, timeout: float | None = None) -> dict[str, str]:
+        """etcd's version as reported by each listed endpoint that answers."""
+        found: dict[str, str] = {}
+        errors: list[str] = []
+        request = etcdrpc.StatusRequest()
+        if self._connect is None:
+            status = self.client.call("Maintenance", "Status", request, timeout=timeout)
+            return {",".join(str(e) for e in self.client.endpoints): str(status.version)}
+        for endpoint in self.client.endpoints:
+            single = self._connect((endpoint,))
+            try:
+                status = single.call("Maintenance", "Status", request, timeout=timeout)
+                found[str(endpoint)] = str(status.version)
+            except KVStoreError as exc:
+                errors.append(f"{endpoint}: {exc}")
+            finally:
+                single.close()
+        if not found:
+            raise KVStoreError(f"no etcd endpoint answered Maintenance.Status: {'; '.join(errors)}")
+        return found
 
     # -- provisioning ----------------------------------------------------------------------
 

@@ -114,7 +114,11 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
         if cfg.audit_interval > 0:
             memo.audit_task = asyncio.create_task(_audit_loop(memo.reconciler, cfg))
         logger.info(
-            "etha operator started: etcd %s, %s, webhook %s",
+            "etha operator started: %s mode%s, etcd %s, %s, webhook %s",
+            cfg.mode,
+            f" (workers use gateway {','.join(str(e) for e in cfg.gateway_endpoints)})"
+            if cfg.gateway_mode
+            else "",
             ",".join(str(e) for e in cfg.etcd_endpoints),
             "cluster-wide" if cfg.clusterwide else f"namespaces {','.join(cfg.namespaces)}",
             f"on port {cfg.webhook_port}" if cfg.webhook_enabled else "disabled (no certificate)",
@@ -173,6 +177,8 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
         try:
             if phase not in ("Ready", "JobEnded"):
                 reconciler.provision(plain)
+            elif phase == "Ready":
+                reconciler.check_alarms(plain)  # leaves Ready while etcd holds an alarm
             reconciler.check_job(plain)
         except TemporaryFailure as exc:
             logger.warning(

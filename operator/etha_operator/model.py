@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from etha.kvstore.errors import ConfigurationError, InvalidKeyError
@@ -37,6 +37,16 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_TTL = 31536000
 MAX_SECRET_NAME = 253
+#: ``spec.quotas`` field -> the tenant record's quota name (etha.gateway.tenancy.QUOTA_NAMES).
+QUOTA_FIELDS = {
+    "bytes": "bytes",
+    "keys": "keys",
+    "valueBytes": "value_bytes",
+    "watches": "watches",
+    "requestsPerSecond": "requests_per_second",
+}
+#: Upper bound of a quota value (the CRD's int64 maximum).
+MAX_QUOTA = 2**63 - 1
 
 
 class SpecError(ConfigurationError):
@@ -63,6 +73,8 @@ class KVNamespaceSpec:
     on_job_end: OnJobEnd = "Delete"
     ttl_seconds_after_job_end: int = 0
     component: str = "default"
+    #: Quota overrides for the gateway, by record name (``value_bytes``...); 0 = unlimited.
+    quotas: Mapping[str, int] = field(default_factory=dict)
 
 
 def _name_field(value: object, path: str) -> str:
@@ -79,7 +91,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> KVNamespaceSpec:
     """
     if not isinstance(spec, Mapping):
         raise SpecError("spec is missing: a KVNamespace needs at least spec.jobRef")
-    known = {"keyPrefix", "jobRef", "onJobEnd", "ttlSecondsAfterJobEnd", "component"}
+    known = {"keyPrefix", "jobRef", "onJobEnd", "ttlSecondsAfterJobEnd", "component", "quotas"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise SpecError(f"spec has unknown fields {unknown}; known fields: {sorted(known)}")
@@ -117,13 +129,35 @@ def parse_spec(spec: Mapping[str, Any] | None) -> KVNamespaceSpec:
             f"spec.ttlSecondsAfterJobEnd {ttl!r} must be an integer between 0 and {MAX_TTL}"
         )
     component = _name_field(spec.get("component", "default"), "spec.component")
+    quotas = parse_quotas(spec.get("quotas"))
     return KVNamespaceSpec(
         job=JobRef(str(api_version), str(kind), name),
         key_prefix=prefix,
         on_job_end=on_end,
         ttl_seconds_after_job_end=ttl,
         component=component,
+        quotas=quotas,
     )
+
+
+def parse_quotas(raw: object) -> dict[str, int]:
+    """``spec.quotas`` -> the tenant record's quota overrides (missing: the gateway's default).
+
+    :raises SpecError: an unknown field, or a value that is not an integer >= 0
+    """
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"spec.quotas must be a mapping of {', '.join(QUOTA_FIELDS)} to integers")
+    unknown = sorted(set(raw) - set(QUOTA_FIELDS))
+    if unknown:
+        raise SpecError(f"spec.quotas has unknown fields {unknown}; known: {list(QUOTA_FIELDS)}")
+    quotas: dict[str, int] = {}
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_QUOTA:
+            raise SpecError(f"spec.quotas.{key} {value!r} must be an integer >= 0 (0 = unlimited)")
+        quotas[QUOTA_FIELDS[key]] = value
+    return quotas
 
 
 def default_prefix(namespace: str, name: str, uid: str) -> str:
@@ -143,7 +177,8 @@ def effective_prefix(spec: KVNamespaceSpec, namespace: str, name: str, uid: str)
 
 
 def etcd_name(uid: str) -> str:
-    """The etcd user and role name of the KVNamespace with this uid."""
+    """The log-in name of the KVNamespace with this uid: its etcd user and role (direct
+    mode), or its tenant username at the gateway (gateway mode)."""
     return f"{ETCD_NAME_PREFIX}{uid}"
 
 

@@ -1,13 +1,17 @@
 """What the operator does, as plain synchronous code (kopf only calls into it).
 
-* :meth:`Reconciler.provision`: role, user, Secret and status, idempotently and
-  crash-safely (every step can be repeated; a lost password is replaced).
+* :meth:`Reconciler.provision`: the credentials (a gateway tenant record, or in direct
+  mode an etcd role and user), the Secret and the status, idempotently and crash-safely
+  (every step can be repeated; a lost secret is replaced).
 * :meth:`Reconciler.check_job`: detect the job's end and apply ``onJobEnd``.
 * :meth:`Reconciler.cleanup`: the deletion finalizer, best effort within a deadline.
-* :meth:`Reconciler.audit`: remove etcd users/roles whose KVNamespace is gone.
+* :meth:`Reconciler.audit`: remove tenant records, etcd users and roles whose
+  KVNamespace is gone.
 
-The password lives only in etcd (hashed) and in the Secret: it is never logged, never in
-an event, never in status.
+The secret lives only in the Secret and, hashed, in etcd (the tenant record's SHA-256,
+or etcd's bcrypt of a direct-mode password): it is never logged, never in an event,
+never in status. A KVNamespace is not reported Ready while etcd holds a NOSPACE or
+CORRUPT alarm.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Protocol
 import urllib3
 from kubernetes.client import ApiException
 
+from etha.gateway.tenancy import TenantRecord, hash_secret, new_secret, secret_matches
 from etha.kvstore.config import PASSWORD, EtcdConfig
 from etha.kvstore.errors import KVStoreError, PermissionDeniedError
 from etha_operator import k8s, model
@@ -47,6 +52,21 @@ PENDING, READY, JOB_ENDED, CLEANED, REVOKED, FAILED = (
 TRANSIENT_API_ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError)
 #: Phases after the job's end: provisioning never runs again for them.
 ENDED_PHASES = frozenset({JOB_ENDED, CLEANED, REVOKED})
+#: How long one answer to "does etcd hold an alarm?" is reused: a storm of provisioning
+#: runs costs one Alarm call per interval, and a new alarm is seen within it.
+ALARM_CACHE_SECONDS = 1.0
+#: What to do about each blocking alarm (shown in the status and the Event).
+ALARM_FIXES = {
+    "NOSPACE": (
+        "etcd is out of space (NOSPACE alarm) and accepts no writes: compact and defragment"
+        " it (etcdctl compact, etcdctl defrag), raise --quota-backend-bytes if the volume"
+        " allows, then clear the alarm with `etcdctl alarm disarm`"
+    ),
+    "CORRUPT": (
+        "an etcd member reports corrupted data (CORRUPT alarm): replace or restore that"
+        " member from a snapshot, then clear the alarm with `etcdctl alarm disarm`"
+    ),
+}
 
 
 class EventSink(Protocol):
@@ -59,6 +79,14 @@ class EventSink(Protocol):
 
 class TemporaryFailure(Exception):
     """Retry later (etcd unreachable, API conflict); kopf turns it into a delayed retry."""
+
+
+class EtcdAlarmActive(TemporaryFailure):
+    """etcd holds a blocking alarm; the KVNamespace waits (not Ready) until it is cleared."""
+
+    def __init__(self, alarms: list[str]) -> None:
+        super().__init__(f"etcd holds alarm(s) {', '.join(alarms)}")
+        self.alarms = alarms
 
 
 @dataclass
@@ -115,6 +143,8 @@ class Reconciler:
         self._claim_lock = threading.Lock()
         # Orphan candidates of the previous audit round: removal needs two sightings.
         self._suspects: set[str] = set()
+        self._alarms: tuple[float, list[str]] | None = None
+        self._alarms_lock = threading.Lock()
 
     def lock(self, uid: str) -> threading.Lock:
         """A per-KVNamespace lock: the job watcher, the timer and handlers never overlap."""
@@ -161,11 +191,15 @@ class Reconciler:
     # -- provisioning ----------------------------------------------------------------------
 
     def worker_env(self, prefix: str, component: str, user: str, password: str) -> dict[str, str]:
-        """The ``ETHA_KV_*`` variables of the Secret (what ``etha.kvstore.from_env`` reads)."""
-        tls = self.settings.worker_tls
+        """The ``ETHA_KV_*`` variables of the Secret (what ``etha.kvstore.from_env`` reads).
+
+        The endpoints are the gateway's in gateway mode, the workers' etcd endpoints in
+        direct mode; the CA comes along when they serve TLS.
+        """
+        endpoints, tls = self.settings.workers_reach()
         config = EtcdConfig(
             namespace=prefix,
-            endpoints=self.settings.worker_endpoints,
+            endpoints=endpoints,
             component=component,
             username=user,
             password=password,
@@ -174,12 +208,64 @@ class Reconciler:
         )
         return config.to_env()
 
+    # -- etcd alarms -----------------------------------------------------------------------
+
+    def blocking_alarms(self) -> list[str]:
+        """etcd's NOSPACE/CORRUPT alarms, asked at most once per ALARM_CACHE_SECONDS."""
+        with self._alarms_lock:
+            now = time.monotonic()
+            if self._alarms is None or now - self._alarms[0] > ALARM_CACHE_SECONDS:
+                self._alarms = (now, self.admin.blocking_alarms())
+            return list(self._alarms[1])
+
+    def _hold_for_alarm(self, body: Mapping[str, Any], alarms: list[str]) -> Obj:
+        """Status Pending + Ready=False (EtcdAlarm) and a Warning Event, once per change."""
+        generation = body["metadata"].get("generation")
+        fixes = "; ".join(ALARM_FIXES[a] for a in alarms)
+        message = (
+            f"not Ready: etcd holds alarm(s) {', '.join(alarms)}. {fixes}. The KVNamespace"
+            " becomes Ready by itself once the alarm is cleared."
+        )
+        current: Obj = body.get("status") or {}
+        previous = current.get("conditions")
+        status: Obj = {
+            "phase": PENDING,
+            "message": message,
+            "conditions": k8s.with_condition(
+                previous, k8s.condition("Ready", False, "EtcdAlarm", message, generation, previous)
+            ),
+        }
+        if current.get("phase") != PENDING or current.get("message") != message:
+            self._write_status(body, status)
+            self.emit(body, type="Warning", reason="EtcdAlarm", message=message)
+            logger.warning("KVNamespace %s/%s: %s", *_meta(body)[:2], message)
+        return {**current, **status}
+
+    def check_alarms(self, body: Mapping[str, Any]) -> Obj | None:
+        """For a Ready KVNamespace: leave Ready (Pending, EtcdAlarm) while etcd holds an alarm.
+
+        :raises EtcdAlarmActive: an alarm is active (after the status was written)
+        :raises TemporaryFailure: etcd or the API failed; retry later
+        """
+        _, _, uid = _meta(body)
+        with self.lock(uid), _retry_on_outage():
+            alarms = self.blocking_alarms()
+            if not alarms:
+                return None
+            fresh = self._fresh(body)
+            if fresh is None or (fresh.get("status") or {}).get("phase") in ENDED_PHASES:
+                return None
+            self._hold_for_alarm(fresh, alarms)
+        raise EtcdAlarmActive(alarms)
+
     def provision(self, body: Mapping[str, Any]) -> Obj | None:
         """Bring etcd, the Secret and the status in line with the spec; returns the status.
 
-        Safe to re-run after a crash at any point: existing roles and users are reused,
-        a Secret whose password does not log in (or is missing) gets a new password.
+        Safe to re-run after a crash at any point: existing records, roles and users are
+        reused, a Secret whose secret does not match the record (or does not log in, in
+        direct mode), or is missing, gets a new one.
 
+        :raises EtcdAlarmActive: etcd holds a NOSPACE/CORRUPT alarm (status says so)
         :raises TemporaryFailure: etcd or the API failed; retry later
         """
         _, _, uid = _meta(body)
@@ -208,25 +294,8 @@ class Reconciler:
             )
         generation = body["metadata"].get("generation")
         prefix = status.get("keyPrefix") or model.effective_prefix(spec, namespace, name, uid)
-        user = role = model.etcd_name(uid)
+        user = model.etcd_name(uid)
         secret_name = model.secret_name(name)
-
-        with self._claim_lock:
-            # A role that already grants exactly this prefix means the claim was made
-            # earlier: skip the scan of every role (restarts would otherwise be O(n^2)).
-            owned = self.admin.role_grants(role) == [prefix_grant(prefix)]
-            owner = None if owned else self.admin.prefix_owner(prefix, exclude=role)
-            if owner is not None:
-                return self._fail(
-                    body,
-                    "PrefixConflict",
-                    f"keyPrefix {prefix!r} is already owned by another KVNamespace (etcd role"
-                    f" {owner}); two KVNamespaces may not share a prefix: set a different"
-                    " spec.keyPrefix or delete the other KVNamespace",
-                )
-            if not owned:
-                self.admin.ensure_role(role, prefix)
-
         secret = self.kube.get_secret(namespace, secret_name)
         if secret is not None and not k8s.owned_by(secret, uid):
             return self._fail(
@@ -235,6 +304,124 @@ class Reconciler:
                 f"Secret {secret_name!r} exists and is not owned by this KVNamespace; the"
                 " operator will not overwrite it: delete or rename that Secret",
             )
+        if self.settings.gateway_mode:
+            claimed = self._claim_tenant(body, spec, prefix, user, secret)
+        else:
+            claimed = self._claim_role(body, prefix, user, secret)
+        if isinstance(claimed, dict):
+            return claimed  # Failed (a prefix conflict)
+        password, rotated = claimed
+        env = self.worker_env(prefix, spec.component, user, password)
+        data = k8s.encode_data(env)
+        if secret is None:
+            self.kube.create_secret(k8s.build_secret(body, env))
+        elif rotated or (secret.get("data") or {}) != data:
+            self.kube.replace_secret_data(namespace, secret_name, data)
+
+        alarms = self.blocking_alarms()
+        if alarms:
+            self._hold_for_alarm(body, alarms)
+            raise EtcdAlarmActive(alarms)
+
+        if self.settings.gateway_mode:
+            message = (
+                f"tenant {user} may read and write only keys under {prefix + '/'!r}, through"
+                f" the etha gateway; pods labelled {model.POD_LABEL}={name} get Secret"
+                f" {secret_name}"
+            )
+        else:
+            message = (
+                f"etcd user {user} may read and write only keys under {prefix + '/'!r};"
+                f" pods labelled {model.POD_LABEL}={name} get Secret {secret_name}"
+            )
+        was_ready = status.get("phase") == READY
+        previous = status.get("conditions")
+        new_status: Obj = {
+            "phase": READY,
+            "message": message,
+            "observedGeneration": generation,
+            "keyPrefix": prefix,
+            "etcdUser": user,
+            # Merge patch: None removes a direct-mode role name left from before a switch.
+            "etcdRole": None if self.settings.gateway_mode else user,
+            "secretName": secret_name,
+            "conditions": k8s.with_condition(
+                previous, k8s.condition("Ready", True, "Provisioned", message, generation, previous)
+            ),
+        }
+        if any(status.get(key) != value for key, value in new_status.items()):
+            self._write_status(body, new_status)
+        if not was_ready:
+            self.emit(body, type="Normal", reason="Provisioned", message=message)
+            logger.info("KVNamespace %s/%s is Ready: %s", namespace, name, message)
+        return {k: v for k, v in new_status.items() if v is not None}
+
+    def _conflict(self, body: Obj, prefix: str, owner: str) -> Obj:
+        return self._fail(
+            body,
+            "PrefixConflict",
+            f"keyPrefix {prefix!r} is already owned by another KVNamespace ({owner}); two"
+            " KVNamespaces may not share a prefix: set a different spec.keyPrefix or delete"
+            " the other KVNamespace",
+        )
+
+    def _claim_tenant(
+        self, body: Obj, spec: model.KVNamespaceSpec, prefix: str, user: str, secret: Obj | None
+    ) -> tuple[str, bool] | Obj:
+        """Gateway mode: write the tenant record; returns (secret, rotated) or a Failed status.
+
+        The record is written before the Secret, so a crash in between leaves a Secret
+        whose secret does not match the record's hash: the next run replaces it.
+        """
+        namespace, name, _ = _meta(body)
+        password = k8s.decode_data(secret).get(PASSWORD) if secret is not None else None
+        with self._claim_lock:
+            record = self.admin.get_record(user)
+            owned = record is not None and record.prefix == prefix
+            owner = None if owned else self.admin.prefix_owner(prefix, exclude=user)
+            if owner is not None:
+                return self._conflict(body, prefix, f"tenant {owner}")
+            if password and record is not None and secret_matches(password, record.secret_sha256):
+                rotated = False
+            else:
+                rotated, password = True, new_secret()
+            wanted = TenantRecord(
+                username=user,
+                prefix=prefix,
+                secret_sha256=hash_secret(password),
+                quotas=dict(spec.quotas),
+                owner=f"{namespace}/{name}",
+            )
+            if record != wanted:
+                self.admin.put_record(wanted)
+                logger.info(
+                    "KVNamespace %s/%s: tenant record %s %s",
+                    namespace,
+                    name,
+                    user,
+                    "written with a new secret" if rotated else "updated",
+                )
+        if (body.get("status") or {}).get("etcdRole"):
+            # Provisioned in direct mode before: its etcd user must not keep working.
+            self.admin.delete_user(user)
+            self.admin.delete_role(user)
+        return password, rotated
+
+    def _claim_role(
+        self, body: Obj, prefix: str, user: str, secret: Obj | None
+    ) -> tuple[str, bool] | Obj:
+        """Direct mode: etcd role and user; returns (password, rotated) or a Failed status."""
+        namespace, name, _ = _meta(body)
+        role = user
+        with self._claim_lock:
+            # A role that already grants exactly this prefix means the claim was made
+            # earlier: skip the scan of every role (restarts would otherwise be O(n^2)).
+            owned = self.admin.role_grants(role) == [prefix_grant(prefix)]
+            owner = None if owned else self.admin.prefix_owner(prefix, exclude=role)
+            if owner is not None:
+                return self._conflict(body, prefix, f"etcd role {owner}")
+            if not owned:
+                self.admin.ensure_role(role, prefix)
         password = self._usable_password(body, secret, user)
         rotated = password is None
         if password is None:
@@ -251,37 +438,11 @@ class Reconciler:
             )
         else:
             self.admin.ensure_user_role(user, role)
-        env = self.worker_env(prefix, spec.component, user, password)
-        data = k8s.encode_data(env)
-        if secret is None:
-            self.kube.create_secret(k8s.build_secret(body, env))
-        elif rotated or (secret.get("data") or {}) != data:
-            self.kube.replace_secret_data(namespace, secret_name, data)
-
-        message = (
-            f"etcd user {user} may read and write only keys under {prefix + '/'!r};"
-            f" pods labelled {model.POD_LABEL}={name} get Secret {secret_name}"
-        )
-        was_ready = status.get("phase") == READY
-        previous = status.get("conditions")
-        new_status: Obj = {
-            "phase": READY,
-            "message": message,
-            "observedGeneration": generation,
-            "keyPrefix": prefix,
-            "etcdUser": user,
-            "etcdRole": role,
-            "secretName": secret_name,
-            "conditions": k8s.with_condition(
-                previous, k8s.condition("Ready", True, "Provisioned", message, generation, previous)
-            ),
-        }
-        if any(status.get(key) != value for key, value in new_status.items()):
-            self._write_status(body, new_status)
-        if not was_ready:
-            self.emit(body, type="Normal", reason="Provisioned", message=message)
-            logger.info("KVNamespace %s/%s is Ready: %s", namespace, name, message)
-        return new_status
+        status = body.get("status") or {}
+        if status.get("etcdUser") and not status.get("etcdRole"):
+            # Provisioned in gateway mode before: its tenant record must not keep working.
+            self.admin.delete_record(user)
+        return password, rotated
 
     def _usable_password(self, body: Obj, secret: Obj | None, user: str) -> str | None:
         """The Secret's password if the user exists and it is current, else None."""
@@ -381,12 +542,11 @@ class Reconciler:
         update: Obj = {"keysDeleted": deleted, "keysCleanedAt": self._now_iso()}
         what = f"deleted {deleted} keys under {prefix + '/'!r} (one range delete)"
         if spec.on_job_end == "Revoke":
-            user = role = model.etcd_name(uid)
-            self.admin.delete_user(user)
-            self.admin.delete_role(role)
+            user = model.etcd_name(uid)
+            revoked = self._revoke(user)
             self.kube.delete_secret(namespace, model.secret_name(name))
             update.update(phase=REVOKED, credentialsRevokedAt=self._now_iso())
-            what += f"; revoked etcd user/role {user} and deleted Secret {model.secret_name(name)}"
+            what += f"; revoked {revoked} and deleted Secret {model.secret_name(name)}"
         else:
             update["phase"] = CLEANED
         update["message"] = f"job ended ({status.get('jobEndReason')}): {what}"
@@ -394,6 +554,19 @@ class Reconciler:
         self.emit(body, type="Normal", reason="KeysDeleted", message=update["message"])
         logger.info("KVNamespace %s/%s: %s", namespace, name, update["message"])
         return {**status, **update}
+
+    def _revoke(self, user: str, timeout: float | None = None) -> str:
+        """Remove every credential named ``user`` (record, etcd user, role); says what."""
+        if self.settings.gateway_mode:
+            self.admin.delete_record(user, timeout=timeout)
+            # A KVNamespace provisioned in direct mode before a switch has these too.
+            self.admin.delete_user(user, timeout=timeout)
+            self.admin.delete_role(user, timeout=timeout)
+            return f"tenant {user} (gateway record)"
+        self.admin.delete_user(user, timeout=timeout)
+        self.admin.delete_role(user, timeout=timeout)
+        self.admin.delete_record(user, timeout=timeout)
+        return f"etcd user/role {user}"
 
     # -- deletion --------------------------------------------------------------------------
 
@@ -412,19 +585,24 @@ class Reconciler:
 
         def delete_keys(timeout: float) -> None:
             # Only a prefix this object provably owned: the one in its status, or the one
-            # its own role grants. A spec prefix alone may belong to another KVNamespace.
-            prefix = status.get("keyPrefix") or self.admin.prefix_of_role(role, timeout=timeout)
+            # its own record or role grants. A spec prefix alone may belong to another
+            # KVNamespace.
+            prefix = status.get("keyPrefix") or self._owned_prefix(user, timeout)
             if prefix is not None:
                 report.keys_deleted = self.admin.delete_keys(prefix, timeout=timeout)
                 report.done.append(f"{report.keys_deleted} keys under {prefix + '/'!r}")
 
-        # Keys first and the role last: the role's permission is what tells the audit
-        # which prefix to clean if this run is cut short.
-        steps: list[tuple[str, Callable[[float], object]]] = [
-            ("the keys", delete_keys),
-            (f"etcd user {user}", lambda t: self.admin.delete_user(user, timeout=t)),
-            (f"etcd role {role}", lambda t: self.admin.delete_role(role, timeout=t)),
-        ]
+        # Keys first and the record/role last: they are what tells the audit which prefix
+        # to clean if this run is cut short. Both kinds of credential are removed in both
+        # modes, so a KVNamespace provisioned before a mode switch leaves nothing behind.
+        user_step = (f"etcd user {user}", lambda t: self.admin.delete_user(user, timeout=t))
+        role_step = (f"etcd role {role}", lambda t: self.admin.delete_role(role, timeout=t))
+        record_step = (f"tenant {user}", lambda t: self.admin.delete_record(user, timeout=t))
+        steps: list[tuple[str, Callable[[float], object]]] = [("the keys", delete_keys)]
+        if self.settings.gateway_mode:
+            steps += [record_step, user_step, role_step]
+        else:
+            steps += [user_step, role_step, record_step]
         pending = list(steps)
         delay = 0.2
         while pending:
@@ -455,8 +633,8 @@ class Reconciler:
             lost = "; ".join(f"{what}: {why}" for what, why in report.failed.items())
             message = (
                 f"clean-up gave up after {limit:g}s (ETHA_OPERATOR_CLEANUP_DEADLINE) and"
-                f" left behind: {lost}. The operator's audit removes leftover etcd users and"
-                " roles once etcd is reachable again."
+                f" left behind: {lost}. The operator's audit removes leftover tenant records,"
+                " etcd users and roles once etcd is reachable again."
             )
             self.emit(body, type="Warning", reason="CleanupIncomplete", message=message)
             logger.warning("KVNamespace %s/%s: %s", namespace, name, message)
@@ -469,19 +647,28 @@ class Reconciler:
 
     # -- audit -----------------------------------------------------------------------------
 
-    def audit(self) -> AuditReport:
-        """Delete operator-made etcd users/roles (and their keys) whose KVNamespace is gone.
+    def _owned_prefix(self, user: str, timeout: float | None = None) -> str | None:
+        """The prefix that ``user``'s own tenant record or etcd role grants, or None."""
+        record = self.admin.get_record(user, timeout=timeout)
+        if record is not None:
+            return record.prefix
+        return self.admin.prefix_of_role(user, timeout=timeout)
 
-        etcd is listed BEFORE Kubernetes: a user created after the etcd listing cannot be
-        mistaken for an orphan, and one listed by etcd whose object is still in the API
-        list is kept. A candidate is removed only when two consecutive rounds saw it, so
-        a user or role that someone is setting up right now is left alone for a round.
+    def audit(self) -> AuditReport:
+        """Delete operator-made tenant records, etcd users and roles (and their keys) whose
+        KVNamespace is gone.
+
+        etcd is listed BEFORE Kubernetes: a record or user created after the etcd listing
+        cannot be mistaken for an orphan, and one listed by etcd whose object is still in
+        the API list is kept. A candidate is removed only when two consecutive rounds saw
+        it, so credentials that someone is setting up right now are left alone for a round.
         """
         report = AuditReport()
-        # Resync the prefix index with etcd, in case roles were changed behind our back.
+        # Resync the prefix index with etcd, in case roles or records changed behind our back.
         self.admin.forget_owners()
         users = self.admin.list_users()
         roles = self.admin.list_roles()
+        records = self.admin.list_record_names()
         try:
             # Cluster-wide even when only some namespaces are watched: a uid missing from a
             # partial list would look like an orphan.
@@ -494,23 +681,36 @@ class Reconciler:
             logger.warning("audit skipped: %s", report.skipped)
             return report
         candidates = {
-            uid for n in (*users, *roles) if (uid := model.uid_of_etcd_name(n)) is not None
+            uid
+            for n in (*users, *roles, *records)
+            if (uid := model.uid_of_etcd_name(n)) is not None
         }
         orphaned = candidates - live
         confirmed, self._suspects = orphaned & self._suspects, orphaned
         for uid in sorted(confirmed):
             name = model.etcd_name(uid)
-            prefix = self.admin.prefix_of_role(name) if name in roles else None
+            record = self.admin.get_record(name) if name in records else None
+            if record is not None:
+                prefix: str | None = record.prefix
+            else:
+                prefix = self.admin.prefix_of_role(name) if name in roles else None
             deleted = self.admin.delete_keys(prefix) if prefix is not None else 0
+            kinds = []
+            if name in records:
+                self.admin.delete_record(name)
+                kinds.append("tenant record")
             if name in users:
                 self.admin.delete_user(name)
+                kinds.append("etcd user")
             if name in roles:
                 self.admin.delete_role(name)
+                kinds.append("etcd role")
             report.orphans.append(name)
             report.keys_deleted += deleted
             logger.warning(
-                "audit: removed orphaned etcd user/role %s (no KVNamespace with uid %s);"
+                "audit: removed orphaned %s %s (no KVNamespace with uid %s);"
                 " deleted %d keys under %r",
+                "/".join(kinds),
                 name,
                 uid,
                 deleted,

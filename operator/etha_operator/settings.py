@@ -2,6 +2,15 @@
 
 Every error names the variable that is wrong. The root password is kept out of
 ``repr`` so that logging the settings never leaks it.
+
+Two modes (``ETHA_OPERATOR_MODE``):
+
+* ``gateway`` (default): workers reach the store only through ``etha-gateway``; the
+  operator writes a tenant record into etcd's registry and hands workers the gateway's
+  endpoints (``ETHA_OPERATOR_GATEWAY_ENDPOINTS``).
+* ``direct``: workers log in to etcd itself with an etcd user and role per KVNamespace.
+  etcd 3.5's permission checks can be bypassed, so this is an explicit opt-in for
+  single-tenant clusters (see :mod:`etha_operator.etcd_version`).
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from etha.kvstore.config import (
     Endpoint,
@@ -40,6 +50,16 @@ CLEANUP_DEADLINE = "ETHA_OPERATOR_CLEANUP_DEADLINE"
 JOB_CHECK_INTERVAL = "ETHA_OPERATOR_JOB_CHECK_INTERVAL"
 WATCH_SERVER_TIMEOUT = "ETHA_OPERATOR_WATCH_SERVER_TIMEOUT"
 LOG_LEVEL = "ETHA_OPERATOR_LOG_LEVEL"
+MODE = "ETHA_OPERATOR_MODE"
+GATEWAY_ENDPOINTS = "ETHA_OPERATOR_GATEWAY_ENDPOINTS"
+GATEWAY_CA_FILE = "ETHA_OPERATOR_GATEWAY_CA_FILE"
+GATEWAY_CA_PEM = "ETHA_OPERATOR_GATEWAY_CA_PEM"
+ALLOW_UNSAFE_DIRECT = "ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT"
+
+Mode = Literal["gateway", "direct"]
+MODES: tuple[Mode, ...] = ("gateway", "direct")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,11 @@ class OperatorSettings:
     job_check_interval: float = 30.0
     watch_server_timeout: float = 300.0
     log_level: int = logging.INFO
+    mode: Mode = "gateway"
+    gateway_endpoints: tuple[Endpoint, ...] = ()
+    gateway_tls: bool = False
+    gateway_ca: str | None = field(default=None, repr=False)
+    allow_unsafe_direct: bool = False
 
     @property
     def clusterwide(self) -> bool:
@@ -75,12 +100,27 @@ class OperatorSettings:
     def webhook_enabled(self) -> bool:
         return self.webhook_cert_file is not None
 
+    @property
+    def gateway_mode(self) -> bool:
+        return self.mode == "gateway"
+
     def ca_pem(self) -> str | None:
-        """The etcd CA bundle as PEM text (copied into workers' Secrets), or None."""
+        """The CA bundle workers need (copied into their Secrets as PEM text), or None.
+
+        Gateway mode: the gateway's CA (when it serves TLS). Direct mode: etcd's CA.
+        """
+        if self.gateway_mode:
+            return self.gateway_ca if self.gateway_tls else None
         if self.etcd_ca_file is None:
             return None
         with open(self.etcd_ca_file, encoding="ascii") as fh:
             return fh.read()
+
+    def workers_reach(self) -> tuple[tuple[Endpoint, ...], bool]:
+        """(endpoints, tls) written into the workers' Secrets."""
+        if self.gateway_mode:
+            return self.gateway_endpoints, self.gateway_tls
+        return self.worker_endpoints, self.worker_tls
 
 
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
@@ -90,6 +130,48 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
 
 def _file(env: Mapping[str, str], name: str) -> str | None:
     return env_file(env, name, "is the Secret mounted?")
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = (env_value(env, name) or "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigurationError(f"{name}={raw!r} must be true or false")
+
+
+def _gateway(
+    env: Mapping[str, str],
+) -> tuple[tuple[Endpoint, ...], bool, str | None]:
+    """The gateway's endpoints, whether it serves TLS, and its CA bundle (PEM)."""
+    raw = env_value(env, GATEWAY_ENDPOINTS)
+    if raw is None:
+        raise ConfigurationError(
+            f"{GATEWAY_ENDPOINTS} is not set: in gateway mode ({MODE}=gateway, the default)"
+            " list the etha-gateway endpoints workers connect to, e.g."
+            " https://etha-gateway.etha-system.svc:2379; or set"
+            f" {MODE}=direct (single-tenant clusters only, see docs/operator.md)"
+        )
+    endpoints, scheme_tls = parse_endpoints(raw, GATEWAY_ENDPOINTS)
+    ca_file = env_file(env, GATEWAY_CA_FILE, "is the gateway CA mounted?")
+    ca_pem = env_value(env, GATEWAY_CA_PEM)
+    if ca_file is not None and ca_pem is not None:
+        raise ConfigurationError(
+            f"{GATEWAY_CA_FILE} and {GATEWAY_CA_PEM} are both set: give the gateway's CA once"
+        )
+    if ca_file is not None:
+        with open(ca_file, encoding="ascii") as fh:
+            ca_pem = fh.read()
+    if ca_pem is not None and "-----BEGIN CERTIFICATE-----" not in ca_pem:
+        where = GATEWAY_CA_FILE if ca_file is not None else GATEWAY_CA_PEM
+        raise ConfigurationError(f"{where} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    if scheme_tls is False and ca_pem is not None:
+        raise ConfigurationError(
+            f"{GATEWAY_ENDPOINTS} uses http:// but the gateway's CA is set; use https:// endpoints"
+        )
+    tls = bool(scheme_tls) or ca_pem is not None
+    return endpoints, tls, ca_pem
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -140,6 +222,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
     webhook_cert, webhook_key = _file(env, WEBHOOK_CERT_FILE), _file(env, WEBHOOK_KEY_FILE)
     listed = (env_value(env, NAMESPACES) or "").split(",")
     namespaces = tuple(ns.strip() for ns in listed if ns.strip())
+    mode = (env_value(env, MODE) or "gateway").strip().lower()
+    if mode not in MODES:
+        raise ConfigurationError(f"{MODE}={mode!r} must be gateway (the default) or direct")
+    gateway: tuple[tuple[Endpoint, ...], bool, str | None] = ((), False, None)
+    if mode == "gateway":
+        gateway = _gateway(env)
+        if raw_workers is not None:
+            raise ConfigurationError(
+                f"{WORKER_ENDPOINTS} applies to direct mode only: in gateway mode workers get"
+                f" {GATEWAY_ENDPOINTS}; unset {WORKER_ENDPOINTS}"
+            )
     level_name = (env_value(env, LOG_LEVEL) or "INFO").upper()
     if level_name not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigurationError(
@@ -166,4 +259,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         job_check_interval=env_seconds(env, JOB_CHECK_INTERVAL, 30.0, allow_zero=False),
         watch_server_timeout=env_seconds(env, WATCH_SERVER_TIMEOUT, 300.0, allow_zero=False),
         log_level=getattr(logging, level_name),
+        mode="gateway" if mode == "gateway" else "direct",
+        gateway_endpoints=gateway[0],
+        gateway_tls=gateway[1],
+        gateway_ca=gateway[2],
+        allow_unsafe_direct=_bool(env, ALLOW_UNSAFE_DIRECT),
     )

@@ -44,6 +44,7 @@ def make(etcd: EtcdCluster, kube_api: KubeApi, endpoints: list[str], **env: str)
             "ETHA_OPERATOR_ETCD_ENDPOINTS": ",".join(endpoints),
             "ETHA_OPERATOR_ETCD_PASSWORD": etcd.root_password,
             "ETHA_OPERATOR_ETCD_TIMEOUT": "0.5",
+            "ETHA_OPERATOR_MODE": "direct",
             **env,
         }
     )
@@ -94,6 +95,7 @@ def test_cleanup_with_unreachable_etcd_returns_within_the_deadline(
         "the keys",
         f"etcd user etha-{body['metadata']['uid']}",
         f"etcd role etha-{body['metadata']['uid']}",
+        f"tenant etha-{body['metadata']['uid']}",
     }
     events: Events = reconciler.emit  # type: ignore[assignment]
     [(kind, reason, message)] = events.posted

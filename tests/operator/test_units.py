@@ -8,12 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from etha_operator import model
+from etha_operator import etcd_version, model
 from etha_operator.etcd_admin import READWRITE, EtcdAdmin, Grant, prefix_grant
 from etha_operator.settings import load_settings
 from pyetcd import etcdrpc
 from pyetcd.etcdrpc import auth_pb2
 
+from etha.gateway.tenancy import QUOTA_NAMES, TenantRecord, hash_secret, tenant_key
 from etha.kvstore.errors import ConfigurationError, PermissionDeniedError
 from etha.kvstore.etcd_client import EtcdClient
 from etha.kvstore.keys import validate_name
@@ -22,7 +23,14 @@ from tests.support.etcd_server import EtcdCluster
 BASE = {
     "ETHA_OPERATOR_ETCD_ENDPOINTS": "http://etcd-0:2379,http://etcd-1:2379",
     "ETHA_OPERATOR_ETCD_PASSWORD": "root-secret",
+    "ETHA_OPERATOR_MODE": "direct",
 }
+GATEWAY = {
+    "ETHA_OPERATOR_ETCD_ENDPOINTS": "http://etcd-0:2379",
+    "ETHA_OPERATOR_ETCD_PASSWORD": "root-secret",
+    "ETHA_OPERATOR_GATEWAY_ENDPOINTS": "https://etha-gateway.etha-system.svc:2379",
+}
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
 
 # -- settings ---------------------------------------------------------------------------
@@ -37,6 +45,117 @@ def test_settings_defaults() -> None:
     assert (cfg.webhook_port, cfg.health_port) == (9443, 8080)
     assert (cfg.audit_interval, cfg.cleanup_deadline) == (300.0, 30.0)
     assert "root-secret" not in repr(cfg)
+    assert cfg.mode == "direct" and not cfg.allow_unsafe_direct
+
+
+def test_gateway_mode_is_the_default_and_workers_get_the_gateway(tmp_path: Path) -> None:
+    ca = tmp_path / "gateway-ca.pem"
+    ca.write_text(PEM)
+    cfg = load_settings({**GATEWAY, "ETHA_OPERATOR_GATEWAY_CA_FILE": str(ca)})
+    assert cfg.mode == "gateway" and cfg.gateway_mode
+    endpoints, tls = cfg.workers_reach()
+    assert [str(e) for e in endpoints] == ["etha-gateway.etha-system.svc:2379"] and tls
+    assert cfg.ca_pem() == PEM
+    assert PEM not in repr(cfg)
+    plain = load_settings({**GATEWAY, "ETHA_OPERATOR_GATEWAY_ENDPOINTS": "gw-0:2379,gw-1:2379"})
+    assert plain.workers_reach()[1] is False and plain.ca_pem() is None
+    inline = load_settings({**GATEWAY, "ETHA_OPERATOR_GATEWAY_CA_PEM": PEM})
+    assert inline.gateway_tls and (inline.ca_pem() or "").strip() == PEM.strip()
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"ETHA_OPERATOR_GATEWAY_ENDPOINTS": ""}, "ETHA_OPERATOR_GATEWAY_ENDPOINTS is not set"),
+        ({"ETHA_OPERATOR_MODE": "proxy"}, "ETHA_OPERATOR_MODE"),
+        ({"ETHA_OPERATOR_WORKER_ENDPOINTS": "etcd:2379"}, "applies to direct mode only"),
+        ({"ETHA_OPERATOR_GATEWAY_CA_PEM": "not a pem"}, "ETHA_OPERATOR_GATEWAY_CA_PEM"),
+        (
+            {
+                "ETHA_OPERATOR_GATEWAY_ENDPOINTS": "http://gw:2379",
+                "ETHA_OPERATOR_GATEWAY_CA_PEM": PEM,
+            },
+            "use https:// endpoints",
+        ),
+        ({"ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT": "maybe"}, "ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT"),
+    ],
+)
+def test_gateway_settings_errors_name_the_problem(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigurationError, match=variable):
+        load_settings({**GATEWAY, **env})
+
+
+# -- direct mode's etcd version gate ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "named"),
+    [
+        (
+            "3.5.1",
+            {
+                "NOSPACE",
+                "GHSA-rfx7-8w68-q57q",
+                "GHSA-q8m4-xhhv-38mg",
+                "GHSA-x35m-3gp4-4fh5",
+                "GHSA-xg4h-6gfc-h4m8",
+            },
+        ),
+        ("3.5.28", {"NOSPACE", "GHSA-x35m-3gp4-4fh5", "GHSA-xg4h-6gfc-h4m8"}),
+        ("3.5.30", {"NOSPACE", "GHSA-xg4h-6gfc-h4m8"}),
+        ("3.5.33", {"NOSPACE"}),  # every 3.5 release skips auth under NOSPACE
+        (
+            "3.4.20",
+            {
+                "GHSA-rfx7-8w68-q57q",
+                "GHSA-q8m4-xhhv-38mg",
+                "GHSA-x35m-3gp4-4fh5",
+                "GHSA-xg4h-6gfc-h4m8",
+            },
+        ),
+        ("3.6.11", set()),
+        ("v3.7.0", set()),
+    ],
+)
+def test_direct_mode_refuses_versions_with_known_bypasses(version: str, named: set[str]) -> None:
+    found = {a.id for a in etcd_version.advisories_for(etcd_version.parse_version(version))}
+    assert found == named
+    reason = etcd_version.refusal("etcd-0:2379", version)
+    if named:
+        assert reason is not None
+        for advisory in named:
+            assert advisory in reason
+        assert "ETHA_OPERATOR_MODE=gateway" in reason
+        assert "ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT=true" in reason
+    else:
+        assert reason is None
+
+
+def test_a_malformed_version_is_an_error() -> None:
+    with pytest.raises(ConfigurationError, match=r"not major\.minor\.patch"):
+        etcd_version.parse_version("latest")
+
+
+# -- spec.quotas --------------------------------------------------------------------------
+
+
+def test_spec_quotas_map_to_the_record_names() -> None:
+    job = {"apiVersion": "batch/v1", "kind": "Job", "name": "j"}
+    spec = model.parse_spec(
+        {"jobRef": job, "quotas": {"bytes": 1 << 20, "valueBytes": 4096, "requestsPerSecond": 0}}
+    )
+    assert spec.quotas == {"bytes": 1 << 20, "value_bytes": 4096, "requests_per_second": 0}
+    assert set(model.QUOTA_FIELDS.values()) == set(QUOTA_NAMES)
+    assert model.parse_spec({"jobRef": job}).quotas == {}
+    for bad, complaint in (
+        ({"bytez": 1}, "unknown fields"),
+        ({"keys": -1}, "spec.quotas.keys"),
+        ({"keys": True}, "spec.quotas.keys"),
+        ({"keys": "10"}, "spec.quotas.keys"),
+        ([1], "must be a mapping"),
+    ):
+        with pytest.raises(model.SpecError, match=complaint):
+            model.parse_spec({"jobRef": job, "quotas": bad})
 
 
 def test_settings_worker_endpoints_namespaces_and_tls(tmp_path: Path) -> None:
@@ -171,3 +290,43 @@ def test_delete_keys_is_one_range_over_exactly_the_prefix(admin: EtcdAdmin) -> N
 
 def test_prefix_grant_shape() -> None:
     assert prefix_grant("abc") == Grant(b"abc/", b"abc0", READWRITE)
+
+
+# -- the tenant registry (real etcd) ----------------------------------------------------
+
+
+def test_records_round_trip_and_claim_their_prefix(admin: EtcdAdmin) -> None:
+    user = _name()
+    prefix = f"r{uuid.uuid4().hex[:6]}"
+    record = TenantRecord(user, prefix, hash_secret("s"), {"keys": 5}, owner="ns/name")
+    assert admin.get_record(user) is None
+    admin.put_record(record)
+    assert admin.get_record(user) == record
+    assert admin.list_records()[user] == record
+    assert user in admin.list_record_names()
+    # The prefix index reads records as well as roles: another owner is refused.
+    admin.forget_owners()
+    assert admin.prefix_owner(prefix, exclude=_name()) == user
+    assert admin.prefix_owner(prefix, exclude=user) is None
+    # The stored value holds the hash, never anything else that could log in.
+    raw = admin.client.range(tenant_key(user)).kvs[0].value
+    assert hash_secret("s").encode() in raw
+    assert admin.delete_record(user) is True
+    assert admin.delete_record(user) is False
+    assert admin.get_record(user) is None
+    assert admin.prefix_owner(prefix, exclude=_name()) is None
+
+
+def test_an_unreadable_record_is_treated_as_missing(admin: EtcdAdmin) -> None:
+    user = _name()
+    admin.client.put(tenant_key(user), b"{not json")
+    assert admin.get_record(user) is None
+    assert user not in admin.list_records()
+    assert user in admin.list_record_names()  # the audit still sees it
+    admin.delete_record(user)
+
+
+def test_versions_asks_every_listed_member(admin: EtcdAdmin, etcd_auth: EtcdCluster) -> None:
+    versions = admin.versions()
+    assert versions and all(v.startswith("3.") for v in versions.values())
+    assert admin.blocking_alarms() == []

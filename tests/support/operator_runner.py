@@ -45,13 +45,19 @@ def wait_for(
 
 @dataclass
 class OperatorProcess:
-    """One operator process; ``env`` adds to/overrides the ETHA_OPERATOR_* defaults."""
+    """One operator process; ``env`` adds to/overrides the ETHA_OPERATOR_* defaults.
+
+    With ``gateway_endpoints`` it runs in gateway mode and hands workers those endpoints;
+    without, in direct mode with ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT=true (the test etcd is
+    a 3.5 release, which direct mode otherwise refuses).
+    """
 
     kubeconfig: Path
     etcd_endpoints: list[str]
     root_password: str
     log_path: Path
     env: Mapping[str, str] = field(default_factory=dict)
+    gateway_endpoints: list[str] | None = None
     health_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
@@ -73,6 +79,12 @@ class OperatorProcess:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.gateway_endpoints:
+            env["ETHA_OPERATOR_MODE"] = "gateway"
+            env["ETHA_OPERATOR_GATEWAY_ENDPOINTS"] = ",".join(self.gateway_endpoints)
+        else:
+            env["ETHA_OPERATOR_MODE"] = "direct"
+            env["ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT"] = "true"
         env.update(self.env)
         return env
 
