@@ -205,6 +205,33 @@ def test_add_semantics(store: EthaStore) -> None:
     assert store.get("text") == b"not a number"
 
 
+@pytest.mark.parametrize("amount", [1.5, "3", None, 2**63, -(2**63) - 1])
+def test_add_rejects_what_torch_rejects(store: EthaStore, tcpstore: Any, amount: Any) -> None:
+    for s in (tcpstore, store):
+        with pytest.raises(TypeError):
+            s.add("typed", amount)
+    assert not store.check(["typed"])
+
+
+def test_add_accepts_bool_and_index_like_torch(store: EthaStore, tcpstore: Any) -> None:
+    class Index:
+        def __index__(self) -> int:
+            return 2
+
+    assert [s.add("i", True) for s in (tcpstore, store)] == [1, 1]
+    assert [s.add("i", Index()) for s in (tcpstore, store)] == [3, 3]
+
+
+def test_multi_set_with_mismatched_lengths_raises_dist_store_error(
+    store: EthaStore, tcpstore: Any
+) -> None:
+    for keys, values in ((["x", "y"], ["1"]), (["x"], ["1", "2"])):
+        for s in (tcpstore, store):
+            with pytest.raises(dist.DistStoreError):
+                s.multi_set(keys, values)
+    assert not store.check(["x"])
+
+
 def test_append(store: EthaStore) -> None:
     store.append("log", "a")
     store.append("log", b"b")
@@ -262,6 +289,14 @@ SEQUENCES: dict[str, list[Op]] = {
     "multi_set repeated key": [
         lambda s: s.multi_set(["x", "y", "x"], ["1", "2", "3"]),
         lambda s: s.multi_get(["x", "y"]),
+    ],
+    "add wraps like int64": [
+        lambda s: s.set("w", str(2**63 - 1)),
+        lambda s: s.add("w", 1),
+        lambda s: s.get("w"),
+        lambda s: s.add("w", -1),
+        lambda s: s.add("w", -(2**63)),
+        lambda s: s.add("w", -(2**63)),
     ],
     "append": [
         lambda s: s.append("ap", "x"),

@@ -25,6 +25,7 @@ job ends. Nothing is written anywhere else.
 
 from __future__ import annotations
 
+import operator
 import random
 import time
 import weakref
@@ -68,6 +69,27 @@ def _as_bytes(value: str | bytes | bytearray | memoryview, what: str) -> bytes:
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
     raise TypeError(f"{what} must be str or bytes, got {type(value).__name__}")
+
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+def _int64_argument(value: object) -> int:
+    """``value`` as torch's bindings convert an ``int64_t`` argument, else TypeError."""
+    if isinstance(value, (float, str, bytes)) or not hasattr(value, "__index__"):
+        raise TypeError(
+            f"add() takes an int, got {type(value).__name__} {value!r}; pass an integer amount"
+        )
+    amount = operator.index(value)
+    if not _INT64_MIN <= amount <= _INT64_MAX:
+        raise TypeError(f"add() amount {amount} does not fit in a signed 64-bit integer")
+    return amount
+
+
+def _wrap_int64(total: int) -> int:
+    """Two's-complement wrap-around, as torch's stores compute ``int64_t`` sums."""
+    return (total - _INT64_MIN) % 2**64 + _INT64_MIN
 
 
 def _seconds(timeout: timedelta | float | int) -> float:
@@ -211,8 +233,10 @@ class EthaStore(_C10dStore):
 
     def multi_set(self, keys: Sequence[str], values: Sequence[str | bytes]) -> None:
         if len(keys) != len(values):
-            raise ValueError(
-                f"multi_set got {len(keys)} keys and {len(values)} values; pass one value per key"
+            # torch's stores raise DistStoreError here too.
+            raise dist.DistStoreError(
+                f"etha store: multi_set got {len(keys)} keys and {len(values)} values;"
+                " pass one value per key"
             )
         # A key given twice keeps its last value, like TCPStore, HashStore and FileStore;
         # etcd refuses a transaction that puts one key twice.
@@ -241,13 +265,21 @@ class EthaStore(_C10dStore):
         return len(present) == len(set(full))
 
     def add(self, key: str, value: int) -> int:
-        amount = int(value)
+        """Add ``value`` to the integer in ``key`` (a missing key counts as 0); return the sum.
+
+        Like torch's stores: ``value`` must be an int (or have ``__index__``) in the signed
+        64-bit range, else ``TypeError``; the sum wraps around on 64-bit overflow.
+        """
+        return self._add_cas(key, _int64_argument(value))
+
+    def _add_cas(self, key: str, amount: int) -> int:
+        """``add`` as a compare-and-swap loop on the key (see :meth:`_read_modify_write`)."""
 
         def update(current: bytes | None) -> tuple[bytes, int]:
             if current is None:
                 return str(amount).encode(), amount
             try:
-                total = int(current) + amount
+                total = _wrap_int64(int(current) + amount)
             except ValueError:
                 raise dist.DistStoreError(
                     f"etha store: add({key!r}) needs an integer value but the key holds"
