@@ -292,6 +292,12 @@ class Reconciler:
                 f" {model.MAX_SECRET_NAME - len(model.SECRET_SUFFIX)} fit the Secret name"
                 f" <name>{model.SECRET_SUFFIX}",
             )
+        # Before any write: under NOSPACE etcd refuses them, and a store that cannot be
+        # written (or trusted, CORRUPT) must not be reported Ready.
+        alarms = self.blocking_alarms()
+        if alarms:
+            self._hold_for_alarm(body, alarms)
+            raise EtcdAlarmActive(alarms)
         generation = body["metadata"].get("generation")
         prefix = status.get("keyPrefix") or model.effective_prefix(spec, namespace, name, uid)
         user = model.etcd_name(uid)
@@ -317,11 +323,6 @@ class Reconciler:
             self.kube.create_secret(k8s.build_secret(body, env))
         elif rotated or (secret.get("data") or {}) != data:
             self.kube.replace_secret_data(namespace, secret_name, data)
-
-        alarms = self.blocking_alarms()
-        if alarms:
-            self._hold_for_alarm(body, alarms)
-            raise EtcdAlarmActive(alarms)
 
         if self.settings.gateway_mode:
             message = (
