@@ -4,7 +4,11 @@ Keys are stored as ``{namespace}/{component}/{key}`` (UTF-8); values are stored 
 bytes given (``set`` stores the UTF-8 encoding of its str), so ``get`` and
 ``get_bytes`` return the same thing. Waits read at a revision ``R`` and then watch
 from ``R + 1`` on the client's shared watch stream: no polling, and no event between
-the read and the watch is missed. See ``docs/etcd-backend.md``.
+the read and the watch is missed. Connected to an etha gateway, a wait is one
+``Coordination.Wait`` call instead (the gateway evaluates it on its own watch, so a
+barrier of N costs O(N), not N watchers times N events); plain etcd answers that call
+UNIMPLEMENTED once per client, which then keeps using watches. See
+``docs/etcd-backend.md``.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from __future__ import annotations
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar, cast
 
 from pyetcd import etcdrpc
 
+from etha.kvstore import gateway_api as _gw
 from etha.kvstore import keys as _keys
 from etha.kvstore.base import (
     DEFAULT_WAIT_TIMEOUT,
@@ -55,6 +61,26 @@ MAX_TXN_OPS = 128
 _PUT_FRAMING = 16
 #: Validated keys remembered per store object (rounds of a job reuse their keys).
 _KEY_CACHE_SIZE = 4096
+#: A gateway wait is given this much more than the caller's timeout, so that the
+#: gateway's own answer (which says what it saw) arrives before gRPC's deadline.
+_GATEWAY_MARGIN = 0.1
+
+#: Clients whose server answered ``Coordination`` UNIMPLEMENTED (plain etcd): they wait
+#: with watches from then on; no second try.
+_NO_COORDINATION: weakref.WeakSet[EtcdClient] = weakref.WeakSet()
+_NO_COORDINATION_LOCK = threading.Lock()
+
+
+def coordination_supported(client: EtcdClient) -> bool:
+    """False once ``client``'s server answered the Coordination service UNIMPLEMENTED."""
+    return client not in _NO_COORDINATION
+
+
+def note_no_coordination(client: EtcdClient) -> None:
+    """Remember that ``client`` talks to plain etcd (no gateway extension)."""
+    with _NO_COORDINATION_LOCK:
+        _NO_COORDINATION.add(client)
+
 
 T = TypeVar("T")
 
@@ -365,7 +391,14 @@ class EtcdKVStore(KVStore):
         self._check_open()
         full = self._full_key(key, component)
         seconds = check_timeout(timeout)
-        return self._wait(_KeyView(full.encode(), None), seconds, f"key {full!r} to exist")
+        request = _gw.WaitRequest(mode=_gw.MODE_KEY, key=full.encode())
+        return self._wait(
+            _KeyView(full.encode(), None),
+            seconds,
+            f"key {full!r} to exist",
+            request,
+            lambda response: bytes(response.values[0]),
+        )
 
     def wait_for_value(
         self,
@@ -384,7 +417,10 @@ class EtcdKVStore(KVStore):
         want = check_str_value(expected, "expected")
         seconds = check_timeout(timeout)
         what = f"key {full!r} to hold {_show(want)}"
-        return self._wait(_KeyView(full.encode(), want), seconds, what)
+        request = _gw.WaitRequest(
+            mode=_gw.MODE_VALUE, key=full.encode(), value=want, has_value=True
+        )
+        return self._wait(_KeyView(full.encode(), want), seconds, what, request, lambda _: want)
 
     def wait_for_keys(
         self,
@@ -413,10 +449,34 @@ class EtcdKVStore(KVStore):
         prefix = (comp_prefix + _keys.literal_prefix(key_pattern)).encode()
         view = _PatternView(prefix, len(comp_prefix.encode()), regex, count, want, key_pattern)
         what = f"{count} keys matching {comp_prefix + key_pattern!r} to hold {_show(want)}"
-        return self._wait(view, seconds, what)
+        strip = len(comp_prefix.encode())
+        request = _gw.WaitRequest(
+            mode=_gw.MODE_KEYS,
+            key=prefix,
+            range_end=view.range_end,
+            pattern=(comp_prefix + key_pattern).encode(),
+            count=count,
+            value=want,
+            has_value=True,
+        )
+        return self._wait(
+            view,
+            seconds,
+            what,
+            request,
+            lambda response: [k[strip:].decode("utf-8", "replace") for k in response.keys],
+        )
 
-    def _wait(self, view: _View[T], timeout: float, what: str) -> T:
-        """Read at revision R, then fold watch events from R + 1 until a result.
+    def _wait(
+        self,
+        view: _View[T],
+        timeout: float,
+        what: str,
+        request: Any = None,
+        convert: Callable[[Any], T] | None = None,
+    ) -> T:
+        """Through a gateway: one ``Coordination.Wait``. Else read at revision R, then
+        fold watch events from R + 1 until a result.
 
         The events are folded in the watch hub's reader thread, so this thread wakes
         once, with the result. Each read starts a fresh view: after a compaction the old
@@ -424,6 +484,10 @@ class EtcdKVStore(KVStore):
         """
         deadline = time.monotonic() + timeout
         client = self._client
+        if request is not None and convert is not None and coordination_supported(client):
+            response = self._gateway_wait(request, timeout, what)
+            if response is not None:
+                return convert(response)
         while True:
             remaining = deadline - time.monotonic()
             # A zero-timeout wait still gets one read.
@@ -462,6 +526,28 @@ class EtcdKVStore(KVStore):
                         return cast(T, result)
             finally:
                 watcher.cancel()
+
+    def _gateway_wait(self, request: Any, timeout: float, what: str) -> Any | None:
+        """``Coordination.Wait``; None when the server is plain etcd (remembered).
+
+        A gateway replica that dies mid-wait is an UNAVAILABLE answer: the client
+        re-issues the call on the next endpoint with the time left.
+        """
+        client = self._client
+        try:
+            return client.call("Coordination", "Wait", request, timeout=timeout + _GATEWAY_MARGIN)
+        except KVStoreError as exc:
+            if exc.code == "UNIMPLEMENTED":
+                note_no_coordination(client)
+                return None
+            if isinstance(exc, KVTimeoutError) or (
+                isinstance(exc, UnavailableError) and exc.code is None
+            ):
+                seen = exc.details if exc.details and "etha gateway" in exc.details else str(exc)
+                raise KVTimeoutError(
+                    f"timed out after {timeout:g}s waiting for {what} ({seen})"
+                ) from exc
+            raise
 
     # -- lifetime ------------------------------------------------------------------------
 
