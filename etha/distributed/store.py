@@ -39,6 +39,7 @@ from torch._C._distributed_c10d import Store as _C10dStore
 
 from etha.kvstore.config import EtcdConfig, parse_env
 from etha.kvstore.errors import ConfigurationError, InvalidKeyError, KVStoreError
+from etha.kvstore.etcd import gateway_add
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from etha.kvstore.keys import validate_key, validate_name
 
@@ -270,7 +271,13 @@ class EthaStore(_C10dStore):
         Like torch's stores: ``value`` must be an int (or have ``__index__``) in the signed
         64-bit range, else ``TypeError``; the sum wraps around on 64-bit overflow.
         """
-        return self._add_cas(key, _int64_argument(value))
+        amount = _int64_argument(value)
+        try:
+            # Through an etha gateway: one batched compare-and-swap for concurrent adds.
+            total = gateway_add(self._client, self._key(key), amount)
+        except KVStoreError as exc:
+            raise _store_error(f"add({key!r})", exc) from exc
+        return self._add_cas(key, amount) if total is None else total
 
     def _add_cas(self, key: str, amount: int) -> int:
         """``add`` as a compare-and-swap loop on the key (see :meth:`_read_modify_write`)."""
