@@ -50,7 +50,10 @@ MAX_CONFLICTS = 1000
 _EQUAL = etcdrpc.Compare.EQUAL
 _MOD = etcdrpc.Compare.MOD
 _CREATE = etcdrpc.Compare.CREATE
-_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _wrap(value: int) -> int:
+    return (value + 2**63) % 2**64 - 2**63
 
 
 class AddFailed(Exception):
@@ -190,15 +193,12 @@ class Counters:
         base = state.base or await self._read(key)
         read = etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key))
         for _ in range(MAX_CONFLICTS):
+            # Signed 64-bit, wrapping on overflow: what torch's stores do.
             results: list[int] = []
             total = base.value
             for delta in deltas:
-                total += delta
+                total = _wrap(total + delta)
                 results.append(total)
-            if not _INT64[0] <= total <= _INT64[1]:
-                raise AddFailed(
-                    grpc.StatusCode.OUT_OF_RANGE, "etha gateway: add would overflow int64"
-                )
             put = etcdrpc.RequestOp(
                 request_put=etcdrpc.PutRequest(key=key, value=str(total).encode())
             )

@@ -90,6 +90,31 @@ def _show(value: bytes, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def gateway_add(client: EtcdClient, key: bytes, delta: int) -> int | None:
+    """Add ``delta`` to the decimal integer at the full ``key`` through a gateway.
+
+    The gateway batches concurrent adds of a key into one compare-and-swap transaction
+    (``Coordination.Add``; see docs/gateway.md), so N concurrent callers cost O(N), not
+    the O(N^2) transactions of N clients each looping on their own compare-and-swap.
+
+    :returns: the new value; None when the server is plain etcd (remembered for the
+        client: the caller then does its own compare-and-swap)
+    :raises KVStoreError: the gateway's refusal (``code`` "FAILED_PRECONDITION": the key
+        holds no integer), or UnavailableError when the answer was lost and the add may
+        or may not have been applied (it is never re-sent)
+    """
+    if not coordination_supported(client):
+        return None
+    try:
+        response = client.call("Coordination", "Add", _gw.AddRequest(key=key, delta=delta))
+    except KVStoreError as exc:
+        if exc.code == "UNIMPLEMENTED":
+            note_no_coordination(client)
+            return None
+        raise
+    return int(response.value)
+
+
 class _View(Generic[T]):
     """What a wait knows of its key range: loaded from a read, updated by events."""
 
@@ -592,4 +617,10 @@ class EtcdKVStore(KVStore):
                 ) from exc
 
 
-__all__ = ["MAX_TXN_OPS", "EtcdKVStore"]
+__all__ = [
+    "MAX_TXN_OPS",
+    "EtcdKVStore",
+    "coordination_supported",
+    "gateway_add",
+    "note_no_coordination",
+]
