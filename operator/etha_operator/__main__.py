@@ -16,7 +16,7 @@ import sys
 import kopf
 
 from etha.kvstore.errors import ConfigurationError, KVStoreError
-from etha_operator import etcd_version
+from etha_operator import etcd_version, metrics, model
 from etha_operator.etcd_admin import EtcdAdmin
 from etha_operator.handlers import register
 from etha_operator.settings import OperatorSettings, load_settings
@@ -27,6 +27,7 @@ logger = logging.getLogger("etha_operator")
 def build_registry(cfg: OperatorSettings) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     register(registry, cfg)
+    metrics.register(registry, (model.GROUP, model.VERSION, model.PLURAL))
     return registry
 
 
@@ -94,6 +95,12 @@ def main() -> None:
             logger.warning(
                 "direct mode on an unsafe etcd (ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT=true): %s", reason
             )
+    try:
+        metrics.serve(cfg.metrics_port)
+    except OSError as exc:
+        port = cfg.metrics_port
+        print(f"etha-operator: cannot serve metrics on port {port}: {exc}", file=sys.stderr)
+        sys.exit(1)
     asyncio.run(run(cfg))
 
 

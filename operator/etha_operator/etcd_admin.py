@@ -24,6 +24,7 @@ from etha.kvstore.errors import ConfigurationError, KVStoreError
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from etha.kvstore.keys import namespace_prefix
 from etha_operator import model
+from etha_operator.metrics import InstrumentedEtcdClient
 from etha_operator.settings import OperatorSettings
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class EtcdAdmin:
     @classmethod
     def from_settings(cls, settings: OperatorSettings) -> EtcdAdmin:
         def connect(endpoints: tuple[Endpoint, ...]) -> EtcdClient:
-            return EtcdClient(
+            return InstrumentedEtcdClient(
                 endpoints,
                 username=settings.etcd_username if settings.etcd_password else None,
                 password=settings.etcd_password,

@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from etha_operator import model, webhook
+from etha_operator import metrics, model, webhook
 from etha_operator.etcd_admin import EtcdAdmin
 from etha_operator.k8s import KubeApi
 from etha_operator.reconciler import Reconciler, TemporaryFailure
@@ -153,6 +153,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
     @kopf.on.resume(*resource, id="reconcile", registry=registry)
     @kopf.on.create(*resource, id="reconcile", registry=registry)
     @kopf.on.update(*resource, id="reconcile", registry=registry)
+    @metrics.counted("reconcile")
     def reconcile(body: kopf.Body, memo: Any, **_: Any) -> None:
         reconciler: Reconciler = memo.reconciler
         plain = _plain(body)
@@ -163,6 +164,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
             raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY) from exc
 
     @kopf.timer(*resource, id="recheck", registry=registry, interval=cfg.job_check_interval)
+    @metrics.counted("recheck")
     def recheck(body: kopf.Body, memo: Any, **_: Any) -> None:
         """Level-triggered safety net: failed provisioning, TTLs, missed job ends."""
         if body.get("metadata", {}).get("deletionTimestamp"):
@@ -193,6 +195,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
         plural = model.JOB_KINDS[(api_version, kind)]
 
         @kopf.on.event(group, version, plural, id=f"{plural}-events", param=kind, registry=registry)
+        @metrics.counted("job-event")
         def job_event(
             namespace: str | None, name: str, memo: Any, param: Any = None, **kwargs: Any
         ) -> None:
@@ -213,14 +216,20 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
                     )
 
     @kopf.on.delete(*resource, id="finalize", registry=registry)
+    @metrics.counted("finalize")
     def finalize(body: kopf.Body, memo: Any, **_: Any) -> None:
         """Best effort within ETHA_OPERATOR_CLEANUP_DEADLINE; never blocks deletion forever."""
         reconciler: Reconciler = memo.reconciler
-        reconciler.cleanup(_plain(body))
+        with metrics.timed(metrics.FINALIZER_SECONDS):
+            report = reconciler.cleanup(_plain(body))
+        metrics.KEYS_DELETED.labels(metrics.FINALIZER).inc(report.keys_deleted or 0)
+        if report.failed:
+            metrics.FINALIZER_DEADLINES.inc()
 
     if cfg.webhook_enabled:
 
         @kopf.on.mutate("", "v1", "pods", id=WEBHOOK_ID, operations=["CREATE"], registry=registry)
+        @metrics.counted(WEBHOOK_ID)
         def inject(
             body: kopf.Body,
             patch: kopf.Patch,
@@ -250,6 +259,11 @@ async def _audit_loop(reconciler: Reconciler, cfg: OperatorSettings) -> None:
     while True:
         await asyncio.sleep(cfg.audit_interval)
         try:
-            await asyncio.to_thread(reconciler.audit)
+            report = await asyncio.to_thread(reconciler.audit)
         except Exception as exc:  # the next round retries; never kill the operator for it
+            metrics.AUDIT_RUNS.labels("error").inc()
             logger.warning("audit failed, will retry in %gs: %s", cfg.audit_interval, exc)
+            continue
+        metrics.AUDIT_RUNS.labels("skipped" if report.skipped else "success").inc()
+        metrics.AUDIT_ORPHANS.inc(len(report.orphans))
+        metrics.KEYS_DELETED.labels(metrics.AUDIT).inc(report.keys_deleted)

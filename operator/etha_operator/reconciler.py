@@ -32,7 +32,7 @@ from kubernetes.client import ApiException
 from etha.gateway.tenancy import TenantRecord, hash_secret, new_secret, secret_matches
 from etha.kvstore.config import PASSWORD, EtcdConfig
 from etha.kvstore.errors import KVStoreError, PermissionDeniedError
-from etha_operator import k8s, model
+from etha_operator import k8s, metrics, model
 from etha_operator.etcd_admin import EtcdAdmin, prefix_grant
 from etha_operator.settings import OperatorSettings
 
@@ -273,7 +273,8 @@ class Reconciler:
             fresh = self._fresh(body)
             if fresh is None:
                 return None
-            return self._provision(fresh)
+            with metrics.timed(metrics.PROVISION_SECONDS):
+                return self._provision(fresh)
 
     def _provision(self, body: Obj) -> Obj:
         namespace, name, uid = _meta(body)
@@ -539,7 +540,9 @@ class Reconciler:
         due = self.policy_due_at(spec, status)
         if due is not None and self.clock() < due:
             return status  # the timer comes back after the TTL
+        began = time.perf_counter()
         deleted = self.admin.delete_keys(prefix)
+        metrics.KEYS_DELETED.labels(metrics.JOB_END).inc(deleted)
         update: Obj = {"keysDeleted": deleted, "keysCleanedAt": self._now_iso()}
         what = f"deleted {deleted} keys under {prefix + '/'!r} (one range delete)"
         if spec.on_job_end == "Revoke":
@@ -552,6 +555,7 @@ class Reconciler:
             update["phase"] = CLEANED
         update["message"] = f"job ended ({status.get('jobEndReason')}): {what}"
         self._write_status(body, update)
+        metrics.JOB_CLEANUP_SECONDS.observe(time.perf_counter() - began)
         self.emit(body, type="Normal", reason="KeysDeleted", message=update["message"])
         logger.info("KVNamespace %s/%s: %s", namespace, name, update["message"])
         return {**status, **update}

@@ -50,6 +50,7 @@ CLEANUP_DEADLINE = "ETHA_OPERATOR_CLEANUP_DEADLINE"
 JOB_CHECK_INTERVAL = "ETHA_OPERATOR_JOB_CHECK_INTERVAL"
 WATCH_SERVER_TIMEOUT = "ETHA_OPERATOR_WATCH_SERVER_TIMEOUT"
 LOG_LEVEL = "ETHA_OPERATOR_LOG_LEVEL"
+METRICS_PORT = "ETHA_OPERATOR_METRICS_PORT"
 MODE = "ETHA_OPERATOR_MODE"
 GATEWAY_ENDPOINTS = "ETHA_OPERATOR_GATEWAY_ENDPOINTS"
 GATEWAY_CA_FILE = "ETHA_OPERATOR_GATEWAY_CA_FILE"
@@ -81,6 +82,8 @@ class OperatorSettings:
     webhook_cert_file: str | None = None
     webhook_key_file: str | None = None
     health_port: int = 8080
+    #: Port of the Prometheus /metrics endpoint; 0 = off.
+    metrics_port: int = 0
     audit_interval: float = 300.0
     cleanup_deadline: float = 30.0
     job_check_interval: float = 30.0
@@ -254,6 +257,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         webhook_cert_file=webhook_cert,
         webhook_key_file=webhook_key,
         health_port=_port(env, HEALTH_PORT, 8080),
+        metrics_port=0 if env_value(env, METRICS_PORT) == "0" else _port(env, METRICS_PORT, 0),
         audit_interval=env_seconds(env, AUDIT_INTERVAL, 300.0, allow_zero=True),
         cleanup_deadline=env_seconds(env, CLEANUP_DEADLINE, 30.0, allow_zero=False),
         job_check_interval=env_seconds(env, JOB_CHECK_INTERVAL, 30.0, allow_zero=False),
