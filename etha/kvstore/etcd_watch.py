@@ -472,6 +472,13 @@ class WatchHub:
             if code is grpc.StatusCode.UNAUTHENTICATED or "auth token" in error:
                 try:
                     client._relogin(md)
+                except PermissionDeniedError as exc:
+                    # The credentials were revoked (an etha gateway ends the streams of a
+                    # revoked tenant): no watch can be re-created, so fail the waits now
+                    # rather than let them run into their timeouts.
+                    with self._lock:
+                        watches = self._drop_all()
+                    self._fail_subs(watches, exc)
                 except KVStoreError as exc:
                     self._note_down(str(exc))
             else:
