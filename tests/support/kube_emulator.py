@@ -390,6 +390,48 @@ def _parse_path(path: str) -> _Path | None:
     return _Path(group, version, plural, namespace, name, subresource)
 
 
+def _json_path(obj: Any, path: str) -> Any:
+    """A simple JSON path (``.status.phase``); None where a step is missing."""
+    value = obj
+    for step in path.strip().lstrip(".").split("."):
+        if not isinstance(value, dict) or step not in value:
+            return None
+        value = value[step]
+    return value
+
+
+def _age(timestamp: str) -> str:
+    """The API server's rendering of a ``date`` column: ``42s``, ``5m12s``, ``3h``, ``2d``."""
+    try:
+        then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=datetime.timezone.utc
+        )
+    except ValueError:
+        return timestamp
+    seconds = max(0, int((datetime.datetime.now(datetime.timezone.utc) - then).total_seconds()))
+    if seconds < 120:
+        return f"{seconds}s"
+    minutes = seconds // 60
+    if minutes < 10:
+        return f"{minutes}m{seconds % 60}s"
+    if minutes < 180:
+        return f"{minutes}m"
+    hours = minutes // 60
+    return f"{hours}h" if hours < 48 else f"{hours // 24}d"
+
+
+def _fields_selected(obj: Obj, selector: str | None) -> bool:
+    """Field selectors: ``a.b=v``, ``a.b==v``, ``a.b!=v``, comma-separated (all must hold)."""
+    for term in (t.strip() for t in (selector or "").split(",") if t.strip()):
+        negate = "!=" in term
+        path, _, want = term.replace("!=", "=").replace("==", "=").partition("=")
+        value = _json_path(obj, path)
+        have = "" if value is None else str(value)
+        if (have == want) == negate:
+            return False
+    return True
+
+
 @dataclass
 class Hold:
     """Requests matching (method, plural, subresource) wait until :meth:`release`.
@@ -436,6 +478,8 @@ class KubeEmulator(kmock.KubernetesScaffold):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.store = _Store()
+        #: (group, plural) -> a CRD version's additionalPrinterColumns (Table output)
+        self.printer_columns: dict[tuple[str, str], list[Obj]] = {}
         self.holds: list[Hold] = []
         self.request_log: list[tuple[str, str]] = []
         self.resources.load_bundled()
@@ -473,6 +517,10 @@ class KubeEmulator(kmock.KubernetesScaffold):
                 subresources={"status"} if kind.status_subresource else set(),
             )
             self.store.register(kind)
+            if version.get("additionalPrinterColumns"):
+                self.printer_columns[(kind.group, kind.plural)] = version[
+                    "additionalPrinterColumns"
+                ]
         crds = self.store.kind("apiextensions.k8s.io", "customresourcedefinitions")
         with suppress(ApiError):
             self.store.create(crds, None, crd)
@@ -481,6 +529,13 @@ class KubeEmulator(kmock.KubernetesScaffold):
         result = await super()._serve_version(request)
         if isinstance(result, dict) and result.get("groupVersion", "").startswith("/"):
             result["groupVersion"] = result["groupVersion"][1:]  # kmock says "/v1" for core
+        if isinstance(result, dict):
+            # kmock gives subresources (kvnamespaces/status) their parent's short names and
+            # categories; kubectl then warns that "kvns" is ambiguous. The API server does not.
+            for resource in result.get("resources") or []:
+                if "/" in resource.get("name", ""):
+                    resource.pop("shortNames", None)
+                    resource.pop("categories", None)
         return result
 
     async def _serve_api(self, request: kmock.Request) -> Any:
@@ -513,6 +568,8 @@ class KubeEmulator(kmock.KubernetesScaffold):
             return self._json(await self._serve_apis(request))
         if raw is not None and request.url.path == "/api/":
             return self._json(await self._serve_api(request))
+        if raw is not None and request.url.path.rstrip("/").startswith("/openapi/v3"):
+            return self._openapi_v3(request.url.path.rstrip("/"))
         if raw is None or path is None:
             return await super()._handle(request)
         self.request_log.append((request.method.value, request.url.path))
@@ -529,8 +586,12 @@ class KubeEmulator(kmock.KubernetesScaffold):
             params = request.params
             if method == "GET" and params.get("watch") in ("true", "1"):
                 return await self._watch(raw, kind, path, params)
+            wants_table = "as=Table" in request.headers.get("Accept", "")
             if method == "GET" and path.name is None:
                 items = self.store.list(kind, path.namespace, params.get("labelSelector"))
+                items = [o for o in items if _fields_selected(o, params.get("fieldSelector"))]
+                if wants_table:
+                    return self._json(self._table(kind, items))
                 return self._json(
                     {
                         "apiVersion": kind.api_version,
@@ -548,6 +609,8 @@ class KubeEmulator(kmock.KubernetesScaffold):
                 raise ApiError(405, "MethodNotAllowed", f"{method} on a collection")
             if method == "GET":
                 obj = self.store.get(kind, path.namespace, path.name)
+                if wants_table and path.subresource is None:
+                    return self._json(self._table(kind, [obj]))
                 return self._json(obj)
             if method == "DELETE":
                 return self._json(self.store.delete(kind, path.namespace, path.name))
@@ -559,6 +622,116 @@ class KubeEmulator(kmock.KubernetesScaffold):
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
         except ApiError as exc:
             return self._json(exc.status(), exc.code)
+
+    def _table(self, kind: ResourceKind, objects: list[Obj]) -> Obj:
+        """A ``meta.k8s.io/v1`` Table, as the API server answers ``kubectl get``.
+
+        Columns: Name, then the CRD's additionalPrinterColumns (simple ``.a.b`` JSON
+        paths; a ``date`` column shows the age), or Name and Age for other kinds.
+        """
+        columns = self.printer_columns.get(
+            (kind.group, kind.plural),
+            [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}],
+        )
+        definitions = [
+            {"name": "Name", "type": "string", "format": "name", "priority": 0,
+             "description": "Name must be unique within a namespace."}
+        ] + [
+            {"name": c["name"], "type": c.get("type", "string"), "format": c.get("format", ""),
+             "priority": c.get("priority", 0), "description": c.get("description", "")}
+            for c in columns
+        ]  # fmt: skip
+        rows = []
+        for obj in objects:
+            cells: list[Any] = [obj["metadata"]["name"]]
+            for column in columns:
+                value = _json_path(obj, column["jsonPath"])
+                if column.get("type") == "date" and isinstance(value, str):
+                    value = _age(value)
+                cells.append(value)
+            rows.append(
+                {
+                    "cells": cells,
+                    "object": {
+                        "kind": "PartialObjectMetadata",
+                        "apiVersion": "meta.k8s.io/v1",
+                        "metadata": obj["metadata"],
+                    },
+                }
+            )
+        return {
+            "kind": "Table",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": str(self.store.last_rv)},
+            "columnDefinitions": definitions,
+            "rows": rows,
+        }
+
+    def _openapi_v3(self, path: str) -> aiohttp.web.Response:
+        """Just enough OpenAPI v3 for kubectl's validation to choose server-side validation.
+
+        kubectl (``--validate=strict``, its default) asks whether the server supports the
+        ``fieldValidation`` parameter for the kind's PATCH; it does here, so kubectl skips
+        client-side schema checks and sends ``fieldValidation=Strict``, which this emulator
+        accepts without validating (see the module docstring).
+        """
+        by_gv: dict[str, list[ResourceKind]] = {}
+        for kind in self.store.kinds.values():
+            prefix = f"apis/{kind.group}/{kind.version}" if kind.group else f"api/{kind.version}"
+            by_gv.setdefault(prefix, []).append(kind)
+        if path == "/openapi/v3":
+            return self._json(
+                {
+                    "paths": {
+                        gv: {"serverRelativeURL": f"/openapi/v3/{gv}?hash=emulator"}
+                        for gv in sorted(by_gv)
+                    }
+                }
+            )
+        kinds = by_gv.get(path.removeprefix("/openapi/v3/"))
+        if kinds is None:
+            return self._json(ApiError(404, "NotFound", f"no OpenAPI for {path}").status(), 404)
+        paths: Obj = {}
+        schemas: Obj = {}
+        for kind in kinds:
+            gvk = {"group": kind.group, "version": kind.version, "kind": kind.kind}
+            base = f"/{path.removeprefix('/openapi/v3/')}"
+            collection = (
+                f"{base}/namespaces/{{namespace}}/{kind.plural}"
+                if kind.namespaced
+                else f"{base}/{kind.plural}"
+            )
+            params = [
+                {"name": name, "in": "query", "schema": {"type": "string"}}
+                for name in ("dryRun", "fieldManager", "fieldValidation")
+            ]
+            # kubectl looks for the PATCH of a single object carrying the kind (an object,
+            # not a list, in this extension) and the fieldValidation parameter.
+            for where, verb, action in (
+                (collection, "post", "post"),
+                (f"{collection}/{{name}}", "patch", "patch"),
+            ):
+                paths[where] = {
+                    verb: {
+                        "operationId": f"{action}{kind.kind}",
+                        "x-kubernetes-action": action,
+                        "x-kubernetes-group-version-kind": gvk,
+                        "parameters": params,
+                        "responses": {"200": {"description": "OK"}},
+                    }
+                }
+            schemas[f"{kind.group or 'core'}.{kind.version}.{kind.kind}"] = {
+                "type": "object",
+                "x-kubernetes-group-version-kind": [gvk],
+            }
+        return self._json(
+            {
+                "openapi": "3.0.0",
+                "info": {"title": "Kubernetes emulator", "version": "v1.37.0"},
+                "paths": paths,
+                "components": {"schemas": schemas},
+            }
+        )
 
     @staticmethod
     def _change(method: str, request: kmock.Request) -> Callable[[Obj], Obj]:
