@@ -41,6 +41,10 @@ KUBE_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
 
 # The operator's settings (OPERATOR-CONTRACT "Operator settings").
 CONTRACT_ENV = {
+    "ETHA_OPERATOR_MODE",
+    "ETHA_OPERATOR_GATEWAY_ENDPOINTS",
+    "ETHA_OPERATOR_GATEWAY_CA_FILE",
+    "ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT",
     "ETHA_OPERATOR_ETCD_ENDPOINTS",
     "ETHA_OPERATOR_WORKER_ENDPOINTS",
     "ETHA_OPERATOR_ETCD_USERNAME",
@@ -86,9 +90,14 @@ PRODUCTION = {
     "etcd": {
         "bundled": {"enabled": False},
         "endpoints": ["https://etcd-0.etcd:2379", "https://etcd-1.etcd:2379"],
-        "workerEndpoints": ["https://etcd.example.com:2379"],
         "rootCredentials": {"secretName": "etcd-root", "usernameKey": "user"},
         "tls": {"enabled": True, "secretName": "etcd-client-tls", "clientCert": True},
+    },
+    "gateway": {
+        "replicas": 3,
+        "workerEndpoints": ["https://etha-gateway.example.com:443"],
+        "etcdCredentials": {"secretName": "etha-gateway-etcd"},
+        "tls": {"certManager": {"enabled": True}},
     },
     "webhook": {"certManager": {"enabled": True}},
 }
@@ -106,7 +115,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
         "etcd": {"bundled": {"persistence": {"enabled": False}}},
     },
+    # Direct mode (single-tenant clusters): no gateway, workers get etcd's endpoints.
     "minimal": {
+        "mode": "direct",
         "crds": {"install": False},
         "webhook": {"enabled": False},
         "serviceAccount": {"create": False, "name": "existing-sa"},
@@ -114,9 +125,18 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "etcd": {
             "bundled": {"enabled": False},
             "endpoints": ["http://etcd.etcd.svc:2379"],
+            "workerEndpoints": ["http://etcd.example.com:2379"],
             "rootCredentials": {"secretName": "etcd-root"},
         },
-        "operator": {"logLevel": "DEBUG", "nodeSelector": {"kubernetes.io/os": "linux"}},
+        "operator": {
+            "logLevel": "DEBUG",
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "allowUnsafeDirect": True,
+        },
+    },
+    "gateway-plaintext": {
+        "gateway": {"tls": {"enabled": False}, "replicas": 2},
+        "etcd": {"bundled": {"persistence": {"size": "8Gi"}, "quotaBackendBytes": 4294967296}},
     },
 }
 
@@ -143,6 +163,25 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     found = by_kind(docs, kind)
     assert len(found) == 1, f"expected one {kind}, got {len(found)}"
     return found[0]
+
+
+def component(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """The one ``kind`` object of the component ``name`` (operator, gateway, etcd)."""
+    found = [
+        d
+        for d in by_kind(docs, kind)
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == name
+    ]
+    assert len(found) == 1, f"expected one {kind} of the {name}, got {len(found)}"
+    return found[0]
+
+
+def operator_deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return component(docs, "Deployment", "operator")
+
+
+def gateway_deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return component(docs, "Deployment", "gateway")
 
 
 def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -182,7 +221,7 @@ def test_every_manifest_validates_strictly(rendered: tuple[str, list[dict[str, A
 
 def test_validation_catches_an_unknown_field() -> None:
     """The strict validator is not a no-op: a misspelt field fails."""
-    deployment = one(manifests(), "Deployment")
+    deployment = operator_deployment(manifests())
     deployment["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBE_VERSIONS[-1], strict=True)
@@ -257,6 +296,11 @@ def test_notes_say_what_to_apply_next() -> None:
         ({"etcd": {"tls": {"ca": "x"}}}, "ca"),
         ({"etcd": {"bundled": {"enabled": False}}}, "/etcd/endpoints"),
         ({"image": {"digest": "latest"}}, "/image/digest"),
+        ({"mode": "proxy"}, "/mode"),
+        ({"gateway": {"replicas": 1}}, "/gateway/replicas"),
+        ({"gateway": {"quotas": {"keys": -1}}}, "/gateway/quotas/keys"),
+        ({"gateway": {"etcdSpaceHighWater": 1.5}}, "/gateway/etcdSpaceHighWater"),
+        ({"networkPolicy": {"enabled": "yes"}}, "/networkPolicy/enabled"),
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any], complaint: str) -> None:
@@ -308,6 +352,22 @@ def test_schema_forbids_unknown_keys_at_every_level() -> None:
             "etcd.tls.secretName is required",
         ),
         ({"serviceAccount": {"create": False}}, "serviceAccount.name is required"),
+        (
+            {
+                "etcd": {
+                    "bundled": {"enabled": False},
+                    "endpoints": ["https://x:2379"],
+                    "rootCredentials": {"secretName": "r"},
+                }
+            },
+            "gateway.etcdCredentials.secretName is required",
+        ),
+        ({"operator": {"allowUnsafeDirect": True}}, "applies to mode: direct only"),
+        ({"etcd": {"workerEndpoints": ["http://x:2379"]}}, "applies to mode: direct only"),
+        (
+            {"mode": "direct", "gateway": {"workerEndpoints": ["https://g:443"]}},
+            "applies to mode: gateway only",
+        ),
     ],
 )
 def test_contradictory_values_fail_with_a_message(values: dict[str, Any], message: str) -> None:
@@ -327,7 +387,7 @@ def test_deployment_runs_one_replica_recreated_with_probes(
     rendered: tuple[str, list[dict[str, Any]]],
 ) -> None:
     _, docs = rendered
-    deployment = one(docs, "Deployment")
+    deployment = operator_deployment(docs)
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     pod = deployment["spec"]["template"]["spec"]
@@ -343,7 +403,7 @@ def test_deployment_runs_one_replica_recreated_with_probes(
 
 def test_operator_env_follows_the_contract(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     name, docs = rendered
-    deployment = one(docs, "Deployment")
+    deployment = operator_deployment(docs)
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = _env(container)
     assert set(env) <= CONTRACT_ENV, set(env) - CONTRACT_ENV
@@ -365,11 +425,16 @@ def test_operator_env_follows_the_contract(rendered: tuple[str, list[dict[str, A
             assert any(var["value"].startswith(m + "/") for m in mounts), var
     webhook_on = VALUE_SETS[name].get("webhook", {}).get("enabled", True)
     assert ("ETHA_OPERATOR_WEBHOOK_CERT_FILE" in env) == webhook_on
+    mode = VALUE_SETS[name].get("mode", "gateway")
+    assert env["ETHA_OPERATOR_MODE"]["value"] == mode
+    # Gateway mode hands workers the gateway; direct mode etcd's worker endpoints.
+    assert ("ETHA_OPERATOR_GATEWAY_ENDPOINTS" in env) == (mode == "gateway")
+    assert ("ETHA_OPERATOR_WORKER_ENDPOINTS" in env) == (mode == "direct")
 
 
 def test_production_values_reach_the_operator() -> None:
     docs = manifests(PRODUCTION)
-    deployment = one(docs, "Deployment")
+    deployment = operator_deployment(docs)
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = _env(container)
@@ -377,7 +442,9 @@ def test_production_values_reach_the_operator() -> None:
     assert env["ETHA_OPERATOR_ETCD_ENDPOINTS"]["value"] == (
         "https://etcd-0.etcd:2379,https://etcd-1.etcd:2379"
     )
-    assert env["ETHA_OPERATOR_WORKER_ENDPOINTS"]["value"] == "https://etcd.example.com:2379"
+    assert env["ETHA_OPERATOR_GATEWAY_ENDPOINTS"]["value"] == (
+        "https://etha-gateway.example.com:443"
+    )
     assert env["ETHA_OPERATOR_NAMESPACES"]["value"] == "team-a,team-b"
     assert env["ETHA_OPERATOR_ETCD_USERNAME"]["valueFrom"]["secretKeyRef"] == {
         "name": "etcd-root",
@@ -393,21 +460,48 @@ def test_production_values_reach_the_operator() -> None:
     assert env["ETHA_OPERATOR_ETCD_KEY_FILE"]["value"] == "/etc/etha/etcd-tls/tls.key"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["etcd-tls"]["secret"]["secretName"] == "etcd-client-tls"
-    # No bundled etcd, no generated root Secret, no bootstrap step.
+    # No bundled etcd, no generated root or gateway etcd Secret, no NetworkPolicy (the
+    # chart cannot select external etcd pods); the bootstrap step only makes the gateway's
+    # etcd user, over TLS, without touching auth.
     assert not by_kind(docs, "StatefulSet")
-    assert not [d for d in by_kind(docs, "Secret") if d["metadata"]["name"].endswith("-root")]
-    assert "initContainers" not in pod
+    assert not by_kind(docs, "NetworkPolicy")
+    names = {d["metadata"]["name"] for d in by_kind(docs, "Secret")}
+    assert not [n for n in names if n.endswith("-root") or n.endswith("-gateway-etcd")]
+    (init,) = pod["initContainers"]
+    init_env = _env(init)
+    assert init_env["ETCD_ENDPOINT"]["value"] == "etcd-0.etcd:2379"
+    assert init_env["ETCD_ENABLE_AUTH"]["value"] == "false"
+    assert init_env["ETCD_CA_FILE"]["value"] == "/etc/etha/etcd-tls/ca.crt"
+    assert init_env["GATEWAY_ETCD_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == (
+        "etha-gateway-etcd"
+    )
+    gateway = gateway_deployment(docs)
+    assert gateway["spec"]["replicas"] == 3
+    gw_env = _env(gateway["spec"]["template"]["spec"]["containers"][0])
+    assert (
+        gw_env["ETHA_GATEWAY_ETCD_ENDPOINTS"]["value"]
+        == env["ETHA_OPERATOR_ETCD_ENDPOINTS"]["value"]
+    )
+    assert gw_env["ETHA_GATEWAY_ETCD_CERT_FILE"]["value"] == "/etc/etha/etcd-tls/tls.crt"
+    assert gw_env["ETHA_GATEWAY_ETCD_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == (
+        "etha-gateway-etcd"
+    )
 
 
 def test_default_values_point_the_operator_at_the_bundled_etcd() -> None:
     docs = manifests()
-    deployment = one(docs, "Deployment")
+    deployment = operator_deployment(docs)
     pod = deployment["spec"]["template"]["spec"]
     env = _env(pod["containers"][0])
     service = next(s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-etcd"))
     url = f"http://{service['metadata']['name']}.{NAMESPACE}.svc:2379"
     assert env["ETHA_OPERATOR_ETCD_ENDPOINTS"]["value"] == url
-    assert env["ETHA_OPERATOR_WORKER_ENDPOINTS"]["value"] == url
+    # Workers get the gateway (TLS), never etcd.
+    gateway_service = component(docs, "Service", "gateway")
+    assert env["ETHA_OPERATOR_GATEWAY_ENDPOINTS"]["value"] == (
+        f"https://{gateway_service['metadata']['name']}.{NAMESPACE}.svc:2379"
+    )
+    assert "ETHA_OPERATOR_WORKER_ENDPOINTS" not in env
     root_secret = next(
         s for s in by_kind(docs, "Secret") if s["metadata"]["name"].endswith("-root")
     )
@@ -469,7 +563,7 @@ def test_every_pod_meets_the_restricted_pod_security_standard(
 
 
 def test_read_only_root_keeps_a_writable_tmp() -> None:
-    pod = one(manifests(), "Deployment")["spec"]["template"]["spec"]
+    pod = operator_deployment(manifests())["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     for container in pod["containers"] + pod["initContainers"]:
         tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
@@ -503,7 +597,7 @@ def test_cluster_wide_rbac_grants_exactly_the_contract() -> None:
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
     ]
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = operator_deployment(docs)["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == account["metadata"]["name"]
 
 
@@ -541,7 +635,7 @@ def test_rbac_can_be_left_to_the_user() -> None:
         if d["kind"]
         in ("ClusterRole", "Role", "ServiceAccount", "ClusterRoleBinding", "RoleBinding")
     ]
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = operator_deployment(docs)["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "existing-sa"
 
 
@@ -584,6 +678,14 @@ def test_crd_is_rendered_as_a_template_so_upgrades_update_it() -> None:
 # --- admission webhook -------------------------------------------------------------------
 
 
+def _webhook_secret(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(
+        s
+        for s in by_kind(docs, "Secret")
+        if s["type"] == "kubernetes.io/tls" and s["metadata"]["name"].endswith("-webhook-tls")
+    )
+
+
 def _webhook(docs: list[dict[str, Any]]) -> dict[str, Any]:
     config = one(docs, "MutatingWebhookConfiguration")
     hooks: list[dict[str, Any]] = config["webhooks"]
@@ -623,7 +725,7 @@ def test_webhook_selects_labelled_pods_on_create(
     assert service_ref["namespace"] == service["metadata"]["namespace"] == NAMESPACE
     (port,) = service["spec"]["ports"]
     assert port["port"] == service_ref["port"]
-    deployment = one(docs, "Deployment")
+    deployment = operator_deployment(docs)
     assert service["spec"]["selector"].items() <= (
         deployment["spec"]["template"]["metadata"]["labels"].items()
     )
@@ -647,7 +749,7 @@ def test_webhook_only_sees_watched_namespaces() -> None:
 def test_self_signed_certificate_matches_ca_bundle_and_service() -> None:
     docs = manifests()
     hook = _webhook(docs)
-    secret = next(s for s in by_kind(docs, "Secret") if s["type"] == "kubernetes.io/tls")
+    secret = _webhook_secret(docs)
     ca_pem = base64.b64decode(hook["clientConfig"]["caBundle"])
     assert ca_pem == base64.b64decode(secret["data"]["ca.crt"])
     ca = x509.load_pem_x509_certificate(ca_pem)
@@ -670,7 +772,7 @@ def test_self_signed_certificate_matches_ca_bundle_and_service() -> None:
         x509.DNSName
     )
     # The operator mounts exactly this Secret.
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = operator_deployment(docs)["spec"]["template"]["spec"]
     volume = next(v for v in pod["volumes"] if v["name"] == "webhook-tls")
     assert volume["secret"]["secretName"] == secret["metadata"]["name"]
 
@@ -708,7 +810,7 @@ def test_self_signed_pair_serves_tls_that_the_ca_bundle_verifies(tmp_path: Path)
     checks the Service's DNS name, as the API server does."""
     docs = manifests()
     hook = _webhook(docs)
-    secret = next(s for s in by_kind(docs, "Secret") if s["type"] == "kubernetes.io/tls")
+    secret = _webhook_secret(docs)
     for key in ("tls.crt", "tls.key"):
         (tmp_path / key).write_bytes(base64.b64decode(secret["data"][key]))
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -745,7 +847,9 @@ def test_upgrade_reuses_the_live_webhook_pair_and_root_password(tmp_path: Path) 
 
     with helm.Chart.load(CHART) as chart:
         installed = _secrets(chart.render(None, name=RELEASE, namespace=NAMESPACE, is_install=True))
-        assert len(installed) == 2  # the webhook pair and the bundled etcd's root password
+        # The webhook pair, the bundled etcd's root password, and the gateway's signing
+        # key, etcd password and serving pair.
+        assert len(installed) == 5, sorted(installed)
         with EmulatorServer() as kube:
             for secret in installed.values():
                 kube.create("v1", "secrets", secret, namespace=NAMESPACE)
@@ -774,14 +878,18 @@ def test_cert_manager_mode_injects_the_ca_from_the_certificate(
         assert not by_kind(docs, "Certificate")
         return
     config = one(docs, "MutatingWebhookConfiguration")
-    certificate = one(docs, "Certificate")
+    certificate = component(docs, "Certificate", "operator")
     assert config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == (
         f"{NAMESPACE}/{certificate['metadata']['name']}"
     )
     assert "caBundle" not in config["webhooks"][0]["clientConfig"]
     # No chart-generated pair competes with cert-manager's Secret.
-    assert not [s for s in by_kind(docs, "Secret") if s["type"] == "kubernetes.io/tls"]
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert not [
+        s
+        for s in by_kind(docs, "Secret")
+        if s["metadata"]["name"] == certificate["spec"]["secretName"]
+    ]
+    pod = operator_deployment(docs)["spec"]["template"]["spec"]
     volume = next(v for v in pod["volumes"] if v["name"] == "webhook-tls")
     assert volume["secret"]["secretName"] == certificate["spec"]["secretName"]
     service = config["webhooks"][0]["clientConfig"]["service"]
@@ -792,7 +900,7 @@ def test_cert_manager_mode_injects_the_ca_from_the_certificate(
         assert issuer_ref["name"] == wanted["name"] and issuer_ref["kind"] == wanted["kind"]
         assert not by_kind(docs, "Issuer")
     else:
-        issuer = one(docs, "Issuer")
+        issuer = component(docs, "Issuer", "operator")
         assert issuer["spec"] == {"selfSigned": {}}
         assert issuer_ref["name"] == issuer["metadata"]["name"]
     for doc in [*by_kind(docs, "Issuer"), certificate]:
@@ -822,8 +930,46 @@ def test_bundled_etcd_is_a_single_pinned_member() -> None:
         f"--advertise-client-urls=http://{service['metadata']['name']}.{NAMESPACE}.svc:2379" in args
     )
     claim = statefulset["spec"]["volumeClaimTemplates"][0]
-    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
     assert not statefulset["spec"]["template"]["spec"]["automountServiceAccountToken"]
+
+
+def _flag(args: list[str], name: str) -> str:
+    (value,) = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
+    return value
+
+
+def test_bundled_etcd_listens_on_the_pod_ip_and_survives_its_alarms() -> None:
+    statefulset = one(manifests(), "StatefulSet")
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    # The pod IP (expanded by Kubernetes from the downward API), never every interface.
+    env = _env(container)
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert _flag(args, "listen-client-urls") == "http://$(POD_IP):2379"
+    assert _flag(args, "listen-metrics-urls") == "http://$(POD_IP):2381"
+    assert not [a for a in args if "0.0.0.0" in a]
+    # The backend quota is below the volume (a quarter of it stays for WAL and snapshots).
+    quota = int(_flag(args, "quota-backend-bytes"))
+    assert 0 < quota * 4 <= 2 * 1024**3 * 3
+    # Auto-compaction is on.
+    assert _flag(args, "auto-compaction-mode") == "periodic"
+    assert _flag(args, "auto-compaction-retention")
+    # Liveness ignores NOSPACE (a restart frees no space); readiness does not.
+    liveness = container["livenessProbe"]["httpGet"]["path"]
+    assert "exclude=NOSPACE" in liveness
+    assert "exclude" not in container["readinessProbe"]["httpGet"]["path"]
+    # The gateway's space guard uses the same quota.
+    gw_env = _env(gateway_deployment(manifests())["spec"]["template"]["spec"]["containers"][0])
+    assert int(gw_env["ETHA_GATEWAY_ETCD_QUOTA_BACKEND_BYTES"]["value"]) == quota
+
+
+def test_a_quota_that_would_fill_the_volume_is_refused() -> None:
+    values = {"etcd": {"bundled": {"quotaBackendBytes": 2 * 1024**3}}}
+    with pytest.raises(helm.HelmRenderError) as excinfo:
+        render(values)
+    assert "etcd.bundled.quotaBackendBytes" in str(excinfo.value)
+    assert "grow the volume" in str(excinfo.value)
 
 
 def test_bundled_etcd_without_persistence_uses_an_empty_dir() -> None:
@@ -831,13 +977,13 @@ def test_bundled_etcd_without_persistence_uses_an_empty_dir() -> None:
     statefulset = one(docs, "StatefulSet")
     assert "volumeClaimTemplates" not in statefulset["spec"]
     volumes = statefulset["spec"]["template"]["spec"]["volumes"]
-    assert volumes == [{"name": "data", "emptyDir": {}}]
+    assert volumes == [{"name": "data", "emptyDir": {"sizeLimit": "2Gi"}}]
 
 
 def test_bundled_etcd_uses_an_existing_root_secret_when_named() -> None:
     docs = manifests({"etcd": {"rootCredentials": {"secretName": "my-root"}}})
     assert not [s for s in by_kind(docs, "Secret") if s["metadata"]["name"].endswith("-root")]
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = operator_deployment(docs)["spec"]["template"]["spec"]
     env = _env(pod["initContainers"][0])
     assert env["ETCD_ROOT_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "my-root"
 
@@ -852,9 +998,15 @@ def _bootstrap_script(tmp_path: Path) -> Path:
     return script
 
 
-def _run_bootstrap(script: Path, endpoint: str, password: str) -> subprocess.CompletedProcess[str]:
+def _run_bootstrap(
+    script: Path, endpoint: str, password: str, **extra: str
+) -> subprocess.CompletedProcess[str]:
     env = dict(
-        os.environ, ETCD_ENDPOINT=endpoint, ETCD_ROOT_PASSWORD=password, BOOTSTRAP_TIMEOUT="20"
+        os.environ,
+        ETCD_ENDPOINT=endpoint,
+        ETCD_ROOT_PASSWORD=password,
+        BOOTSTRAP_TIMEOUT="20",
+        **extra,
     )
     env.pop("ETCD_ROOT_USER", None)
     return subprocess.run(
@@ -882,7 +1034,7 @@ def test_bootstrap_enables_auth_on_a_real_etcd_idempotently(tmp_path: Path) -> N
 
         again = _run_bootstrap(script, endpoint, password)
         assert again.returncode == 0, again.stderr
-        assert "nothing to do" in again.stderr
+        assert "auth already enabled" in again.stderr and "created" not in again.stderr
 
         wrong = _run_bootstrap(script, endpoint, "not-the-password")
         assert wrong.returncode == 1
@@ -890,6 +1042,57 @@ def test_bootstrap_enables_auth_on_a_real_etcd_idempotently(tmp_path: Path) -> N
         for result in (first, again, wrong):
             assert password not in result.stdout + result.stderr
             assert "not-the-password" not in result.stdout + result.stderr
+
+
+def test_bootstrap_makes_the_gateway_user_with_exactly_two_ranges(tmp_path: Path) -> None:
+    """Against a real etcd: the gateway's user may write tenant keys and read the
+    registry, and nothing else; a stray permission is removed on the next run."""
+    from pyetcd import etcdrpc
+    from pyetcd.etcdrpc import auth_pb2
+
+    from etha.gateway.tenancy import REGISTRY_PREFIX, TENANT_KEYSPACE, TENANTS_PREFIX
+    from etha.kvstore.errors import PermissionDeniedError
+    from etha.kvstore.etcd_client import EtcdClient
+
+    script = _bootstrap_script(tmp_path)
+    password, gw_password = "bootstrap-root-5c1d", "bootstrap-gateway-77ab"
+    extra = {"GATEWAY_ETCD_USER": "etha-gateway", "GATEWAY_ETCD_PASSWORD": gw_password}
+    with EtcdCluster(tmp_path / "etcd") as cluster:
+        endpoint = cluster.endpoints[0]
+        first = _run_bootstrap(script, endpoint, password, **extra)
+        assert first.returncode == 0, first.stderr
+        assert "created gateway user" in first.stderr
+        with EtcdClient(cluster.endpoints, username="root", password=password) as root:
+            root.put(TENANTS_PREFIX + b"etha-x", b"{}")
+            role = root.call("Auth", "RoleGet", etcdrpc.AuthRoleGetRequest(role="etha-gateway"))
+            assert {(p.permType, p.key, p.range_end) for p in role.perm} == {
+                (auth_pb2.Permission.READWRITE, *TENANT_KEYSPACE),
+                (auth_pb2.Permission.READ, REGISTRY_PREFIX, b"!etha/registry0"),
+            }
+            user = root.call("Auth", "UserGet", etcdrpc.AuthUserGetRequest(name="etha-gateway"))
+            assert list(user.roles) == ["etha-gateway"]
+            # A stray grant (say, added by hand) is taken away by the next run.
+            stray = auth_pb2.Permission(
+                permType=auth_pb2.Permission.READ, key=b"\0", range_end=b"\0"
+            )
+            root.call(
+                "Auth",
+                "RoleGrantPermission",
+                etcdrpc.AuthRoleGrantPermissionRequest(name="etha-gateway", perm=stray),
+            )
+        again = _run_bootstrap(script, endpoint, password, **extra)
+        assert again.returncode == 0, again.stderr
+        with EtcdClient(cluster.endpoints, username="etha-gateway", password=gw_password) as gw:
+            gw.put(b"team.job.1234/default/k", b"v")
+            gw.put(b"-", b"lowest key of the keyspace")
+            assert gw.range(TENANTS_PREFIX + b"etha-x").count == 1
+            for key in (TENANTS_PREFIX + b"etha-y", b"+below", b"\x7f", b"\x7fabove", b"!etha/x"):
+                with pytest.raises(PermissionDeniedError):
+                    gw.put(key, b"v")
+            with pytest.raises(PermissionDeniedError):
+                gw.range(b"\0", b"-")
+        for result in (first, again):
+            assert password not in result.stderr and gw_password not in result.stderr
 
 
 def test_bootstrap_gives_up_when_etcd_never_answers(tmp_path: Path) -> None:
@@ -905,6 +1108,189 @@ def test_bootstrap_gives_up_when_etcd_never_answers(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "did not answer" in result.stderr
+
+
+# --- the gateway --------------------------------------------------------------------------
+
+
+def test_gateway_runs_replicated_probed_and_spread(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    name, docs = rendered
+    if VALUE_SETS[name].get("mode") == "direct":
+        assert not [d for d in docs if d["metadata"]["name"].endswith("-gateway")]
+        return
+    deployment = gateway_deployment(docs)
+    assert deployment["spec"]["replicas"] >= 2
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False  # no Kubernetes API access at all
+    (container,) = pod["containers"]
+    assert container["command"] == ["etha-gateway"]
+    assert (
+        container["image"]
+        == operator_deployment(docs)["spec"]["template"]["spec"]["containers"][0]["image"]
+    )
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = _env(container)
+    assert env["ETHA_GATEWAY_LISTEN"]["value"].endswith(f":{ports['grpc']}")
+    assert int(env["ETHA_GATEWAY_METRICS_PORT"]["value"]) == ports["metrics"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    # Credentials only by reference; every file it reads is mounted.
+    for var in ("ETHA_GATEWAY_ETCD_USERNAME", "ETHA_GATEWAY_ETCD_PASSWORD"):
+        assert "value" not in env[var] and env[var]["valueFrom"]["secretKeyRef"]["name"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    for var in env.values():
+        if var["name"].endswith("_FILE"):
+            assert any(var["value"].startswith(m + "/") for m in mounts), var
+    # Preferred anti-affinity on the node: one replica per node when the cluster allows.
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    # The Service reaches the gateway pods on both ports.
+    service = component(docs, "Service", "gateway")
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}
+    # The PodDisruptionBudget keeps one up through drains, and selects exactly these pods.
+    pdb = component(docs, "PodDisruptionBudget", "gateway")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    # The signing key Secret exists (or is the one mounted) and holds a long random key.
+    token = next(v for v in pod["volumes"] if v["name"] == "token-key")["secret"]["secretName"]
+    secret = next(s for s in by_kind(docs, "Secret") if s["metadata"]["name"] == token)
+    assert len(base64.b64decode(secret["data"]["keys"])) >= 64
+
+
+def test_network_policy_admits_only_gateway_and_operator_to_etcd(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    name, docs = rendered
+    values = VALUE_SETS[name]
+    bundled = values.get("etcd", {}).get("bundled", {}).get("enabled", True)
+    if not bundled or values.get("mode") == "direct":
+        assert not by_kind(docs, "NetworkPolicy")
+        return
+    policy = one(docs, "NetworkPolicy")
+    etcd_pod = one(docs, "StatefulSet")["spec"]["template"]
+    assert (
+        policy["spec"]["podSelector"]["matchLabels"].items()
+        <= etcd_pod["metadata"]["labels"].items()
+    )
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    container = etcd_pod["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    by_port: dict[str, list[dict[str, Any]]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            by_port[port["port"]] = rule.get("from", [])
+    assert set(by_port) == {"client", "metrics"} and ports["client"] == 2379
+    admitted = by_port["client"]
+    assert admitted, "the client port must not be open to every pod"
+    selected = [
+        d["spec"]["template"]["metadata"]["labels"]
+        for d in by_kind(docs, "Deployment")
+        if any(
+            peer["podSelector"]["matchLabels"].items()
+            <= d["spec"]["template"]["metadata"]["labels"].items()
+            for peer in admitted
+        )
+    ]
+    assert sorted(labels["app.kubernetes.io/component"] for labels in selected) == [
+        "gateway",
+        "operator",
+    ]
+    for peer in admitted:  # same namespace only, no ipBlock, no namespaceSelector
+        assert set(peer) == {"podSelector"}
+    # A worker pod (labelled for a KVNamespace) matches none of them.
+    worker = {"etha.io/kvnamespace": "train", "app.kubernetes.io/name": "etha-operator"}
+    assert not [p for p in admitted if p["podSelector"]["matchLabels"].items() <= worker.items()]
+    assert by_port["metrics"] == []  # health and metrics only, no data
+
+
+def test_gateway_tls_ca_reaches_the_operator_and_verifies_the_gateway(tmp_path: Path) -> None:
+    docs = manifests()
+    gw_pod = gateway_deployment(docs)["spec"]["template"]["spec"]
+    tls_name = next(v for v in gw_pod["volumes"] if v["name"] == "gateway-tls")["secret"][
+        "secretName"
+    ]
+    secret = next(s for s in by_kind(docs, "Secret") if s["metadata"]["name"] == tls_name)
+    # The operator mounts only the CA of that Secret and names it in its settings.
+    op_pod = operator_deployment(docs)["spec"]["template"]["spec"]
+    volume = next(v for v in op_pod["volumes"] if v["name"] == "gateway-ca")
+    assert volume["secret"]["secretName"] == tls_name
+    assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    op_env = _env(op_pod["containers"][0])
+    assert op_env["ETHA_OPERATOR_GATEWAY_CA_FILE"]["value"] == "/etc/etha/gateway-ca/ca.crt"
+    # A real handshake: the gateway's pair, verified by that CA under the Service name the
+    # operator hands to workers.
+    for key in ("tls.crt", "tls.key"):
+        (tmp_path / key).write_bytes(base64.b64decode(secret["data"][key]))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    client_ctx = ssl.create_default_context(
+        cadata=base64.b64decode(secret["data"]["ca.crt"]).decode()
+    )
+    endpoint = op_env["ETHA_OPERATOR_GATEWAY_ENDPOINTS"]["value"]
+    assert endpoint.startswith("https://")
+    hostname = endpoint.removeprefix("https://").rsplit(":", 1)[0]
+    assert _tls_echo(server_ctx, client_ctx, hostname) == b"hello"
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _tls_echo(server_ctx, client_ctx, "etcd.example.com")
+
+
+def test_gateway_without_tls_gives_workers_plain_endpoints() -> None:
+    docs = manifests(VALUE_SETS["gateway-plaintext"])
+    op_env = _env(operator_deployment(docs)["spec"]["template"]["spec"]["containers"][0])
+    assert op_env["ETHA_OPERATOR_GATEWAY_ENDPOINTS"]["value"].startswith("http://")
+    assert "ETHA_OPERATOR_GATEWAY_CA_FILE" not in op_env
+    gw_env = _env(gateway_deployment(docs)["spec"]["template"]["spec"]["containers"][0])
+    assert "ETHA_GATEWAY_TLS_CERT_FILE" not in gw_env
+    assert not [s for s in by_kind(docs, "Secret") if s["metadata"]["name"].endswith("gateway-tls")]
+
+
+def test_gateway_certificate_from_cert_manager() -> None:
+    docs = manifests(PRODUCTION)
+    certificate = component(docs, "Certificate", "gateway")
+    service = component(docs, "Service", "gateway")
+    assert f"{service['metadata']['name']}.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    op_pod = operator_deployment(docs)["spec"]["template"]["spec"]
+    volume = next(v for v in op_pod["volumes"] if v["name"] == "gateway-ca")
+    assert volume["secret"]["secretName"] == certificate["spec"]["secretName"]
+    assert not [
+        s
+        for s in by_kind(docs, "Secret")
+        if s["metadata"]["name"] == certificate["spec"]["secretName"]
+    ]
+
+
+def test_direct_mode_with_the_bundled_etcd_has_no_gateway_and_no_policy() -> None:
+    docs = manifests({"mode": "direct", "operator": {"allowUnsafeDirect": True}})
+    assert not [d for d in docs if "gateway" in d["metadata"]["name"]]
+    assert not by_kind(docs, "NetworkPolicy") and not by_kind(docs, "PodDisruptionBudget")
+    env = _env(operator_deployment(docs)["spec"]["template"]["spec"]["containers"][0])
+    assert env["ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT"]["value"] == "true"
+    assert (
+        env["ETHA_OPERATOR_WORKER_ENDPOINTS"]["value"]
+        == env["ETHA_OPERATOR_ETCD_ENDPOINTS"]["value"]
+    )
+
+
+def test_every_variable_the_chart_sets_is_read_by_the_gateway() -> None:
+    from etha.gateway import settings as gateway_settings
+
+    read = {
+        value
+        for name, value in vars(gateway_settings).items()
+        if name.isupper() and isinstance(value, str) and value.startswith(gateway_settings.P)
+    } | set(gateway_settings.QUOTA_VARIABLES.values())
+    for name, values in VALUE_SETS.items():
+        if values.get("mode") == "direct":
+            continue
+        container = gateway_deployment(manifests(values))["spec"]["template"]["spec"]["containers"][
+            0
+        ]
+        assert set(_env(container)) <= read, (name, set(_env(container)) - read)
 
 
 # --- agreement with the operator's code --------------------------------------------------
@@ -927,8 +1313,8 @@ def test_every_variable_the_chart_sets_is_read_by_the_operator() -> None:
         if name.isupper() and isinstance(value, str) and value.startswith(settings.PREFIX)
     }
     for values in VALUE_SETS.values():
-        container = one(manifests(values), "Deployment")["spec"]["template"]["spec"]["containers"][
-            0
-        ]
+        container = operator_deployment(manifests(values))["spec"]["template"]["spec"][
+            "containers"
+        ][0]
         assert set(_env(container)) <= read, set(_env(container)) - read
     assert read >= CONTRACT_ENV, CONTRACT_ENV - read

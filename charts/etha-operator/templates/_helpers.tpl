@@ -37,6 +37,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end }}
 
+{{/* Selector labels of the gateway pods. */}}
+{{- define "etha-operator.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "etha-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
 {{/* Selector labels of the bundled etcd pod. */}}
 {{- define "etha-operator.etcdSelectorLabels" -}}
 app.kubernetes.io/name: {{ include "etha-operator.name" . }}
@@ -66,6 +73,51 @@ app.kubernetes.io/component: etcd
 
 {{- define "etha-operator.webhookSecretName" -}}
 {{- printf "%s-webhook-tls" (include "etha-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "etha-operator.gatewayName" -}}
+{{- printf "%s-gateway" (include "etha-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "etha-operator.gatewayTLSSecretName" -}}
+{{- printf "%s-tls" (include "etha-operator.gatewayName" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "etha-operator.gatewayTokenSecretName" -}}
+{{- printf "%s-token-key" (include "etha-operator.gatewayName" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The Secret with the gateway's etcd user and password: the user's, or the chart's. */}}
+{{- define "etha-operator.gatewayEtcdSecretName" -}}
+{{- if .Values.gateway.etcdCredentials.secretName }}
+{{- .Values.gateway.etcdCredentials.secretName }}
+{{- else }}
+{{- printf "%s-etcd" (include "etha-operator.gatewayName" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* Comma list of the gateway endpoints written into the workers' Secrets. */}}
+{{- define "etha-operator.gatewayEndpoints" -}}
+{{- if .Values.gateway.workerEndpoints }}
+{{- join "," .Values.gateway.workerEndpoints }}
+{{- else }}
+{{- printf "%s://%s.%s.svc:%d" (ternary "https" "http" .Values.gateway.tls.enabled) (include "etha-operator.gatewayName" .) .Release.Namespace (int .Values.gateway.port) }}
+{{- end }}
+{{- end }}
+
+{{/* "1Gi" -> bytes (binary and decimal suffixes, as Kubernetes quantities). */}}
+{{- define "etha-operator.bytes" -}}
+{{- $q := toString . }}
+{{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 }}
+{{- $n := $q }}
+{{- $mult := 1 }}
+{{- range $suffix, $factor := $units }}
+{{- if hasSuffix $suffix $q }}
+{{- $n = trimSuffix $suffix $q }}
+{{- $mult = $factor }}
+{{- end }}
+{{- end }}
+{{- mulf (float64 $n) $mult | int64 }}
 {{- end }}
 
 {{- define "etha-operator.etcdName" -}}
@@ -148,5 +200,27 @@ seccompProfile:
 {{- end }}
 {{- if and .Values.etcd.tls.clientCert (not .Values.etcd.tls.enabled) }}
 {{- fail "etcd.tls.clientCert needs etcd.tls.enabled" }}
+{{- end }}
+{{- if .Values.etcd.bundled.enabled }}
+{{- $b := .Values.etcd.bundled }}
+{{- $volume := include "etha-operator.bytes" $b.persistence.size | int64 }}
+{{- if gt (mul (int64 $b.quotaBackendBytes) 4) (mul $volume 3) }}
+{{- fail (printf "etcd.bundled.quotaBackendBytes (%d) must leave a quarter of etcd.bundled.persistence.size (%s = %d bytes) free for etcd's write-ahead log and snapshots: lower the quota or grow the volume" (int64 $b.quotaBackendBytes) $b.persistence.size $volume) }}
+{{- end }}
+{{- end }}
+{{- if eq .Values.mode "gateway" }}
+{{- if and (not .Values.etcd.bundled.enabled) (not .Values.gateway.etcdCredentials.secretName) }}
+{{- fail "gateway.etcdCredentials.secretName is required with an external etcd: create the gateway's etcd user (docs/install.md) and a Secret with its username and password" }}
+{{- end }}
+{{- if .Values.operator.allowUnsafeDirect }}
+{{- fail "operator.allowUnsafeDirect applies to mode: direct only" }}
+{{- end }}
+{{- if .Values.etcd.workerEndpoints }}
+{{- fail "etcd.workerEndpoints applies to mode: direct only; in gateway mode workers get the gateway (gateway.workerEndpoints)" }}
+{{- end }}
+{{- else }}
+{{- if .Values.gateway.workerEndpoints }}
+{{- fail "gateway.workerEndpoints applies to mode: gateway only; in direct mode workers get etcd.workerEndpoints" }}
+{{- end }}
 {{- end }}
 {{- end }}
