@@ -1,9 +1,12 @@
-# etha-operator image: the kopf operator and the etha library, without torch.
+# etha-operator image: the kopf operator, the etha gateway and the etha library, without
+# torch. One image, two programs:
+#   etha-operator   (the ENTRYPOINT; settings from ETHA_OPERATOR_* variables)
+#   etha-gateway    (run it with `--entrypoint etha-gateway`, or in Kubernetes with
+#                    `command: ["etha-gateway"]`; settings from ETHA_GATEWAY_* variables)
 #
 # Build from the repository root:
 #   docker build -t etha-operator:0.1.0 .
-# The chart runs it as UID 10001 with a read-only root filesystem; all settings come from
-# ETHA_OPERATOR_* environment variables (docs/install.md).
+# The chart runs both as UID 10001 with a read-only root filesystem (docs/install.md).
 
 # Python minor version pinned to the one the project is tested with; bump the patch tag
 # (or pin a digest) deliberately.
@@ -23,20 +26,21 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY etha ./etha
 COPY operator ./operator
 
-# The `operator` extra only: torch belongs to the `tcpstore` extra and never enters this
-# image. constraints.txt pins every resolved version. pip is removed afterwards: the
-# running image never installs anything. The last two commands fail the build if the
-# entrypoint or an import is missing.
-RUN pip install --constraint constraints.txt ".[operator]" \
+# The `operator` and `gateway` extras only: torch belongs to the `tcpstore` extra and
+# never enters this image. constraints.txt pins every resolved version. pip is removed
+# afterwards: the running image never installs anything. The last commands fail the
+# build if an entrypoint or an import is missing.
+RUN pip install --constraint constraints.txt ".[operator,gateway]" \
     && pip uninstall --yes pip \
     && test -x /opt/venv/bin/etha-operator \
-    && python -c "import etha.kvstore, etha_operator, kopf, pyetcd"
+    && test -x /opt/venv/bin/etha-gateway \
+    && python -c "import etha.kvstore, etha.gateway.tenancy, etha_operator, kopf, pyetcd, prometheus_client"
 
 FROM ${PYTHON_IMAGE}
 
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="etha-operator" \
-      org.opencontainers.image.description="Kubernetes operator that provisions per-job etcd credentials for etha.kvstore" \
+      org.opencontainers.image.description="Kubernetes operator and gateway that give each job a private, quota-limited slice of etcd for etha.kvstore" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.vendor="etha" \
@@ -54,6 +58,7 @@ RUN groupadd --system --gid 10001 etha \
 COPY --from=builder /opt/venv /opt/venv
 
 USER 10001:10001
-# 8080: kopf health endpoint (/healthz); 9443: admission webhook (HTTPS).
-EXPOSE 8080 9443
+# 8080: operator health (/healthz); 9443: admission webhook (HTTPS);
+# 2379: gateway gRPC; 9090: gateway /metrics, /healthz, /readyz.
+EXPOSE 8080 9443 2379 9090
 ENTRYPOINT ["etha-operator"]

@@ -112,13 +112,13 @@ def test_multi_stage_on_a_pinned_slim_base() -> None:
     assert ("COPY", "--from=builder /opt/venv /opt/venv") in final
 
 
-def test_installs_only_the_operator_extra_with_constraints() -> None:
+def test_installs_only_the_operator_and_gateway_extras_with_constraints() -> None:
     (build, _) = stages()
     installs = [args for keyword, args in build if keyword == "RUN" and "pip install" in args]
     assert len(installs) == 1
     words = shlex.split(installs[0])
     targets = [w for w in words if w.startswith(".") or w.startswith("/src")]
-    assert targets == [".[operator]"], targets
+    assert targets == [".[operator,gateway]"], targets
     assert words[words.index("--constraint") + 1] == "constraints.txt"
     assert "torch" not in installs[0] and "tcpstore" not in installs[0]
 
@@ -142,10 +142,10 @@ def _dependency_closure(requirements: list[Requirement]) -> set[str]:
 
 
 def test_the_image_dependencies_do_not_contain_torch() -> None:
-    """What `pip install .[operator]` resolves to, computed from the installed metadata."""
+    """What `pip install .[operator,gateway]` resolves to, from the installed metadata."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     closure = _image_closure()
-    assert {"kopf", "etcd-sdk-python", "grpcio"} <= closure
+    assert {"kopf", "etcd-sdk-python", "grpcio", "prometheus-client"} <= closure
     assert "torch" not in closure, sorted(closure)
     # The check bites: the tcpstore extra does pull torch in.
     tcpstore = [Requirement(r) for r in project["optional-dependencies"]["tcpstore"]]
@@ -155,7 +155,8 @@ def test_the_image_dependencies_do_not_contain_torch() -> None:
 def _image_closure() -> set[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     direct = [Requirement(r) for r in project["dependencies"]]
-    direct += [Requirement(r) for r in project["optional-dependencies"]["operator"]]
+    for extra in ("operator", "gateway"):
+        direct += [Requirement(r) for r in project["optional-dependencies"][extra]]
     return _dependency_closure(direct)
 
 
@@ -197,7 +198,14 @@ def test_the_operator_runs_on_the_image_dependencies_alone() -> None:
         for p in package.glob("*.py")
     )
     assert "etha_operator.__main__" in modules, "the entrypoint module is missing"
-    modules += ["grpc", "pyetcd.etcdrpc"]  # files/bootstrap_etcd_auth.py
+    # The gateway (same image, `etha-gateway`): every module of etha.gateway.
+    gateway = ROOT / "etha" / "gateway"
+    modules += sorted(
+        "etha.gateway" if p.name == "__init__.py" else f"etha.gateway.{p.stem}"
+        for p in gateway.glob("*.py")
+    )
+    # files/bootstrap_etcd_auth.py
+    modules += ["grpc", "pyetcd.etcdrpc", "pyetcd.etcdrpc.auth_pb2", "etha.gateway.tenancy"]
     allowed = sorted(_image_closure() | {"etha"})
     result = subprocess.run(
         [sys.executable, "-c", _IMAGE_IMPORTS, json.dumps(allowed), json.dumps(modules)],
@@ -239,6 +247,20 @@ def test_oci_labels() -> None:
     assert f"ARG VERSION={project['version']}" in DOCKERFILE.read_text()
 
 
+def test_the_gateway_runs_from_the_same_image() -> None:
+    """`etha-gateway` is a console script of the installed package, the build checks it
+    exists, and the chart's gateway Deployment runs exactly that command."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["etha-gateway"] == "etha.gateway.__main__:main"
+    (build, _) = stages()
+    install = next(args for keyword, args in build if keyword == "RUN" and "pip install" in args)
+    assert "test -x /opt/venv/bin/etha-gateway" in install
+    template = (ROOT / "charts/etha-operator/templates/gateway.yaml").read_text()
+    assert 'command: ["etha-gateway"]' in template
+    assert 'image: {{ include "etha-operator.image" . }}' in template
+    assert "etha-gateway" in DOCKERFILE.read_text().split("FROM", 1)[0]  # documented on top
+
+
 def test_entrypoint_is_the_operator_console_script() -> None:
     (_, final) = stages()
     entrypoints = [args for keyword, args in final if keyword == "ENTRYPOINT"]
@@ -257,7 +279,12 @@ def test_exposed_ports_match_the_chart_defaults() -> None:
     (_, final) = stages()
     exposed = {int(p) for keyword, args in final if keyword == "EXPOSE" for p in args.split()}
     values = yaml.safe_load((ROOT / "charts/etha-operator/values.yaml").read_text())
-    assert exposed == {values["operator"]["healthPort"], values["webhook"]["port"]}
+    assert exposed == {
+        values["operator"]["healthPort"],
+        values["webhook"]["port"],
+        values["gateway"]["port"],
+        values["gateway"]["metricsPort"],
+    }
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
