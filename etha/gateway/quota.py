@@ -299,20 +299,35 @@ class SpaceGuard:
         self.limit = int(quota_bytes * high_water)
         self.interval = interval
         self.db_size = 0
+        #: bytes this replica let through, in all; a burst between two polls must not
+        #: carry etcd past its quota (etcd's size is only polled)
+        self.written = 0
+        #: ``written`` when the poll before the last one started: etcd commits its
+        #: backend every 100 ms, so those writes are surely in the last dbSize
+        self._included = 0
+        self._last_cut = 0
         self.alarms: tuple[str, ...] = ()
         self.polled = False
         self._task: asyncio.Task[None] | None = None
 
     @property
-    def full(self) -> bool:
-        return bool(self.alarms) or (self.limit > 0 and self.db_size >= self.limit)
+    def estimate(self) -> int:
+        """etcd's last polled dbSize plus what this replica has written since."""
+        return self.db_size + self.written - self._included
 
-    def check(self) -> None:
-        """Raise ``etcd_space`` when etcd is above the high water or raised an alarm."""
-        if self.full:
-            raise QuotaExceeded("etcd_space", self.db_size, self.limit)
+    @property
+    def full(self) -> bool:
+        return bool(self.alarms) or (self.limit > 0 and self.estimate >= self.limit)
+
+    def check(self, size: int = 0) -> None:
+        """Admit a write of ``size`` bytes, or raise ``etcd_space`` when it would carry
+        etcd above the high water, or etcd raised an alarm."""
+        if self.alarms or (self.limit > 0 and self.estimate + size > self.limit):
+            raise QuotaExceeded("etcd_space", self.estimate, self.limit)
+        self.written += size
 
     async def poll(self) -> None:
+        cut = self.written
         status = await self._upstream.call(
             "Maintenance", "Status", etcdrpc.StatusRequest(), timeout=self.interval * 2
         )
@@ -323,6 +338,9 @@ class SpaceGuard:
             timeout=self.interval * 2,
         )
         self.db_size = int(status.dbSize)
+        # Writes before the previous poll are surely in this dbSize; later ones stay
+        # counted one more round (an over-estimate, never an under-estimate).
+        self._included, self._last_cut = self._last_cut, cut
         names = sorted({_ALARM_NAMES.get(int(a.alarm), str(a.alarm)) for a in alarms.alarms})
         if tuple(names) != self.alarms:
             log.warning("etcd alarms: %s", ", ".join(names) or "none")

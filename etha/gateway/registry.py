@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ import grpc
 import grpc.aio
 from pyetcd import etcdrpc
 
-from etha.gateway.tenancy import QUOTA_NAMES, TENANTS_PREFIX, TenantRecord
+from etha.gateway.tenancy import QUOTA_NAMES, TENANTS_PREFIX, TenantRecord, tenant_key
 from etha.gateway.upstream import Upstream
 from etha.kvstore.errors import ConfigurationError, InvalidKeyError
 from etha.kvstore.etcd_client import prefix_range_end
@@ -34,6 +35,8 @@ log = logging.getLogger("etha.gateway.registry")
 
 _PUT = 0
 _RETRY = 1.0
+#: Reads of etcd per second for log-ins of names not (yet) in the registry.
+_MISS_READS_PER_SECOND = 50
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class Registry:
         self._loaded = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_change = on_change
+        self._miss_tokens = float(_MISS_READS_PER_SECOND)
+        self._miss_stamp = time.monotonic()
 
     @property
     def ready(self) -> bool:
@@ -90,6 +95,38 @@ class Registry:
     def lookup(self, username: str) -> Tenant | None:
         """The tenant with this username, or None (unknown or revoked)."""
         return self._tenants.get(username)
+
+    async def lookup_fresh(self, username: str) -> Tenant | None:
+        """:meth:`lookup`, reading etcd once when the name is unknown here.
+
+        A record the operator has just written may not have reached this replica's watch
+        yet; a log-in right after provisioning must not fail for that. The reads are
+        rate-limited (:data:`_MISS_READS_PER_SECOND`), so unknown names cannot flood etcd.
+        """
+        tenant = self._tenants.get(username)
+        if tenant is not None or not self.ready:
+            return tenant
+        now = time.monotonic()
+        self._miss_tokens = min(
+            float(_MISS_READS_PER_SECOND),
+            self._miss_tokens + (now - self._miss_stamp) * _MISS_READS_PER_SECOND,
+        )
+        self._miss_stamp = now
+        if self._miss_tokens < 1.0:
+            return None
+        self._miss_tokens -= 1.0
+        try:
+            key = tenant_key(username)
+        except (ConfigurationError, InvalidKeyError):
+            return None
+        response = await self._upstream.call("KV", "Range", etcdrpc.RangeRequest(key=key))
+        if not response.kvs or username in self._tenants:
+            return self._tenants.get(username)
+        tenant = self._resolve(response.kvs[0])
+        if tenant is not None:
+            self._set(username, tenant)
+            self._changed()
+        return tenant
 
     def revoked(self, tenant: Tenant) -> asyncio.Event:
         """An event set when ``tenant`` (this record revision's identity) is revoked."""
@@ -213,6 +250,9 @@ class Registry:
                     return
                 for event in response.events:
                     username = event.kv.key[len(TENANTS_PREFIX) :].decode(errors="replace")
+                    current = self._tenants.get(username)
+                    if current is not None and current.revision > event.kv.mod_revision:
+                        continue  # read by lookup_fresh() already, past this event
                     if event.type == _PUT:
                         tenant = self._resolve(event.kv)
                         self._set(username, tenant)

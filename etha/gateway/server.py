@@ -280,7 +280,7 @@ class KVServicer(etcdrpc.KVServicer):  # type: ignore[misc]
             write = Write((_put_write(request),) if _put_write(request) else ())
             try:
                 QuotaBook.check_values(tenant, write)
-                self.ctx.space.check()
+                self.ctx.space.check(request.ByteSize())
                 async with self.ctx.quotas.reserve(tenant, write) as apply:
                     wanted = request.prev_kv
                     request.prev_kv = True
@@ -333,7 +333,7 @@ class KVServicer(etcdrpc.KVServicer):  # type: ignore[misc]
             try:
                 QuotaBook.check_values(tenant, write)
                 if write.branches:
-                    self.ctx.space.check()
+                    self.ctx.space.check(request.ByteSize())
                 async with self.ctx.quotas.reserve(tenant, write) as apply:
                     wanted = self._ask_prev_kv(request)
                     response = await self.forward("KV", "Txn", request)
@@ -563,7 +563,7 @@ class AuthServicer(etcdrpc.AuthServicer):  # type: ignore[misc]
             if not request.name:
                 ctx.metrics.logins.labels("failed").inc()
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, USER_NAME_EMPTY, "no_user")
-            tenant = ctx.registry.lookup(request.name)
+            tenant = await ctx.registry.lookup_fresh(request.name)
             if tenant is None or not secret_matches(request.password, tenant.record.secret_sha256):
                 ctx.metrics.logins.labels("failed").inc()
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, AUTH_FAILED, "bad_password")

@@ -41,6 +41,7 @@ from pyetcd import etcdrpc
 from etha.kvstore.errors import (
     KVStoreError,
     PermissionDeniedError,
+    QuotaExceededError,
     StoreClosedError,
 )
 
@@ -57,6 +58,8 @@ _STOP = None
 PROBE_AFTER = 2.0
 #: Seconds a member has to answer that progress request before it is taken as hung.
 PROBE_TIMEOUT = 3.0
+#: How an etha gateway's quota refusal of a watch starts (then the quota's name).
+_QUOTA_REASON = "etha gateway: quota exceeded: "
 _PROGRESS_REQUEST = etcdrpc.WatchRequest(progress_request=etcdrpc.WatchProgressRequest())
 
 
@@ -577,6 +580,10 @@ class WatchHub:
                 f"{' for user ' + repr(who) if who else ''}: permission denied;"
                 " ask for a role that grants read access to this key range"
             )
+        elif reason.startswith(_QUOTA_REASON):
+            # An etha gateway refused the watch for a tenant quota ("watches").
+            quota = reason[len(_QUOTA_REASON) :].split(" ", 1)[0]
+            error = QuotaExceededError(f"watch on {key!r} refused: {reason}", quota=quota)
         else:
             error = KVStoreError(
                 f"etcd cancelled the watch on {key!r}: {reason or 'no reason given'}"
