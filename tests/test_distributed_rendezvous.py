@@ -115,19 +115,13 @@ def ns_b(etcd_auth: EtcdCluster) -> EtcdConfig:
 
 @pytest.fixture
 def etha_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    """This process's ETHA_KV_* variables, restored afterwards; etha:// stores closed."""
+    """This process's ETHA_KV_* variables, restored afterwards."""
     import os
-
-    from etha.distributed import rendezvous
 
     for name in list(os.environ):
         if name.startswith("ETHA_KV_"):
             monkeypatch.delenv(name)
     yield monkeypatch
-    # The handler keeps its stores alive for torch; release their etcd clients here.
-    for store in rendezvous._LIVE_STORES:
-        store.close()
-    rendezvous._LIVE_STORES.clear()
 
 
 GLOO_WORKER = """
@@ -188,6 +182,64 @@ def test_four_processes_all_reduce_and_barrier(
     written = [k for k in all_keys(etcd_auth) if run in k]
     assert written, "the rendezvous wrote no keys at all?"
     assert all(k.startswith(f"{ns_a.namespace}/c10d/{run}/") for k in written), written
+
+
+INLINE_STORE_WORKER = """
+import gc, json, os, sys, weakref
+from datetime import timedelta
+import torch
+import torch.distributed as dist
+from etha.distributed import EthaStore
+from etha.kvstore import parse_env
+
+scope, out = sys.argv[1], sys.argv[2]
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+# The inline idiom: no Python reference to the store is kept by the caller.
+dist.init_process_group(
+    "gloo", store=EthaStore(parse_env(), scope=scope, timeout=timedelta(seconds=60)),
+    rank=rank, world_size=world,
+)
+gc.collect()
+store = dist.distributed_c10d._get_default_store().underlying_store
+kind = type(store).__name__
+ref, client = weakref.ref(store), store.client
+del store
+group = dist.new_group(list(range(world)))
+t = torch.tensor([float(rank + 1)])
+dist.all_reduce(t, group=group)
+del group
+dist.destroy_process_group()
+gc.collect()
+with open(out, "w") as f:
+    json.dump({"kind": kind, "sum": t.item(), "freed": ref() is None, "closed": client.closed}, f)
+"""
+
+
+def test_inline_store_survives_gc_and_is_freed_after_destroy(
+    ns_a: EtcdConfig, tmp_path: Path
+) -> None:
+    # torch keeps only the C++ half of a Python store; the Python half must stay alive
+    # while torch uses it (new_group after gc) and go once the process group is gone.
+    script = tmp_path / "inline_worker.py"
+    script.write_text(INLINE_STORE_WORKER)
+    scope = f"inline-{uuid.uuid4().hex[:8]}"
+    world = 4
+    with procs() as p:
+        logs = [tmp_path / f"rank{r}.log" for r in range(world)]
+        workers = [
+            p.python(
+                script,
+                [scope, str(tmp_path / f"out{r}.json")],
+                child_env(ns_a, RANK=str(r), WORLD_SIZE=str(world)),
+                logs[r],
+            )
+            for r in range(world)
+        ]
+        codes = p.wait_all(workers, timeout=120)
+        assert codes == [0] * world, "\n---\n".join(tail(log) for log in logs)
+    for r in range(world):
+        result = json.loads((tmp_path / f"out{r}.json").read_text())
+        assert result == {"kind": "EthaStore", "sum": 10.0, "freed": True, "closed": True}
 
 
 def test_single_process_in_this_process(

@@ -8,9 +8,11 @@ through a C++ ``PrefixStore``.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -359,6 +361,20 @@ def test_prefix_store_reaches_every_method_from_cpp(store: EthaStore) -> None:
     assert sorted(store.list_keys()) == ["pfx/n"]
     with pytest.raises(dist.DistStoreError, match="pfx/missing"):
         prefixed.wait(["missing"], timedelta(milliseconds=200))
+
+
+def test_a_store_torch_does_not_hold_is_freed_at_once(ns_a: EtcdConfig) -> None:
+    s = EthaStore(ns_a, scope="freed", timeout=timedelta(seconds=5))
+    s.set("p/k", "v")
+    ref, client = weakref.ref(s), s.client
+    wrapper = dist.PrefixStore("p", s)
+    del s
+    assert ref() is not None  # the PrefixStore (C++) still holds it
+    assert wrapper.get("k") == b"v"
+    del wrapper
+    gc.collect()
+    assert ref() is None
+    assert client.closed
 
 
 def test_queue_methods_are_unsupported(store: EthaStore) -> None:

@@ -41,11 +41,6 @@ DEFAULT_COMPONENT = "c10d"
 DEFAULT_RUN_ID = "default"
 _QUERY_KEYS = frozenset({"rank", "world_size", "component"})
 
-#: Stores handed to torch. torch keeps only the C++ half of a Python store; if the
-#: Python object is collected, every later call from C++ (new_group, barrier, ...) fails
-#: with "Not implemented". One store per init_process_group, so the cost is small.
-_LIVE_STORES: list[Any] = []
-
 
 def _error(message: str) -> ConfigurationError:
     # torch's own handlers raise ValueError("Error initializing torch.distributed using ...").
@@ -152,7 +147,6 @@ def etha_rendezvous_handler(
 
     spec = parse_url(url)
     store = EthaStore(_etcd_config(), component=spec.component, scope=spec.run_id, timeout=timeout)
-    _LIVE_STORES.append(store)
     yield (store, spec.rank, spec.world_size)
     # Like torch's tcp:// and env:// handlers: the triple cannot be renewed.
     raise RuntimeError("Unable to perform re-rendezvous using etha:// method")

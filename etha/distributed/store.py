@@ -25,8 +25,12 @@ job ends. Nothing is written anywhere else.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import operator
 import random
+import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +39,7 @@ from typing import TypeVar
 
 import torch.distributed as dist
 from pyetcd import etcdrpc
+from torch._C._distributed_c10d import PrefixStore as _PrefixStore
 from torch._C._distributed_c10d import Store as _C10dStore
 
 from etha.kvstore.config import EtcdConfig, parse_env
@@ -104,6 +109,89 @@ def _store_error(action: str, exc: KVStoreError) -> dist.DistStoreError:
     return dist.DistStoreError(f"etha store: {action} failed: {exc}")
 
 
+# -- lifetime while torch holds the store ------------------------------------------------
+#
+# torch binds ``Store`` with an intrusive-pointer holder and a trampoline (``PythonStore``
+# in torch/csrc/distributed/c10d/init.cpp). The Python object owns one reference to the
+# C++ object; PrefixStore, process groups and clones own others, but nothing on the C++
+# side owns the Python object. When the last Python reference goes, the Python half is
+# freed, and the trampoline's ``get_overload(this, "set")`` finds no Python object:
+# "INTERNAL ASSERT FAILED ... Not implemented". So an EthaStore whose Python references
+# are gone while C++ still holds its C++ half resurrects itself (``__del__``) into
+# ``_HELD_BY_TORCH``; after every garbage collection the stores that C++ no longer holds
+# (C++ reference count back to 1, the Python holder's) are dropped there.
+
+
+def _probe_cpp_refcount(obj: object) -> int | None:
+    """The reference count of ``obj``'s C++ half, or None if it cannot be read safely.
+
+    Reads pybind11's simple instance layout (value pointer, then the holder, which for an
+    intrusive pointer is the same pointer) and c10's ``intrusive_ptr_target`` (vtable,
+    then the reference count in the low 32 bits). :func:`_refcount_readable` checks the
+    layout once per process before this is trusted.
+    """
+    word = ctypes.sizeof(ctypes.c_void_p)
+    base = id(obj) + 2 * word  # after ob_refcnt and ob_type
+    value = ctypes.c_void_p.from_address(base).value
+    holder = ctypes.c_void_p.from_address(base + word).value
+    if not value or value != holder:
+        return None
+    return int(ctypes.c_uint32.from_address(value + word).value)
+
+
+_LAYOUT_CHECKED: bool | None = None
+
+
+def _refcount_readable(sample: _C10dStore) -> bool:
+    """Whether :func:`_probe_cpp_refcount` reads true counts in this torch (checked once).
+
+    The probe must see 1 for a fresh store, 2 while a ``PrefixStore`` wraps it, then 1.
+    """
+    global _LAYOUT_CHECKED
+    if _LAYOUT_CHECKED is None:
+        try:
+            before = _probe_cpp_refcount(sample)
+            wrapper = _PrefixStore("etha-probe", sample)
+            during = _probe_cpp_refcount(sample)
+            del wrapper
+            after = _probe_cpp_refcount(sample)
+            _LAYOUT_CHECKED = (before, during, after) == (1, 2, 1)
+        except Exception:  # any surprise means: do not trust the layout
+            _LAYOUT_CHECKED = False
+    return _LAYOUT_CHECKED
+
+
+_HELD_BY_TORCH: set[EthaStore] = set()
+_held_lock = threading.Lock()
+
+
+def _held_by_cpp(store: EthaStore) -> bool:
+    """True while C++ (a PrefixStore, a process group) holds the store's C++ half."""
+    if _LAYOUT_CHECKED:
+        count = _probe_cpp_refcount(store)
+        return count is None or count > 1
+    # Unknown layout (a future torch): hold it while any process group exists.
+    return bool(dist.is_initialized())
+
+
+def _release_unheld(phase: str, info: object) -> None:
+    """gc callback: let go of the stores that C++ no longer holds."""
+    if phase != "stop" or not _HELD_BY_TORCH:
+        return
+    with _held_lock:
+        candidates = list(_HELD_BY_TORCH)
+    for store in candidates:
+        # 4 references: the set, the list, this loop variable and getrefcount's argument.
+        # A store someone took back from torch (PrefixStore.underlying_store) stays held.
+        if not _held_by_cpp(store) and sys.getrefcount(store) <= 4:
+            with _held_lock:
+                _HELD_BY_TORCH.discard(store)
+    del candidates
+
+
+gc.callbacks.append(_release_unheld)
+
+
 class EthaStore(_C10dStore):
     """A c10d ``Store`` whose keys live in etcd under one etha namespace.
 
@@ -120,9 +208,10 @@ class EthaStore(_C10dStore):
     :param client: an :class:`EtcdClient` to use instead of the process-wide shared one
         (the store then does not release it)
 
-    Keep a Python reference to the store for as long as torch may use it: pybind11 keeps
-    only the C++ half alive, and calls from C++ on a collected Python store fail with
-    "Not implemented". The ``etha://`` handler and the torchrun backend do this.
+    The store stays alive while torch holds it, however it was built (also
+    ``init_process_group(store=EthaStore(...))`` with no other reference), and is freed
+    at the first garbage collection after torch lets go of it (the process group is
+    destroyed): see ``_HELD_BY_TORCH``.
     """
 
     def __init__(
@@ -162,6 +251,7 @@ class EthaStore(_C10dStore):
         super().set_timeout(
             DEFAULT_TIMEOUT if timeout is None else timedelta(seconds=_seconds(timeout))
         )
+        _refcount_readable(self)
         if client is None:
             self._client = EtcdClient.shared(config)
             self._finalizer: weakref.finalize[[], EthaStore] | None = weakref.finalize(
@@ -170,6 +260,16 @@ class EthaStore(_C10dStore):
         else:
             self._client = client
             self._finalizer = None
+
+    def __del__(self) -> None:
+        # The last Python reference is gone. If C++ still holds the store, stay alive
+        # (resurrect into _HELD_BY_TORCH) so that its calls find the Python methods.
+        try:
+            if _held_by_cpp(self):
+                with _held_lock:
+                    _HELD_BY_TORCH.add(self)
+        except Exception:  # never raise from a finalizer (interpreter shutdown)
+            return
 
     # -- identity ---------------------------------------------------------------------
 
