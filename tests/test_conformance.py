@@ -12,6 +12,7 @@ import os
 
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's C++ warnings carry stack traces
 
+import contextlib
 import math
 import multiprocessing
 import queue
@@ -33,11 +34,16 @@ from etha.kvstore import (
     KVTimeoutError,
     StoreClosedError,
 )
+from etha.kvstore.etcd_client import EtcdClient
+from etha.kvstore.keys import validate_name
 from etha.kvstore.tcpstore import TCPStoreKVStore
+from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.gateway import GatewayProcess, register_tenant
 
 pytestmark = pytest.mark.timeout(90)
 
-BACKENDS = ["etcd", "tcpstore"]
+# "etcd-gateway": etcd behind a real etha gateway process, one tenant per namespace.
+BACKENDS = ["etcd", "tcpstore", "etcd-gateway"]
 # Upper slack for "a wait ends within its timeout": generous, the machine is noisy.
 SLACK = 5.0
 REQUEST_TIMEOUT = 30.0
@@ -63,15 +69,30 @@ def open_spec(spec: dict[str, Any], namespace: str, component: str = "default") 
 
 @dataclass
 class Backend:
-    """A backend under test: opens stores on one server, in the test's namespace."""
+    """A backend under test: opens stores on one server, in the test's namespace.
+
+    Behind a gateway every namespace is a tenant of its own: ``register`` provisions one
+    (as the operator does) and returns its credentials, and ``spec`` carries those of the
+    test's namespace (child processes get the spec).
+    """
 
     name: str
     spec: dict[str, Any]
     namespace: str
     opened: list[KVStore] = field(default_factory=list)
+    register: Callable[[str], dict[str, str]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.register is not None:
+            self.spec = {**self.spec, **self.register(self.namespace)}
 
     def open(self, component: str = "default", namespace: str | None = None) -> KVStore:
-        store = open_spec(self.spec, self.namespace if namespace is None else namespace, component)
+        spec = self.spec
+        if self.register is not None and namespace is not None and namespace != self.namespace:
+            # An invalid namespace is not registered: the store's own check must refuse it.
+            with contextlib.suppress(InvalidKeyError):
+                spec = {**spec, **self.register(namespace)}
+        store = open_spec(spec, self.namespace if namespace is None else namespace, component)
         self.opened.append(store)
         return store
 
@@ -90,7 +111,43 @@ def tcpstore_server() -> Iterator[TCPStoreKVStore]:
         server.close()
 
 
+@pytest.fixture(scope="module")
+def conformance_gateway(
+    etcd_auth: EtcdCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[GatewayProcess, EtcdClient]]:
+    """A real gateway in front of the session's etcd, and root's client to provision tenants."""
+    root = EtcdClient(etcd_auth.endpoints, username=ROOT_USER, password=etcd_auth.root_password)
+    gateway = GatewayProcess(
+        etcd_auth.endpoints,
+        tmp_path_factory.mktemp("conformance-gateway"),
+        username=ROOT_USER,
+        password=etcd_auth.root_password,
+    )
+    try:
+        gateway.start()
+        yield gateway, root
+    finally:
+        gateway.stop()
+        root.close()
+
+
+def _register(name: str, request: pytest.FixtureRequest) -> Callable[[str], dict[str, str]] | None:
+    if name != "etcd-gateway":
+        return None
+    _, root = request.getfixturevalue("conformance_gateway")
+
+    def register(namespace: str) -> dict[str, str]:
+        validate_name(namespace, "namespace")
+        username, secret, _ = register_tenant(root, namespace)
+        return {"username": username, "password": secret}
+
+    return register
+
+
 def _spec(name: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    if name == "etcd-gateway":
+        gateway, _ = request.getfixturevalue("conformance_gateway")
+        return {"backend": "etcd", "endpoints": [gateway.endpoint]}
     if name == "tcpstore":
         server: TCPStoreKVStore = request.getfixturevalue("tcpstore_server")
         return {"backend": "tcpstore", "host": "127.0.0.1", "port": server.port}
@@ -111,7 +168,12 @@ def _spec(name: str, request: pytest.FixtureRequest) -> dict[str, Any]:
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, namespace: str) -> Iterator[Backend]:
     """Each backend in turn; the stores it opens are closed after the test."""
-    b = Backend(request.param, _spec(request.param, request), namespace)
+    b = Backend(
+        request.param,
+        _spec(request.param, request),
+        namespace,
+        register=_register(request.param, request),
+    )
     try:
         yield b
     finally:
@@ -121,7 +183,12 @@ def backend(request: pytest.FixtureRequest, namespace: str) -> Iterator[Backend]
 @pytest.fixture(params=[*BACKENDS, "etcd-auth"])
 def backend_with_auth(request: pytest.FixtureRequest, namespace: str) -> Iterator[Backend]:
     """Like ``backend``, plus etcd with auth enabled (root credentials)."""
-    b = Backend(request.param, _spec(request.param, request), namespace)
+    b = Backend(
+        request.param,
+        _spec(request.param, request),
+        namespace,
+        register=_register(request.param, request),
+    )
     try:
         yield b
     finally:
@@ -805,7 +872,10 @@ def test_repr_names_namespace_and_component(backend: Backend) -> None:
 def test_both_backends_reject_bad_input_with_the_same_error_and_message(
     request: pytest.FixtureRequest, namespace: str
 ) -> None:
-    stores = {name: Backend(name, _spec(name, request), namespace) for name in BACKENDS}
+    stores = {
+        name: Backend(name, _spec(name, request), namespace, register=_register(name, request))
+        for name in BACKENDS
+    }
     bad_calls: list[Callable[[KVStore], object]] = [
         *(_key_operations(key)[i] for key in BAD_KEYS for i in range(8)),
         lambda s: s.get("k", component="a/b"),
