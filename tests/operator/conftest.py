@@ -2,6 +2,8 @@
 
 One emulator and one operator process per test module (tests use distinct Kubernetes
 namespaces so they do not see each other's objects); the etcd server is the session's.
+``operator_factory(gateway=[...])`` runs the operator in gateway mode, handing workers
+those gateway endpoints; without, in direct mode (see OperatorProcess).
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ def operator_factory(
     """Build (not start) operator processes; every one built is stopped at the end."""
     made: list[OperatorProcess] = []
 
-    def make(**env: str) -> OperatorProcess:
+    def make(gateway: list[str] | None = None, **env: str) -> OperatorProcess:
         proc = OperatorProcess(
             kubeconfig=kubeconfig,
             etcd_endpoints=etcd.urls,
             root_password=etcd.root_password,
             log_path=tmp_path_factory.mktemp("operator") / "operator.log",
             env=env,
+            gateway_endpoints=gateway,
         )
         made.append(proc)
         return proc

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import base64
 import datetime
+import os
+import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from etha.kvstore import KVStore, from_env
@@ -130,3 +135,33 @@ def wait_phase(
     except TimeoutError:
         obj = kube.find(API, PLURAL, name, namespace)
         raise TimeoutError(f"{namespace}/{name} never became {phase}; last: {obj!r}") from None
+
+
+BOOTSTRAP_SCRIPT = Path(__file__).resolve().parents[2] / (
+    "charts/etha-operator/files/bootstrap_etcd_auth.py"
+)
+
+
+def gateway_etcd_user(etcd: EtcdCluster, name: str = "etha-gateway") -> tuple[str, str]:
+    """The gateway's least-privilege etcd user, made by the chart's own bootstrap script
+    (read-write on the tenant keyspace, read-only on the registry); (user, password)."""
+    password = secrets.token_urlsafe(24)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("ETCD_", "GATEWAY_"))},
+        "ETCD_ENDPOINT": etcd.endpoints[0],
+        "ETCD_ROOT_PASSWORD": etcd.root_password,
+        "ETCD_ENABLE_AUTH": "false",
+        "GATEWAY_ETCD_USER": name,
+        "GATEWAY_ETCD_PASSWORD": password,
+        "BOOTSTRAP_TIMEOUT": "20",
+    }
+    result = subprocess.run(
+        [sys.executable, str(BOOTSTRAP_SCRIPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return name, password
