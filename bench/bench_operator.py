@@ -13,7 +13,12 @@ stores the change, and the first poll that sees the outcome (polls every
   key under the prefix. Then the same for one namespace holding 100k keys, next to a
   plain ``DeleteRange`` of 100k keys on the same etcd (the floor).
 * #9 500 KVNamespaces created at once (a fresh operator): until all are Ready; the
-  operator's peak RSS is its ``VmHWM`` (``/proc/<pid>/status``) at the end.
+  operator's peak RSS is its ``VmHWM`` (``/proc/<pid>/status``) at the end. The full
+  run does it in direct mode (etcd users and roles), with bcrypt cost 4, and in gateway
+  mode (tenant records; a real ``etha-gateway`` process watches the registry meanwhile).
+
+``python -m bench.bench_operator --storm [-n 500] [--rounds 3]`` runs only #9, gateway
+and direct mode interleaved on fresh systems, and prints medians and spread.
 """
 
 from __future__ import annotations
@@ -52,7 +57,11 @@ def _proc_status(pid: int) -> dict[str, int]:
 class Operator:
     """``python -m etha_operator`` as a subprocess; stopped (SIGTERM, then SIGKILL) on exit."""
 
-    def __init__(self, kubeconfig: Path, cluster: Any, workdir: Path, tag: str) -> None:
+    def __init__(
+        self, kubeconfig: Path, cluster: Any, workdir: Path, tag: str, gateway: str | None = None
+    ) -> None:
+        """:param gateway: run in gateway mode handing workers this endpoint; None: direct
+        mode (with the override: the bench etcd is a 3.5 release)."""
         from tests.support.ports import free_port
 
         self.health_port = free_port()
@@ -68,6 +77,12 @@ class Operator:
             ETHA_OPERATOR_AUDIT_INTERVAL="3600",
             ETHA_OPERATOR_LOG_LEVEL="WARNING",
         )
+        for key in [k for k in env if k.startswith("ETHA_OPERATOR_GATEWAY_")]:
+            env.pop(key)
+        if gateway is not None:
+            env.update(ETHA_OPERATOR_MODE="gateway", ETHA_OPERATOR_GATEWAY_ENDPOINTS=gateway)
+        else:
+            env.update(ETHA_OPERATOR_MODE="direct", ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT="true")
         for key in ("ETHA_OPERATOR_WEBHOOK_CERT_FILE", "ETHA_OPERATOR_WEBHOOK_KEY_FILE"):
             env.pop(key, None)
         with self.log_path.open("wb") as log_file:
@@ -113,14 +128,29 @@ class Operator:
 
 
 @contextlib.contextmanager
-def running_operator(kube: Any, cluster: Any, workdir: Path, tag: str) -> Iterator[Operator]:
-    kubeconfig = kube.write_kubeconfig(workdir / "kubeconfig.yaml")
-    op = Operator(kubeconfig, cluster, workdir, tag)
-    try:
+def running_operator(
+    kube: Any, cluster: Any, workdir: Path, tag: str, gateway: bool = False
+) -> Iterator[Operator]:
+    """An operator; with ``gateway``, in gateway mode next to a real gateway process."""
+    kubeconfig = kube.write_kubeconfig(workdir / f"kubeconfig-{tag}.yaml")
+    with contextlib.ExitStack() as stack:
+        endpoint = None
+        if gateway:
+            from tests.support.gateway import GatewayProcess
+
+            gw = GatewayProcess(
+                cluster.endpoints,
+                workdir / f"gateway-{tag}",
+                username=ROOT,
+                password=cluster.root_password,
+            )
+            stack.callback(gw.stop)
+            gw.start()
+            endpoint = f"http://{gw.endpoint}"
+        op = Operator(kubeconfig, cluster, workdir, tag, gateway=endpoint)
+        stack.callback(op.stop)
         op.wait_healthy()
         yield op
-    finally:
-        op.stop()
 
 
 def _job(name: str) -> dict[str, Any]:
@@ -309,15 +339,57 @@ def run(quick: bool) -> dict[str, Figure]:
         if not quick:
             # Each storm on a fresh etcd, emulator and operator: 500 objects into an empty
             # system, and the operator's peak RSS is the storm's alone. Then the same with
-            # etcd hashing passwords at bcrypt cost 4.
-            for tag, extra in (("", []), ("@bcrypt4", ["--bcrypt-cost=4"])):
-                with (
-                    etcd_server(auth=True, extra_args=extra) as cluster_s,
-                    EmulatorServer() as kube_s,
-                    running_operator(kube_s, cluster_s, workdir, f"storm{tag}") as op_s,
-                ):
-                    figures.update(_storm(kube_s, cluster_s, workdir, n_storm, tag, quick, op_s))
+            # etcd hashing passwords at bcrypt cost 4, and in gateway mode.
+            storms: tuple[tuple[str, list[str], bool], ...] = (
+                ("", [], False),
+                ("@bcrypt4", ["--bcrypt-cost=4"], False),
+                ("@gateway", [], True),
+            )
+            for tag, extra, gateway in storms:
+                figures.update(_fresh_storm(workdir, n_storm, tag, extra, gateway, quick))
     return figures
+
+
+def _fresh_storm(
+    workdir: Path, n_storm: int, tag: str, extra: list[str], gateway: bool, quick: bool
+) -> dict[str, Figure]:
+    from tests.support.kube_emulator import EmulatorServer
+
+    with (
+        etcd_server(auth=True, extra_args=extra) as cluster,
+        EmulatorServer() as kube,
+        running_operator(kube, cluster, workdir, f"storm{tag}", gateway=gateway) as op,
+    ):
+        return _storm(kube, cluster, workdir, n_storm, tag, quick, op)
+
+
+def storm_compare(n_storm: int, rounds: int) -> dict[str, Any]:
+    """#9 only: gateway and direct mode interleaved, ``rounds`` times each, fresh systems."""
+    import statistics
+
+    seconds: dict[str, list[float]] = {"direct": [], "gateway": []}
+    incomplete: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="etha-bench-storm-") as tmp:
+        for i in range(rounds):
+            for mode in ("gateway", "direct"):
+                tag = f"@{mode}{i}"
+                result = _fresh_storm(Path(tmp), n_storm, tag, [], mode == "gateway", False)
+                fig = result[f"9.operator.{n_storm}-at-once-all-ready{tag}"]
+                if fig.get("incomplete"):
+                    incomplete.append(f"{tag}: {fig['incomplete']}")
+                seconds[mode].append(float(fig["median"]))  # one sample: unit s
+    summary: dict[str, Any] = {"n": n_storm, "rounds": rounds, "incomplete": incomplete}
+    for mode, values in seconds.items():
+        summary[mode] = {
+            "median_s": round(statistics.median(values), 2),
+            "min_s": round(min(values), 2),
+            "max_s": round(max(values), 2),
+            "samples_s": [round(v, 2) for v in values],
+        }
+    summary["gateway_over_direct"] = round(
+        summary["gateway"]["median_s"] / summary["direct"]["median_s"], 2
+    )
+    return summary
 
 
 def _storm(
@@ -388,3 +460,15 @@ def _storm(
         figures[f"9.operator.{n_storm}-at-once-all-ready{tag}"]["incomplete"] = error
         log(f"#9{tag}: {error}; operator log tail: {op.log_tail(3)}")
     return figures
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="operator benchmarks (#9 storm only)")
+    parser.add_argument("--storm", action="store_true", required=True)
+    parser.add_argument("-n", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(json.dumps(storm_compare(args.n, args.rounds), indent=2))
