@@ -198,10 +198,15 @@ class _Forward:
     def __init__(self, ctx: GatewayContext) -> None:
         self.ctx = ctx
 
-    async def __call__(self, service: str, method: str, request: Any) -> Any:
+    async def __call__(self, service: str, method: str, request: Any, context: Any) -> Any:
         start = time.perf_counter()
+        # No longer than the client still waits for the answer.
+        remaining = context.time_remaining()
+        timeout = (
+            None if remaining is None else max(0.001, min(remaining, self.ctx.upstream.timeout))
+        )
         try:
-            return await self.ctx.upstream.call(service, method, request)
+            return await self.ctx.upstream.call(service, method, request, timeout=timeout)
         finally:
             self.ctx.metrics.upstream_seconds.labels(method).observe(time.perf_counter() - start)
 
@@ -262,7 +267,7 @@ class KVServicer(etcdrpc.KVServicer):  # type: ignore[misc]
                 confine.check_range_request(tenant.start, tenant.end, request)
             except confine.Denied as exc:
                 raise Refusal.denied(exc) from None
-            response = await self.forward("KV", "Range", request)
+            response = await self.forward("KV", "Range", request, context)
             self.ctx.scrub(response.header)
             return response
 
@@ -284,7 +289,7 @@ class KVServicer(etcdrpc.KVServicer):  # type: ignore[misc]
                 async with self.ctx.quotas.reserve(tenant, write) as apply:
                     wanted = request.prev_kv
                     request.prev_kv = True
-                    response = await self.forward("KV", "Put", request)
+                    response = await self.forward("KV", "Put", request, context)
                     apply(response.header.revision, *_put_delta(request, response))
             except QuotaExceeded as exc:
                 raise Refusal.quota(exc) from None
@@ -307,7 +312,7 @@ class KVServicer(etcdrpc.KVServicer):  # type: ignore[misc]
             async with self.ctx.quotas.reserve(tenant, Write(())) as apply:
                 wanted = request.prev_kv
                 request.prev_kv = True
-                response = await self.forward("KV", "DeleteRange", request)
+                response = await self.forward("KV", "DeleteRange", request, context)
                 apply(response.header.revision, *_delete_delta(response))
             if not wanted:
                 del response.prev_kvs[:]
@@ -327,7 +332,7 @@ class KVServicer(etcdrpc.KVServicer):  # type: ignore[misc]
                 raise Refusal.denied(exc) from None
             write = _txn_write(request)
             if not write.branches and not write.deletes:
-                response = await self.forward("KV", "Txn", request)
+                response = await self.forward("KV", "Txn", request, context)
                 self._scrub_txn(response)
                 return response
             try:
@@ -336,7 +341,7 @@ class KVServicer(etcdrpc.KVServicer):  # type: ignore[misc]
                     self.ctx.space.check(request.ByteSize())
                 async with self.ctx.quotas.reserve(tenant, write) as apply:
                     wanted = self._ask_prev_kv(request)
-                    response = await self.forward("KV", "Txn", request)
+                    response = await self.forward("KV", "Txn", request, context)
                     ops = request.success if response.succeeded else request.failure
                     delta_bytes = delta_keys = 0
                     for i, (op, result) in enumerate(zip(ops, response.responses, strict=False)):
@@ -429,13 +434,19 @@ class _WatchProxy:
         self.ctx = ctx
         self.tenant = tenant
         self.context = context
-        self.upstream = ctx.upstream.open_watch()
+        #: etcd's stream, opened with the first allowed create: a client stream without
+        #: watches costs etcd nothing, so open streams are bounded by the watches quota
+        self.upstream: grpc.aio.StreamStreamCall[Any, Any] | None = None
+        self.opened = asyncio.Event()
         self.write_lock = asyncio.Lock()
         #: creates in flight, oldest first: True = forwarded, or a refusal to send in turn
         self.pending: collections.deque[Any] = collections.deque()
         #: counted watches by id; a create with id 0 is counted once etcd names it
         self.live: set[int] = set()
         self.counted_unnamed = 0
+
+    def _count(self, code: str) -> None:
+        self.ctx.metrics.requests.labels("Watch.create", code, self.tenant.username).inc()
 
     async def _send(self, response: Any) -> None:
         async with self.write_lock:
@@ -464,28 +475,36 @@ class _WatchProxy:
             if which == "create_request":
                 create = request.create_request
                 watch_id = _create_watch_id(create)
-                ctx.metrics.requests.labels("Watch.create", "OK", tenant.username).inc()
                 try:
                     ctx.quotas.take_request(tenant)
                     confine.check_watch_create(tenant.start, tenant.end, create)
                     ctx.quotas.open_watch(tenant)
                 except confine.Denied as exc:
+                    self._count("PERMISSION_DENIED")
                     await self._refuse(self._deny(watch_id, exc.reason, WATCH_PERMISSION_DENIED))
                     continue
                 except QuotaExceeded as exc:
+                    self._count("RESOURCE_EXHAUSTED")
                     await self._refuse(self._deny(watch_id, f"quota_{exc.quota}", exc.message))
                     continue
+                self._count("OK")
                 if watch_id:
                     self.live.add(watch_id)
                 else:
                     self.counted_unnamed += 1
                 self.pending.append(True)
+                if self.upstream is None:
+                    self.upstream = ctx.upstream.open_watch()
+                    self.opened.set()
                 await self.upstream.write(request)
-            elif which in ("cancel_request", "progress_request"):
+            elif which in ("cancel_request", "progress_request") and self.upstream is not None:
                 await self.upstream.write(request)
-            # anything else (a newer request kind) is dropped, as an old etcd would
+            # Anything else (a newer request kind, or a cancel/progress before any watch)
+            # is dropped, as etcd drops what it does not know.
 
     async def _etcd_to_client(self) -> None:
+        await self.opened.wait()
+        assert self.upstream is not None
         while True:
             response = await self.upstream.read()
             if response is grpc.aio.EOF:
@@ -540,7 +559,8 @@ class _WatchProxy:
             for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task
-            self.upstream.cancel()
+            if self.upstream is not None:
+                self.upstream.cancel()
             count = len(self.live) + self.counted_unnamed
             if count:
                 ctx.quotas.close_watch(self.tenant, count)
