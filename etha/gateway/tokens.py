@@ -31,6 +31,8 @@ MIN_KEY_LENGTH = 32
 DEFAULT_TTL = 600.0
 #: A token longer than this is refused before any parsing (usernames are <= 128 chars).
 MAX_TOKEN_LENGTH = 1024
+#: Verified tokens remembered (see :meth:`TokenSigner.verify`).
+_CACHE_SIZE = 65536
 
 
 class InvalidToken(KVStoreError):
@@ -59,7 +61,7 @@ def _b64encode(data: bytes) -> str:
 
 
 def _b64decode(text: str) -> bytes:
-    if not text or any(c == "=" for c in text):
+    if not text or "=" in text:
         raise ValueError("not unpadded base64url")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
@@ -113,6 +115,9 @@ class TokenSigner:
         self._keys = [hmac.new(k, digestmod=hashlib.sha256) for k in keys]
         self.ttl = float(ttl)
         self._clock = clock
+        #: tokens verified before, by their exact text: a client sends the same token with
+        #: every request, so the signature is checked once per token, not per request
+        self._verified: dict[str, TokenClaims] = {}
 
     def _sign(self, index: int, message: bytes) -> bytes:
         mac = self._keys[index].copy()
@@ -133,6 +138,19 @@ class TokenSigner:
 
         :raises InvalidToken: malformed, forged (no key's signature matches), or expired
         """
+        claims = self._verified.get(token)
+        if claims is not None:
+            if claims.expires <= self._clock():
+                del self._verified[token]
+                raise InvalidToken("expired", "the token has expired; log in again")
+            return claims
+        claims = self._verify(token)
+        if len(self._verified) >= _CACHE_SIZE:
+            self._verified.clear()  # crude but bounded; a miss only costs one HMAC
+        self._verified[token] = claims
+        return claims
+
+    def _verify(self, token: str) -> TokenClaims:
         if len(token) > MAX_TOKEN_LENGTH:
             raise InvalidToken("malformed", "the token is too long to be one of ours")
         parts = token.split(".")
