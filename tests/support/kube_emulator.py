@@ -514,6 +514,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
                 namespaced=kind.namespaced,
                 verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
                 shortnames=set(spec["names"].get("shortNames", [])),
+                categories=set(spec["names"].get("categories", [])),
                 subresources={"status"} if kind.status_subresource else set(),
             )
             self.store.register(kind)
@@ -790,7 +791,26 @@ class KubeEmulator(kmock.KubernetesScaffold):
         field_selector = params.get("fieldSelector") or ""
         if field_selector.startswith("metadata.name="):
             name = field_selector.split("=", 1)[1]
+        initial = params.get("sendInitialEvents") in ("true", "1")
+        if initial:
+            since = None  # a watch list: every current object first, as ADDED
         watch = self.store.subscribe(kind, path.namespace, name, params.get("labelSelector"), since)
+        if initial:
+            # ... then the bookmark that says the initial list is complete (client-go's
+            # WatchListClient, e.g. `kubectl delete` waiting for the object to go).
+            watch.queue.put_nowait(
+                {
+                    "type": "BOOKMARK",
+                    "object": {
+                        "apiVersion": kind.api_version,
+                        "kind": kind.kind,
+                        "metadata": {
+                            "resourceVersion": str(self.store.last_rv),
+                            "annotations": {"k8s.io/initial-events-end": "true"},
+                        },
+                    },
+                }
+            )
         response = aiohttp.web.StreamResponse(
             status=200, headers={"Content-Type": "application/json"}
         )
