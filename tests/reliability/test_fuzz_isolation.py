@@ -3,8 +3,11 @@
 A user whose only role grants ``<A>/`` fuzzes names, keys, patterns and raw key ranges.
 Every call either works as documented (and then touched only keys under ``<A>/``) or
 raises the documented error. Sentinel keys outside the prefix are checked after every
-example: nothing escapes the prefix, whatever the input. Values: non-UTF-8 text, sizes
-around etcd's request limit, huge expected_count: clear errors and nothing partial stored.
+example: nothing escapes the prefix, whatever the input. Raw requests go both straight
+to etcd and through the gateway: straight to etcd, etcd 3.5's from-key watch hole is
+found and classified as such (direct mode is single-tenant); through the gateway
+nothing escapes. Values: non-UTF-8 text, sizes around etcd's request limit, huge
+expected_count: clear errors and nothing partial stored.
 
 Extends tests/test_keys_and_config.py (offline key/pattern properties) and
 tests/test_etcd_backend.py (fixed refused calls) with fuzzed input on a live server.
@@ -36,7 +39,8 @@ from etha.kvstore.keys import compile_pattern
 from tests.etcd_helpers import root_client
 from tests.reliability.conftest import PrefixUser, make_prefix_user
 from tests.support.chaos import record, scaled
-from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.gateway import GatewayProcess, register_tenant
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -84,13 +88,19 @@ def _count(outcomes: str, what: str) -> None:
 
 @dataclass
 class World:
-    """Root, user A (only ``<A>/``), and sentinels under another namespace B."""
+    """Root, user A (only ``<A>/``), and sentinels under another namespace B.
+
+    A exists twice: as an etcd user whose role grants ``<A>/`` (direct mode), and as a
+    gateway tenant record with the same prefix (``gateway``, ``tenant``).
+    """
 
     cluster: EtcdCluster
     root: EtcdClient
     user: PrefixUser
     other: str
     sentinels: dict[bytes, bytes]
+    gateway: GatewayProcess
+    tenant: tuple[str, str]  # (username, secret) of A's gateway tenant
 
     @property
     def a_prefix(self) -> bytes:
@@ -107,6 +117,13 @@ class World:
         return EtcdClient(
             self.cluster.urls, username=self.user.name, password=self.user.password, timeout=5
         )
+
+    def client(self, target: str) -> EtcdClient:
+        """A's raw client: straight to etcd (``etcd``) or through the gateway."""
+        if target == "etcd":
+            return self.user_client()
+        username, secret = self.tenant
+        return EtcdClient([self.gateway.endpoint], username=username, password=secret, timeout=5)
 
     def store(self, namespace: str | None = None, component: str = "c") -> EtcdKVStore:
         return EtcdKVStore(
@@ -137,8 +154,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             }
             for key, value in sentinels.items():
                 root.put(key, value)
-            w = World(cluster, root, user, other, sentinels)
-            yield w
+            username, secret, _ = register_tenant(root, user.namespace)
+            with GatewayProcess(
+                cluster.endpoints,
+                tmp_path_factory.mktemp("gateway-fuzz"),
+                username=ROOT_USER,
+                password=cluster.root_password,
+            ) as gateway:
+                w = World(cluster, root, user, other, sentinels, gateway, (username, secret))
+                yield w
             record("fuzzing", {"examples_per_property": EXAMPLES, "outcomes": OUTCOMES})
     finally:
         cluster.cleanup()
@@ -247,52 +271,115 @@ raw_keys = st.one_of(
     st.builds(lambda tail: b"%s" + tail, st.binary(max_size=10)),
     st.sampled_from([b"", b"\x00", b"\xff", b"/", b"ns-", b"\xff\xff\xff"]),
 )
+#: Range ends: etcd gives two values a meaning of their own, so both come up often:
+#: b"" (or None: no range_end) = the single key, b"\0" = every key >= key.
+raw_ends = st.one_of(st.none(), st.sampled_from([b"", b"\0"]), raw_keys)
+
+#: Raw keys root writes while a fuzzed watch is open: outside A's range, above and below.
+WATCH_PROBES = (b"\xff\xff\xffprobe", b"\x00probe")
+
+
+def selects_outside(a_start: bytes, a_end: bytes, key: bytes, end: bytes | None) -> bool:
+    """etcd's range rules: can ``(key, end)`` select a key outside ``[a_start, a_end)``?
+
+    No ``range_end`` (None or b"") is the single key ``key`` (an empty key is outside);
+    ``b"\\0"`` is every key >= ``key``, which always reaches past any prefix; otherwise
+    ``[key, end)``, which selects nothing when ``end <= key``.
+    """
+    if not end:
+        return not a_start <= key < a_end
+    if end == b"\0":
+        return True
+    if key >= end:
+        return False
+    return key < a_start or end > a_end
+
+
+def known_direct_etcd_hole(
+    a_start: bytes, a_end: bytes, op: str, key: bytes, end: bytes | None
+) -> bool:
+    """etcd 3.5 rewrites a watch's ``range_end`` b"\\0" to "from key" BEFORE its
+    permission check, which then checks the single key: a prefix user's watch
+    ``[<own key>, "\\0")`` streams every later key. Direct mode is single-tenant for this
+    reason (docs/reliability.md); through the gateway it is refused."""
+    return op == "watch" and end == b"\0" and a_start <= key < a_end
 
 
 @FUZZ
 @given(
     key=raw_keys,
-    end=st.one_of(st.none(), raw_keys),
+    end=raw_ends,
     in_a=st.booleans(),
     op=st.sampled_from(["range", "put", "delete", "watch"]),
 )
+@example(key=b"c/k", end=b"\0", in_a=True, op="watch")  # the from-key watch
+@example(key=b"c/k", end=b"\0", in_a=True, op="range")
+@example(key=b"c/k", end=b"\0", in_a=True, op="delete")
+@example(key=b"", end=b"", in_a=False, op="watch")  # empty key and end
+@example(key=b"", end=b"\0", in_a=False, op="watch")
+@example(key=b"c/k", end=b"", in_a=True, op="delete")
+@example(key=b"", end=b"", in_a=True, op="range")  # the bare "<A>/" key
+@pytest.mark.parametrize("target", ["etcd", "gateway"])
 def test_raw_requests_with_the_users_token_never_touch_other_keys(
-    world: World, baseline: dict[bytes, bytes], key: bytes, end: bytes | None, in_a: bool, op: str
+    world: World,
+    baseline: dict[bytes, bytes],
+    target: str,
+    key: bytes,
+    end: bytes | None,
+    in_a: bool,
+    op: str,
 ) -> None:
-    """Below the library: raw etcd requests with arbitrary byte ranges as user A."""
+    """Below the library: raw etcd requests with arbitrary byte ranges as user A.
+
+    ``etcd``: straight to etcd, as a user whose role grants ``<A>/``; ``gateway``: through
+    the real gateway, as the tenant owning ``<A>``. An allowed request that can select a
+    key outside A's range is an escape; for watches root writes keys outside A while the
+    watch is open, and an event for one of them is an escape seen on the wire. Through
+    the gateway nothing escapes; straight to etcd only the known hole above does (and it
+    must really leak, so the classification is checked against etcd's behaviour).
+    """
     if in_a:
         key = world.a_prefix + key
     a_start, a_end = world.a_prefix, prefix_range_end(world.a_prefix)
-    single = end is None or end == b""
-    # etcd allows a request only if its whole range lies inside the granted one.
-    inside = key.startswith(a_start) and (single or (end != b"\0" and end <= a_end))
-    with world.user_client() as client:
+    outside_selected = selects_outside(a_start, a_end, key, None if op == "put" else end)
+    seen: list[bytes] = []
+    label = f"raw {op} ({target})"
+    allowed = False
+    with world.client(target) as client:
         try:
             if op == "range":
-                for kv in client.range(key, end).kvs:
-                    assert kv.key.startswith(a_start), kv.key
+                seen.extend(kv.key for kv in client.range(key, end).kvs)
             elif op == "put":
                 client.put(key, b"fuzz")
-                assert key.startswith(a_start)
+                seen.append(key)
                 client.delete_range(key)
             elif op == "delete":
                 client.delete_range(key, end)
             else:
                 watcher = client.watch_hub.watch(key, end, 0)
                 try:
-                    watcher.get(1.0)
+                    watcher.get(0.3)  # a refusal arrives here (PermissionDeniedError)
+                    for probe in (*WATCH_PROBES, prefix_range_end(world.a_prefix) + b"probe"):
+                        world.root.put(probe, b"probe")
+                        world.root.delete_range(probe)
+                    while (events := watcher.get(0.5)) is not None:
+                        seen.extend(ev.kv.key for ev in events)
                 finally:
                     watcher.cancel()
-            _count(f"raw {op}", "allowed")
-            if op == "put":
-                assert key.startswith(a_start)
-            else:
-                assert inside or key >= (end or b"\xff" * 64), (key, end)
+            allowed = True
         except PermissionDeniedError:
-            _count(f"raw {op}", "PermissionDeniedError")
+            _count(label, "PermissionDeniedError")
         except KVStoreError as exc:  # e.g. an empty key: refused by etcd with its reason
             assert str(exc)
-            _count(f"raw {op}", type(exc).__name__)
+            _count(label, type(exc).__name__)
+    leaked = [k for k in seen if not a_start <= k < a_end]
+    if allowed and (outside_selected or leaked):
+        hole = target == "etcd" and known_direct_etcd_hole(a_start, a_end, op, key, end)
+        assert hole, f"escape through {target}: {op} {key!r}..{end!r} (saw {leaked!r})"
+        assert leaked, f"the from-key watch hole did not leak on this etcd: {key!r}"
+        _count(label, "ESCAPED (known etcd 3.5 from-key watch hole)")
+    elif allowed:
+        _count(label, "allowed, inside the prefix")
     _unchanged(world, baseline)
 
 
