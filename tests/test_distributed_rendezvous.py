@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -281,6 +282,79 @@ def test_rendezvous_store_timeout_comes_from_init_process_group(
     store.close()
 
 
+@pytest.fixture
+def dead_endpoints_env(etha_env: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """ETHA_KV_* pointing at two ports nothing listens on; a 30 s request deadline."""
+    from tests.support.ports import free_port
+
+    etha_env.setenv("ETHA_KV_BACKEND", "etcd")
+    etha_env.setenv("ETHA_KV_NAMESPACE", "dead")
+    etha_env.setenv("ETHA_KV_ENDPOINTS", f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}")
+    etha_env.setenv("ETHA_KV_TIMEOUT", "30")
+    return etha_env
+
+
+def test_rendezvous_against_dead_endpoints_fails_within_its_timeout_like_tcp(
+    dead_endpoints_env: pytest.MonkeyPatch,
+) -> None:
+    from tests.support.ports import free_port
+
+    errors: list[type[BaseException]] = []
+    for url in (
+        f"tcp://127.0.0.1:{free_port()}?rank=1&world_size=2",
+        "etha:///x?rank=1&world_size=2",
+    ):
+        started = time.monotonic()
+        with pytest.raises(dist.DistNetworkError) as info:
+            next(dist.rendezvous(url, timeout=timedelta(seconds=2)))
+        elapsed = time.monotonic() - started
+        if url.startswith("etha"):
+            # (tcp:// itself may take one more connect back-off, about 1.5 s.)
+            assert elapsed < 3.0, f"{url}: failed after {elapsed:.1f}s, not within 2 s + 1 s"
+        errors.append(type(info.value))
+    assert errors[0] is errors[1]
+    assert "etcd" in str(info.value)
+
+
+def test_torchrun_handler_against_dead_endpoints_fails_within_read_timeout(
+    dead_endpoints_env: pytest.MonkeyPatch,
+) -> None:
+    # torch's c10d backend raises RendezvousConnectionError when its store is unreachable.
+    from torch.distributed.elastic.rendezvous import (
+        RendezvousConnectionError,
+        RendezvousParameters,
+    )
+
+    from etha.distributed.elastic import create_rdzv_handler
+
+    params = RendezvousParameters(
+        backend="etha", endpoint="", run_id="dead", min_nodes=1, max_nodes=1, read_timeout="2"
+    )
+    started = time.monotonic()
+    with pytest.raises(RendezvousConnectionError, match="etcd") as info:
+        create_rdzv_handler(params)
+    assert time.monotonic() - started < 3.0
+    assert isinstance(info.value.__cause__, dist.DistNetworkError)
+
+
+def test_first_calls_on_dead_endpoints_honour_the_store_timeout(
+    dead_endpoints_env: pytest.MonkeyPatch,
+) -> None:
+    from etha.kvstore import parse_env
+
+    config = parse_env()
+    assert isinstance(config, EtcdConfig)
+    store = EthaStore(config, timeout=timedelta(seconds=2))
+    try:
+        for action in (lambda: store.get("k"), lambda: store.set("k", "v")):
+            started = time.monotonic()
+            with pytest.raises(dist.DistNetworkError):
+                action()
+            assert time.monotonic() - started < 3.0
+    finally:
+        store.close()
+
+
 def test_namespace_a_credentials_cannot_rendezvous_in_namespace_b(
     etha_env: pytest.MonkeyPatch, ns_a: EtcdConfig, ns_b: EtcdConfig, etcd_auth: EtcdCluster
 ) -> None:
@@ -299,10 +373,14 @@ def test_namespace_a_credentials_cannot_rendezvous_in_namespace_b(
         )  # fmt: skip
     assert time.monotonic() - started < 30, "refused only after waiting: should fail at once"
     assert not dist.is_initialized()
-    store, _, _ = next(dist.rendezvous(f"etha:///{run}", rank=1, world_size=2))
+    with pytest.raises(dist.DistStoreError, match="permission denied"):
+        next(dist.rendezvous(f"etha:///{run}", rank=1, world_size=2))
+    config = dataclasses.replace(ns_a, namespace=ns_b.namespace)
+    store = EthaStore(config, component="c10d", scope=run)
     with pytest.raises(dist.DistStoreError, match="permission denied"):
         store.get("rank0/addr")
     with pytest.raises(dist.DistStoreError, match="permission denied"):
         store.set("rank0/addr", "attacker")
     assert read_key(etcd_auth, f"{ns_b.namespace}/c10d/{run}/rank0/addr") == b"10.0.0.1:1234"
+    store.close()
     b_store.close()

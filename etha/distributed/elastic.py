@@ -25,6 +25,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import torch.distributed as dist
 from pyetcd import etcdrpc
 from torch.distributed.elastic.rendezvous import (
     RendezvousConnectionError,
@@ -69,14 +70,17 @@ class EthaRendezvousBackend(RendezvousBackend):  # type: ignore[misc]
 
     :param client: the etcd client (its credentials must grant the key's prefix)
     :param key: the full etcd key of the state
+    :param timeout: the deadline of one etcd request, if shorter than the client's
+        (``--rdzv-conf read_timeout``)
     """
 
-    def __init__(self, client: EtcdClient, key: str) -> None:
+    def __init__(self, client: EtcdClient, key: str, timeout: float | None = None) -> None:
         if not key:
             raise ValueError("the rendezvous state key must not be empty")
         self._client = client
         self.key = key
         self._key = key.encode("utf-8")
+        self._timeout = None if timeout is None else min(timeout, client.timeout)
 
     @property
     def name(self) -> str:
@@ -85,7 +89,7 @@ class EthaRendezvousBackend(RendezvousBackend):  # type: ignore[misc]
     def get_state(self) -> tuple[bytes, Token] | None:
         """The state and its token, or None when no state was written yet."""
         try:
-            response = self._client.range(self._key)
+            response = self._client.range(self._key, timeout=self._timeout)
         except KVStoreError as exc:
             raise _backend_error(f"reading {self.key!r}", exc) from exc
         if not response.kvs:
@@ -127,7 +131,7 @@ class EthaRendezvousBackend(RendezvousBackend):  # type: ignore[misc]
             failure=[etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=self._key))],
         )
         try:
-            response = self._client.txn(request)
+            response = self._client.txn(request, timeout=self._timeout)
         except KVStoreError as exc:
             raise _backend_error(f"updating {self.key!r}", exc) from exc
         if response.succeeded:
@@ -171,8 +175,19 @@ def create_backend(params: RendezvousParameters) -> tuple[EthaRendezvousBackend,
     if read_timeout is None or read_timeout <= 0:
         raise ConfigurationError("--rdzv-conf read_timeout must be a positive number of seconds")
     store = EthaStore(config, component=component, scope=f"{run_id}/store", timeout=read_timeout)
+    try:
+        # Like torch's c10d backend connecting its TCPStore: fail within read_timeout.
+        store.connect()
+    except dist.DistNetworkError as exc:
+        store.close()
+        raise RendezvousConnectionError(
+            f"etha rendezvous: etcd did not answer within read_timeout={read_timeout}s: {exc}"
+        ) from exc
+    except RuntimeError as exc:  # DistStoreError: refused (credentials, permissions)
+        store.close()
+        raise RendezvousError(f"etha rendezvous: etcd refused the connection: {exc}") from exc
     key = f"{config.namespace}/{component}/{run_id}/state"
-    return EthaRendezvousBackend(store.client, key), store
+    return EthaRendezvousBackend(store.client, key, timeout=read_timeout), store
 
 
 class EthaRendezvousHandler(DynamicRendezvousHandler):  # type: ignore[misc]

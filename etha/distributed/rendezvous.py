@@ -141,12 +141,19 @@ def etha_rendezvous_handler(
 ) -> Iterator[tuple[Store, int, int]]:
     """The ``etha://`` handler: yields ``(EthaStore, rank, world_size)`` once.
 
-    ``timeout`` (torch passes the process group's) becomes the store timeout.
+    ``timeout`` (torch passes the process group's) becomes the store timeout, and
+    bounds the first connection: like ``tcp://``, unreachable endpoints raise
+    ``DistNetworkError`` within it; refused credentials raise ``DistStoreError``.
     """
     from etha.distributed.store import EthaStore
 
     spec = parse_url(url)
     store = EthaStore(_etcd_config(), component=spec.component, scope=spec.run_id, timeout=timeout)
+    try:
+        store.connect()
+    except BaseException:
+        store.close()
+        raise
     yield (store, spec.rank, spec.world_size)
     # Like torch's tcp:// and env:// handlers: the triple cannot be renewed.
     raise RuntimeError("Unable to perform re-rendezvous using etha:// method")

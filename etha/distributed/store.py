@@ -43,7 +43,12 @@ from torch._C._distributed_c10d import PrefixStore as _PrefixStore
 from torch._C._distributed_c10d import Store as _C10dStore
 
 from etha.kvstore.config import EtcdConfig, parse_env
-from etha.kvstore.errors import ConfigurationError, InvalidKeyError, KVStoreError
+from etha.kvstore.errors import (
+    ConfigurationError,
+    InvalidKeyError,
+    KVStoreError,
+    UnavailableError,
+)
 from etha.kvstore.etcd import gateway_add
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from etha.kvstore.keys import validate_key, validate_name
@@ -54,6 +59,9 @@ DEFAULT_COMPONENT = "torch"
 #: torch's own default store timeout (c10d ``kDefaultTimeout``). ``ETHA_KV_TIMEOUT`` is the
 #: deadline of one etcd request, not of a wait for another rank.
 DEFAULT_TIMEOUT = timedelta(seconds=300)
+#: The shortest deadline given to one etcd request (a wait with almost no time left
+#: still gets one read).
+_MIN_REQUEST_TIMEOUT = 0.05
 
 _T = TypeVar("_T")
 #: Backoff of a read-modify-write that keeps losing its compare-and-swap: after this many
@@ -104,8 +112,14 @@ def _seconds(timeout: timedelta | float | int) -> float:
     return float(timeout)
 
 
-def _store_error(action: str, exc: KVStoreError) -> dist.DistStoreError:
-    """Torch code catches ``DistStoreError``/``RuntimeError``; keep etha's message."""
+def _store_error(action: str, exc: KVStoreError) -> RuntimeError:
+    """torch's error type for ``exc``, with etha's message.
+
+    Unreachable etcd is ``DistNetworkError`` (what TCPStore raises when its server is
+    gone); everything else is ``DistStoreError``. Both are ``RuntimeError``.
+    """
+    if isinstance(exc, UnavailableError):
+        return dist.DistNetworkError(f"etha store: {action} failed: {exc}")
     return dist.DistStoreError(f"etha store: {action} failed: {exc}")
 
 
@@ -313,11 +327,36 @@ class EthaStore(_C10dStore):
     def _current_timeout(self, timeout: timedelta | float | None) -> float:
         return _seconds(self._get_timeout() if timeout is None else timeout)
 
+    def _request_timeout(self, deadline: float | None = None) -> float:
+        """The deadline of one etcd request: the store timeout (or what is left of a wait)
+        if that is shorter than the client's request timeout (``ETHA_KV_TIMEOUT``)."""
+        limit = _seconds(self._get_timeout())
+        if deadline is not None:
+            limit = deadline - time.monotonic()
+        return max(_MIN_REQUEST_TIMEOUT, min(self._client.timeout, limit))
+
+    def connect(self, timeout: timedelta | float | None = None) -> None:
+        """Log in and read once, within ``timeout`` (default: the store timeout).
+
+        The ``etha://`` handler calls this so that a rendezvous against unreachable
+        endpoints fails within its timeout, like ``tcp://`` does.
+
+        :raises torch.distributed.DistNetworkError: no endpoint answered in time
+        :raises torch.distributed.DistStoreError: etcd refused (credentials, permissions)
+        """
+        seconds = max(_MIN_REQUEST_TIMEOUT, self._current_timeout(timeout))
+        try:
+            self._client.range(self._prefix, self._range_end, count_only=True, timeout=seconds)
+        except KVStoreError as exc:
+            raise _store_error(f"connecting to etcd within {seconds:g}s", exc) from exc
+
     # -- the c10d contract --------------------------------------------------------------
 
     def set(self, key: str, value: str | bytes) -> None:
         try:
-            self._client.put(self._key(key), _as_bytes(value, "value"))
+            self._client.put(
+                self._key(key), _as_bytes(value, "value"), timeout=self._request_timeout()
+            )
         except KVStoreError as exc:
             raise _store_error(f"set({key!r})", exc) from exc
 
@@ -348,7 +387,10 @@ class EthaStore(_C10dStore):
         ]
         try:
             for start in range(0, len(ops), MAX_TXN_OPS):
-                self._client.txn(etcdrpc.TxnRequest(success=ops[start : start + MAX_TXN_OPS]))
+                self._client.txn(
+                    etcdrpc.TxnRequest(success=ops[start : start + MAX_TXN_OPS]),
+                    timeout=self._request_timeout(),
+                )
         except KVStoreError as exc:
             raise _store_error(f"multi_set of {len(keys)} keys", exc) from exc
 
@@ -360,7 +402,7 @@ class EthaStore(_C10dStore):
     def check(self, keys: Sequence[str]) -> bool:
         full = [self._key(k) for k in keys]
         try:
-            present, _ = self._read(full, keys_only=True)
+            present, _ = self._read(full, self._request_timeout(), keys_only=True)
         except KVStoreError as exc:
             raise _store_error(f"check of {len(full)} keys", exc) from exc
         return len(present) == len(set(full))
@@ -423,7 +465,8 @@ class EthaStore(_C10dStore):
                         ],
                         success=[put],
                         failure=[read],
-                    )
+                    ),
+                    timeout=self._request_timeout(),
                 )
                 if response.succeeded:
                     return desired
@@ -443,7 +486,8 @@ class EthaStore(_C10dStore):
                         ],
                         success=[put],
                         failure=[read],
-                    )
+                    ),
+                    timeout=self._request_timeout(),
                 )
                 if response.succeeded:
                     return desired
@@ -453,20 +497,24 @@ class EthaStore(_C10dStore):
 
     def delete_key(self, key: str) -> bool:
         try:
-            return self._client.delete_range(self._key(key)) > 0
+            return self._client.delete_range(self._key(key), timeout=self._request_timeout()) > 0
         except KVStoreError as exc:
             raise _store_error(f"delete_key({key!r})", exc) from exc
 
     def num_keys(self) -> int:
         try:
-            response = self._client.range(self._prefix, self._range_end, count_only=True)
+            response = self._client.range(
+                self._prefix, self._range_end, count_only=True, timeout=self._request_timeout()
+            )
         except KVStoreError as exc:
             raise _store_error("num_keys", exc) from exc
         return int(response.count)
 
     def list_keys(self) -> list[str]:
         try:
-            response = self._client.range(self._prefix, self._range_end, keys_only=True)
+            response = self._client.range(
+                self._prefix, self._range_end, keys_only=True, timeout=self._request_timeout()
+            )
         except KVStoreError as exc:
             raise _store_error("list_keys", exc) from exc
         return [self._name(bytes(kv.key)) for kv in response.kvs]
@@ -488,7 +536,7 @@ class EthaStore(_C10dStore):
         full = self._key(key)
         read = etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=full))
         try:
-            response = self._client.range(full)
+            response = self._client.range(full, timeout=self._request_timeout())
             kv = response.kvs[0] if response.kvs else None
             losses = 0
             while True:
@@ -510,7 +558,8 @@ class EthaStore(_C10dStore):
                             )
                         ],
                         failure=[read],
-                    )
+                    ),
+                    timeout=self._request_timeout(),
                 )
                 if txn.succeeded:
                     return result
@@ -526,13 +575,13 @@ class EthaStore(_C10dStore):
             raise _store_error(f"update of {key!r}", exc) from exc
 
     def _read(
-        self, keys: Iterable[bytes], *, keys_only: bool = False
+        self, keys: Iterable[bytes], timeout: float, *, keys_only: bool = False
     ) -> tuple[dict[bytes, bytes], int]:
         """The present keys among ``keys`` and the lowest revision the reads were at."""
         unique = list(dict.fromkeys(keys))
         values: dict[bytes, bytes] = {}
         if len(unique) == 1:
-            response = self._client.range(unique[0], keys_only=keys_only)
+            response = self._client.range(unique[0], keys_only=keys_only, timeout=timeout)
             for kv in response.kvs:
                 values[bytes(kv.key)] = bytes(kv.value)
             return values, int(response.header.revision)
@@ -542,7 +591,7 @@ class EthaStore(_C10dStore):
                 etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=k, keys_only=keys_only))
                 for k in unique[start : start + MAX_TXN_OPS]
             ]
-            response = self._client.txn(etcdrpc.TxnRequest(success=ops))
+            response = self._client.txn(etcdrpc.TxnRequest(success=ops), timeout=timeout)
             rev = int(response.header.revision)
             revision = rev if revision == 0 else min(revision, rev)
             for op in response.responses:
@@ -576,7 +625,7 @@ class EthaStore(_C10dStore):
     ) -> dict[bytes, bytes]:
         wanted = set(keys)
         while True:
-            values, revision = self._read(wanted)
+            values, revision = self._read(wanted, self._request_timeout(deadline))
             missing = wanted - values.keys()
             if not missing:
                 return values
