@@ -60,6 +60,7 @@ CONTRACT_ENV = {
     "ETHA_OPERATOR_AUDIT_INTERVAL",
     "ETHA_OPERATOR_CLEANUP_DEADLINE",
     "ETHA_OPERATOR_LOG_LEVEL",
+    "ETHA_OPERATOR_METRICS_PORT",
 }
 
 # The Kubernetes API surface the operator uses (OPERATOR-CONTRACT "Kubernetes API surface"):
