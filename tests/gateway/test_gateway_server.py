@@ -19,6 +19,7 @@ import grpc
 import pytest
 from pyetcd import etcdrpc
 
+from etha.gateway.tenancy import TENANTS_PREFIX
 from etha.kvstore import PermissionDeniedError
 from etha.kvstore.etcd_client import EtcdClient
 from tests.gateway.conftest import TenantCreds, open_store, start_gateway, tenant_client
@@ -284,3 +285,37 @@ def test_metrics_count_requests_and_denials_without_secrets_or_keys(
 def test_sigterm_exits_cleanly(etcd_auth: EtcdCluster, tmp_path: Path) -> None:
     gw = start_gateway(etcd_auth, tmp_path)
     assert gw.stop() == 0
+
+
+def test_invalid_records_are_ignored_and_logged_without_their_content(
+    gateway: GatewayProcess, tenant: Factory, root: EtcdClient
+) -> None:
+    marker = "f" * 60 + "zzzz"  # not a valid hash: must not be logged
+    broken = {
+        TENANTS_PREFIX + b"etha-broken1": b"not json at all " + marker.encode(),
+        TENANTS_PREFIX + b"etha-broken2": json.dumps(
+            {"version": 1, "username": "etha-broken2", "prefix": "p", "secret_sha256": marker}
+        ).encode(),
+        TENANTS_PREFIX + b"etha-broken3": json.dumps(
+            {"version": 1, "username": "etha-other", "prefix": "p", "secret_sha256": "0" * 64}
+        ).encode(),
+    }
+    try:
+        for key, value in broken.items():
+            root.put(key, value)
+        creds = tenant()  # written after the broken ones: the registry is still live
+        store = open_store([gateway.endpoint], creds)
+        store.set("k", "v")
+        assert store.get("k") == b"v"
+        bad = TenantCreds("etha-broken2", marker, "p")
+        with pytest.raises(PermissionDeniedError):
+            open_store([gateway.endpoint], bad).set("k", "v")
+        deadline = time.monotonic() + 10
+        while "etha-broken3" not in gateway.log_tail(200) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = gateway.log_tail(200)
+        assert "etha-broken1" in log and "etha-broken3" in log
+        assert marker not in log
+    finally:
+        for key in broken:
+            root.delete_range(key)
