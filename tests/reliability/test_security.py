@@ -131,7 +131,7 @@ def test_full_lifecycle_leaks_nothing_and_uses_exactly_the_granted_verbs(
         recorder = ApiRecorder(kube)
         # Namespaced, kopf serves only namespaces it sees listed by the API.
         kube.create("v1", "namespaces", {"metadata": {"name": NS}})
-        webhook_port = free_port()
+        webhook_port, metrics_port = free_port(), free_port()
         operator = OperatorProcess(
             kubeconfig=kube.write_kubeconfig(tmp_path / "kubeconfig"),
             etcd_endpoints=etcd.urls,
@@ -143,6 +143,7 @@ def test_full_lifecycle_leaks_nothing_and_uses_exactly_the_granted_verbs(
                 "ETHA_OPERATOR_WEBHOOK_KEY_FILE": str(tls.server_key),
                 "ETHA_OPERATOR_AUDIT_INTERVAL": "2",
                 "ETHA_OPERATOR_NAMESPACES": NS if mode == "namespaced" else "",
+                "ETHA_OPERATOR_METRICS_PORT": str(metrics_port),
             },
         ).start()
         try:
@@ -203,6 +204,9 @@ def test_full_lifecycle_leaks_nothing_and_uses_exactly_the_granted_verbs(
                 for _, event in kube.emulator.store.history[("etha.io", "kvnamespaces")]
             ]
             events = kube.list("v1", "events")
+            metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+            with urllib.request.urlopen(metrics_url, timeout=10) as answer:
+                metrics = answer.read().decode()
         finally:
             operator.stop()
         log = operator.log()
@@ -212,8 +216,13 @@ def test_full_lifecycle_leaks_nothing_and_uses_exactly_the_granted_verbs(
         "operator log": log,
         "events": json.dumps(events),
         "statuses": json.dumps(statuses),
+        "metrics": metrics,
     }
     assert "DEBUG" in log and len(statuses) >= 10 and events
+    assert "etha_operator_keys_deleted_total" in metrics
+    # Metric labels name handlers, methods and phases, never a tenant's keys or objects.
+    for tenant_text in ("rank:", "beta-only", alpha["keyPrefix"], beta["keyPrefix"]):
+        assert tenant_text not in metrics, f"{tenant_text!r} found in the metrics"
     secrets_ = _secret_material(tls, etcd, passwords)
     for where, text in seen.items():
         for label, value in secrets_.items():
