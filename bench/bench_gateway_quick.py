@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -74,6 +75,12 @@ def logins_per_second(
     return total / seconds
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def p50_ms(client: EtcdClient, prefix: bytes, ops: int) -> tuple[float, float]:
     value = b"v" * 100
     puts, gets = [], []
@@ -117,17 +124,22 @@ def main() -> None:
                 via = EtcdClient([gateway.endpoint], username=username, password=secret)
                 logins: list[float] = []
                 put_gw, get_gw, put_direct, get_direct = [], [], [], []
+                per_core: list[float] = []
+                assert gateway.process is not None
                 for _ in range(args.rounds):
-                    logins.append(
-                        logins_per_second(
-                            gateway.endpoint,
-                            username,
-                            secret,
-                            args.seconds,
-                            args.clients,
-                            args.concurrency,
-                        )
+                    cpu_before = cpu_seconds(gateway.process.pid)
+                    rate = logins_per_second(
+                        gateway.endpoint,
+                        username,
+                        secret,
+                        args.seconds,
+                        args.clients,
+                        args.concurrency,
                     )
+                    cpu = cpu_seconds(gateway.process.pid) - cpu_before
+                    logins.append(rate)
+                    # Log-ins one core of the gateway can serve: robust to a busy machine.
+                    per_core.append(rate * args.seconds / cpu if cpu > 0 else float("nan"))
                     p, g = p50_ms(root, f"{prefix}/direct/".encode(), args.ops)
                     put_direct.append(p)
                     get_direct.append(g)
@@ -137,6 +149,7 @@ def main() -> None:
                 via.close()
             root.close()
     print(f"log-ins/s through one gateway: {_spread(logins)}")
+    print(f"log-ins per gateway CPU-second: {_spread(per_core)}")
     print(f"put p50 ms: gateway {_spread(put_gw)}; direct {_spread(put_direct)}")
     print(f"get p50 ms: gateway {_spread(get_gw)}; direct {_spread(get_direct)}")
     print(

@@ -139,7 +139,7 @@ class Upstream:
         return stub
 
     def _failover(self, failed: int) -> int:
-        if self._active == failed:
+        if self._active == failed and len(self.endpoints) > 1:
             self._active = (failed + 1) % len(self.endpoints)
             log.warning(
                 "etcd %s failed; moving to %s", self.endpoints[failed], self.active_endpoint
