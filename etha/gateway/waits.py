@@ -256,6 +256,7 @@ class _TenantWatch:
         self.call: Any = None
         self.task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        self.write_lock = asyncio.Lock()
         self.failure: BaseException | None = None
 
     # -- waiters -------------------------------------------------------------------------
@@ -349,8 +350,13 @@ class _TenantWatch:
         self.waits.spawn(self._write(self.call, _PROGRESS))
 
     async def _write(self, call: Any, request: Any) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, RuntimeError):
-            await call.write(request)
+        # One write at a time on a stream (grpc: "too many operations" otherwise).
+        async with self.write_lock:
+            if call is not self.call:
+                return
+            # A broken stream is noticed (and replaced) by its reader.
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, RuntimeError):
+                await call.write(request)
 
     def _on_progress(self, revision: int) -> None:
         self.answered_rounds += 1
@@ -374,7 +380,13 @@ class _TenantWatch:
                 await self._stream()
                 backoff = 0.05
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # dropped by the reaper, or the server stops
+                # grpc.aio reports a stream it cancelled itself this way: reconnect.
+                log.info("tenant %s: wait stream cancelled; reconnecting", self.username)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
             except _Compacted:
                 self.loaded = False
                 continue
@@ -447,7 +459,8 @@ class _TenantWatch:
         create = etcdrpc.WatchCreateRequest(
             key=self.start, range_end=self.end, start_revision=self.revision + 1
         )
-        await call.write(etcdrpc.WatchRequest(create_request=create))
+        async with self.write_lock:
+            await call.write(etcdrpc.WatchRequest(create_request=create))
         created = False
         while True:
             response = await call.read()
@@ -593,7 +606,9 @@ class Waits:
             result = await asyncio.wait_for(asyncio.shield(waiter.future), budget)
         except asyncio.TimeoutError:
             self.outcomes.labels("timeout").inc()
-            seen = "not yet caught up" if waiter in watch.parked else group.seen()
+            seen = group.seen()
+            if waiter in watch.parked:
+                seen += "; etcd's revision at the call was not confirmed yet"
             raise Refused(
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"etha gateway: wait timed out ({seen})"
             ) from None
