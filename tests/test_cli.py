@@ -24,7 +24,8 @@ import pytest
 
 from etha.kvstore.etcd_client import EtcdClient
 from tests.etcd_helpers import grant_prefix_user, root_client
-from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.gateway import GatewayProcess, register_tenant
 from tests.support.ports import free_port
 from tests.support.processes import end_process
 from tests.support.tls import make_tls
@@ -380,3 +381,66 @@ def test_doctor_diagnoses_an_untrusted_server_certificate(
     env = _tls_env(cluster, ETHA_KV_CA_FILE=str(stranger.ca_cert))
     failed = _verdict(env, "tls_untrusted")
     assert "ETHA_KV_CA_FILE" in failed["fix"]
+
+
+# -- through the etha gateway -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    etcd_auth: EtcdCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    process = GatewayProcess(
+        etcd_auth.endpoints,
+        tmp_path_factory.mktemp("gateway-cli"),
+        username=ROOT_USER,
+        password=etcd_auth.root_password,
+    ).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def _gateway_env(
+    gateway: GatewayProcess, username: str, secret: str, prefix: str
+) -> dict[str, str]:
+    env = base_env()
+    env.update(
+        ETHA_KV_NAMESPACE=prefix,
+        ETHA_KV_ENDPOINTS=gateway.endpoint,
+        ETHA_KV_USERNAME=username,
+        ETHA_KV_PASSWORD=secret,
+        ETHA_KV_TIMEOUT="5",
+    )
+    return env
+
+
+def test_commands_and_doctor_through_the_gateway(gateway: GatewayProcess, root: EtcdClient) -> None:
+    env = _gateway_env(gateway, *register_tenant(root))
+    result, report = doctor(env)
+    assert result.returncode == 0, result.stdout
+    assert report["verdict"] == "OK"
+    assert run(env, "put", "default/rank:0/ready", "1").returncode == 0
+    assert run(env, "get", "default/rank:0/ready").stdout == "1"
+    assert run(env, "ls").stdout.splitlines() == ["default/rank:0/ready"]
+    summary = json.loads(run(env, "barrier", "default/rank:*/ready", "2", "--json").stdout)
+    assert (summary["present"], summary["missing"]) == ([0], [1])
+    assert run(env, "rm", "default/rank:0/ready").returncode == 0
+
+
+def test_doctor_through_the_gateway_diagnoses_credentials_prefix_and_quota(
+    gateway: GatewayProcess, root: EtcdClient
+) -> None:
+    username, secret, prefix = register_tenant(root)
+    env = _gateway_env(gateway, username, secret, prefix)
+    _verdict({**env, "ETHA_KV_PASSWORD": "not-the-secret"}, "credentials")
+    _verdict({**env, "ETHA_KV_NAMESPACE": f"{prefix}-other"}, "permission_denied")
+
+    username, secret, prefix = register_tenant(root, quotas={"keys": 1})
+    env = _gateway_env(gateway, username, secret, prefix)
+    assert run(env, "put", "default/only", "x").returncode == 0
+    failed = _verdict(env, "quota")
+    assert "'keys'" in failed["detail"]
+    line = one_line_error(run(env, "put", "default/second", "y"), 1)
+    assert "quota" in line
