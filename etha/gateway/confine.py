@@ -26,6 +26,14 @@ Beyond ranges:
   128-ops limit is left to etcd, which refuses larger Txns itself.
 * Watch creation: the range as above; ``start_revision``, ``progress_notify``,
   ``filters``, ``prev_kv``, ``watch_id`` and ``fragment`` are allowed.
+* History from before the tenant existed is refused (reason ``revision_before_tenant``):
+  a Range (also inside a Txn) at ``revision`` or a watch from ``start_revision`` below
+  ``floor``, the revision at which the tenant's record was created. A prefix can be
+  owned by a deleted KVNamespace first and by a new one later; until etcd compacts,
+  the old revisions still hold the first owner's values, and reading them is reading
+  another tenant's data. The answer is etcd's for a compacted revision (OUT_OF_RANGE
+  "etcdserver: mvcc: required revision has been compacted"): for the tenant, that
+  history does not exist. ``floor=0`` turns the check off.
 * Fields this module does not know are refused (reason ``unknown_field``), at any
   depth: the gateway forwards the parsed message, so a field added to etcd's API after
   these checks were written would otherwise pass through unchecked. The one exception
@@ -55,6 +63,9 @@ FROM_KEY: Final = b"\0"
 #: Field numbers etcd 3.5 defines on WatchCreateRequest that the bundled descriptors lack.
 _WATCH_CREATE_EXTRA_FIELDS: Final = frozenset({7, 8})  # watch_id, fragment
 
+#: etcd's message for a read of a compacted revision.
+COMPACTED_MESSAGE: Final = "etcdserver: mvcc: required revision has been compacted"
+
 #: The machine labels :attr:`Denied.reason` takes (stable: metric label values).
 REASONS: Final = (
     "empty_key",
@@ -65,6 +76,7 @@ REASONS: Final = (
     "nested_txn",
     "empty_op",
     "unknown_field",
+    "revision_before_tenant",
 )
 
 
@@ -123,10 +135,29 @@ def check_range(start: bytes, end: bytes, key: bytes, range_end: bytes) -> None:
         raise Denied("range_outside_prefix")
 
 
-def check_range_request(start: bytes, end: bytes, request: etcdrpc.RangeRequest) -> None:
-    """``KV.Range``: the range; limits, revisions, sorting and filters are the tenant's."""
+def check_revision(floor: int, revision: int) -> None:
+    """Refuse a read of history older than the tenant (``0 < revision < floor``).
+
+    :raises Denied: ``revision_before_tenant``, as etcd answers a compacted revision
+    """
+    if 0 < revision < floor:
+        raise Denied(
+            "revision_before_tenant",
+            code=grpc.StatusCode.OUT_OF_RANGE,
+            message=COMPACTED_MESSAGE,
+        )
+
+
+def check_range_request(
+    start: bytes, end: bytes, request: etcdrpc.RangeRequest, *, floor: int = 0
+) -> None:
+    """``KV.Range``: the range, and no revision before ``floor`` (see the module doc).
+
+    Limits, sorting and the revision filters are the tenant's business.
+    """
     _check_known_fields(request)
     check_range(start, end, request.key, request.range_end)
+    check_revision(floor, request.revision)
 
 
 def check_put(start: bytes, end: bytes, request: etcdrpc.PutRequest) -> None:
@@ -153,11 +184,11 @@ def _check_compare(start: bytes, end: bytes, compare: etcdrpc.Compare) -> None:
     check_range(start, end, compare.key, compare.range_end)
 
 
-def _check_op(start: bytes, end: bytes, op: etcdrpc.RequestOp) -> None:
+def _check_op(start: bytes, end: bytes, op: etcdrpc.RequestOp, floor: int) -> None:
     _check_known_fields(op)
     which = op.WhichOneof("request")
     if which == "request_range":
-        check_range_request(start, end, op.request_range)
+        check_range_request(start, end, op.request_range, floor=floor)
     elif which == "request_put":
         check_put(start, end, op.request_put)
     elif which == "request_delete_range":
@@ -168,7 +199,7 @@ def _check_op(start: bytes, end: bytes, op: etcdrpc.RequestOp) -> None:
         raise Denied("empty_op")
 
 
-def check_txn(start: bytes, end: bytes, request: etcdrpc.TxnRequest) -> None:
+def check_txn(start: bytes, end: bytes, request: etcdrpc.TxnRequest, *, floor: int = 0) -> None:
     """``KV.Txn``: every compare and every op of both branches; nested Txns refused.
 
     :raises Denied: as the single-op checks, or ``nested_txn`` / ``empty_op``
@@ -177,20 +208,24 @@ def check_txn(start: bytes, end: bytes, request: etcdrpc.TxnRequest) -> None:
     for compare in request.compare:
         _check_compare(start, end, compare)
     for op in (*request.success, *request.failure):
-        _check_op(start, end, op)
+        _check_op(start, end, op, floor)
 
 
-def check_watch_create(start: bytes, end: bytes, request: etcdrpc.WatchCreateRequest) -> None:
-    """``Watch`` create: the range as :func:`check_range`.
+def check_watch_create(
+    start: bytes, end: bytes, request: etcdrpc.WatchCreateRequest, *, floor: int = 0
+) -> None:
+    """``Watch`` create: the range as :func:`check_range`; no ``start_revision`` < ``floor``.
 
     etcd turns an empty watch key into ``b"\\0"`` (the smallest key); here an empty key
     is refused like everywhere else.
     """
     _check_known_fields(request, _WATCH_CREATE_EXTRA_FIELDS)
     check_range(start, end, request.key, request.range_end)
+    check_revision(floor, request.start_revision)
 
 
 __all__ = [
+    "COMPACTED_MESSAGE",
     "FROM_KEY",
     "PERMISSION_DENIED_MESSAGE",
     "REASONS",
@@ -199,6 +234,7 @@ __all__ = [
     "check_put",
     "check_range",
     "check_range_request",
+    "check_revision",
     "check_txn",
     "check_watch_create",
 ]

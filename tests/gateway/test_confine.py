@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from pyetcd import etcdrpc
 
 from etha.gateway.confine import (
+    COMPACTED_MESSAGE,
     PERMISSION_DENIED_MESSAGE,
     REASONS,
     Denied,
@@ -121,7 +122,7 @@ def _decide(call: object) -> bool:
     return True
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(data=st.data(), prefix=prefixes)
 def test_range_is_allowed_iff_the_oracle_selects_only_tenant_keys(
     data: st.DataObject, prefix: str
@@ -277,7 +278,7 @@ def _depth(shape: tuple[object, ...]) -> int:
     return 1 + max(inner, default=0)
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(data=st.data(), prefix=prefixes, depth=st.integers(0, 5))
 def test_txn_is_allowed_iff_every_compare_and_op_is_and_none_is_nested(
     data: st.DataObject, prefix: str, depth: int
@@ -415,3 +416,42 @@ def test_every_other_tenant_key_is_refused(prefix: str, tail: bytes) -> None:
         other_start, _ = tenant_range(other)
         with pytest.raises(Denied):
             check_range(start, end, other_start + tail, b"")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    revision=st.integers(-3, 40),
+    floor=st.integers(0, 30),
+    kind=st.sampled_from(["range", "txn", "watch"]),
+)
+@example(revision=9, floor=10, kind="range")
+@example(revision=10, floor=10, kind="watch")
+@example(revision=0, floor=10, kind="txn")
+def test_history_before_the_tenant_is_refused_as_compacted(
+    revision: int, floor: int, kind: str
+) -> None:
+    """A reused prefix's old revisions hold the previous owner's data: below the floor,
+    a read is answered as etcd answers a compacted revision."""
+    start, end = tenant_range("a")
+    key = start + b"k"
+    if kind == "range":
+        call = lambda: check_range_request(  # noqa: E731
+            start, end, etcdrpc.RangeRequest(key=key, revision=revision), floor=floor
+        )
+    elif kind == "txn":
+        op = etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key, revision=revision))
+        call = lambda: check_txn(  # noqa: E731
+            start, end, etcdrpc.TxnRequest(failure=[op]), floor=floor
+        )
+    else:
+        call = lambda: check_watch_create(  # noqa: E731
+            start, end, etcdrpc.WatchCreateRequest(key=key, start_revision=revision), floor=floor
+        )
+    if 0 < revision < floor:
+        with pytest.raises(Denied) as info:
+            call()
+        assert info.value.reason == "revision_before_tenant"
+        assert info.value.code == grpc.StatusCode.OUT_OF_RANGE
+        assert info.value.message == COMPACTED_MESSAGE
+    else:
+        call()
