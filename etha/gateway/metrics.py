@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
@@ -61,6 +62,8 @@ class GatewayMetrics:
         self.watches_open = Gauge(
             "etha_gateway_watches_open", "Open watches, by tenant", ["tenant"], registry=r
         )
+        self._request_children: dict[tuple[str, str, str], Any] = {}
+        self._seconds_children: dict[str, Any] = {}
         self.tenants = Gauge("etha_gateway_tenants", "Tenants in the registry", registry=r)
         self.upstream_seconds = Histogram(
             "etha_gateway_upstream_seconds",
@@ -69,6 +72,18 @@ class GatewayMetrics:
             buckets=_BUCKETS,
             registry=r,
         )
+
+    def count_request(self, method: str, code: str, tenant: str, seconds: float) -> None:
+        """One answered request (labelled children are cached: ``labels()`` is slow)."""
+        key = (method, code, tenant)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(method, code, tenant)
+        counter.inc()
+        histogram = self._seconds_children.get(method)
+        if histogram is None:
+            histogram = self._seconds_children[method] = self.request_seconds.labels(method)
+        histogram.observe(seconds)
 
     def report_quota(self, tenant: str, quota: str, used: int, limit: int) -> None:
         self.quota_used.labels(tenant, quota).set(used)

@@ -187,8 +187,7 @@ async def _answer(
         code = exc.code().name
         await context.abort(exc.code(), exc.details() or "")
     finally:
-        ctx.metrics.requests.labels(method, code, tenant_name[0]).inc()
-        ctx.metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
+        ctx.metrics.count_request(method, code, tenant_name[0], time.perf_counter() - start)
     raise AssertionError("unreachable")  # abort raised
 
 
@@ -264,7 +263,9 @@ class KVServicer(etcdrpc.KVServicer):  # type: ignore[misc]
         async def run() -> Any:
             tenant = await self._begin(context, who)
             try:
-                confine.check_range_request(tenant.start, tenant.end, request)
+                confine.check_range_request(
+                    tenant.start, tenant.end, request, floor=tenant.created
+                )
             except confine.Denied as exc:
                 raise Refusal.denied(exc) from None
             response = await self.forward("KV", "Range", request, context)
@@ -327,7 +328,7 @@ class KVServicer(etcdrpc.KVServicer):  # type: ignore[misc]
         async def run() -> Any:
             tenant = await self._begin(context, who)
             try:
-                confine.check_txn(tenant.start, tenant.end, request)
+                confine.check_txn(tenant.start, tenant.end, request, floor=tenant.created)
             except confine.Denied as exc:
                 raise Refusal.denied(exc) from None
             write = _txn_write(request)
@@ -477,7 +478,9 @@ class _WatchProxy:
                 watch_id = _create_watch_id(create)
                 try:
                     ctx.quotas.take_request(tenant)
-                    confine.check_watch_create(tenant.start, tenant.end, create)
+                    confine.check_watch_create(
+                        tenant.start, tenant.end, create, floor=tenant.created
+                    )
                     ctx.quotas.open_watch(tenant)
                 except confine.Denied as exc:
                     self._count("PERMISSION_DENIED")

@@ -127,9 +127,8 @@ class TokenSigner:
     def issue(self, username: str, revision: int) -> str:
         """A token for ``username`` whose record has ``mod_revision`` ``revision``."""
         expires = int(self._clock() + self.ttl)
-        body = json.dumps(
-            {"u": username, "r": revision, "exp": expires}, separators=(",", ":")
-        ).encode()
+        # The same JSON as json.dumps of the dict, without building one per log-in.
+        body = f'{{"u":{json.dumps(username)},"r":{int(revision)},"exp":{expires}}}'.encode()
         signed = f"{VERSION}.{_b64encode(body)}"
         return f"{signed}.{_b64encode(self._sign(0, signed.encode()))}"
 
