@@ -48,6 +48,9 @@ class Tenant:
     :param start: first key of the tenant's range (``<prefix>/``)
     :param end: the key after the range (``<prefix>0``)
     :param limits: resolved quotas (record overrides over gateway defaults); 0 = unlimited
+    :param created: the record's ``create_revision``. Revisions before it may hold a
+        previous owner's data under the same prefix, so the gateway serves no history
+        older than it (:func:`etha.gateway.confine.check_revision`); 0 = no floor
     """
 
     record: TenantRecord
@@ -55,6 +58,7 @@ class Tenant:
     start: bytes
     end: bytes
     limits: Mapping[str, int]
+    created: int = 0
 
     @property
     def username(self) -> str:
@@ -166,7 +170,7 @@ class Registry:
             return None
         start, end = record.range
         limits = {**self._defaults, **{k: int(v) for k, v in record.quotas.items()}}
-        return Tenant(record, int(kv.mod_revision), start, end, limits)
+        return Tenant(record, int(kv.mod_revision), start, end, limits, int(kv.create_revision))
 
     def _set(self, username: str, tenant: Tenant | None) -> None:
         old = self._tenants.get(username)

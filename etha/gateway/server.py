@@ -263,9 +263,7 @@ class KVServicer(etcdrpc.KVServicer):  # type: ignore[misc]
         async def run() -> Any:
             tenant = await self._begin(context, who)
             try:
-                confine.check_range_request(
-                    tenant.start, tenant.end, request, floor=tenant.created
-                )
+                confine.check_range_request(tenant.start, tenant.end, request, floor=tenant.created)
             except confine.Denied as exc:
                 raise Refusal.denied(exc) from None
             response = await self.forward("KV", "Range", request, context)
