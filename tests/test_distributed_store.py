@@ -551,3 +551,141 @@ def test_prefix_parts_are_validated(
     config = dataclasses.replace(ns_a, namespace=namespace)
     with pytest.raises(ValueError):
         EthaStore(config, component=component, scope=scope)
+
+
+# -- values larger than one etcd request ------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+def _pattern(size: int, seed: int) -> bytes:
+    """``size`` bytes that differ at every MiB boundary and between seeds."""
+    block = bytes((seed * 31 + i) % 251 for i in range(4096))
+    data = (block * (size // len(block) + 1))[:size]
+    return data
+
+
+def _raw_keys(cluster: EtcdCluster, store: EthaStore) -> list[str]:
+    """Every raw etcd key of the store: its own range and its chunks (read as root)."""
+    stem = store.prefix.rstrip("/")
+    return [k for k in all_keys(cluster) if k.startswith(stem + "/") or k.startswith(stem + "!")]
+
+
+@pytest.mark.parametrize("size", [2 * MiB, 16 * MiB], ids=["2MiB", "16MiB"])
+def test_large_value_round_trips(either_store: EthaStore, size: int) -> None:
+    data = _pattern(size, 1)
+    either_store.set("big", data)
+    assert either_store.get("big") == data
+    assert either_store.multi_get(["big", "big"]) == [data, data]
+    either_store.wait(["big"], timedelta(seconds=5))
+    assert either_store.check(["big"])
+    assert either_store.num_keys() == 1  # the chunks are not keys
+    assert either_store.list_keys() == ["big"]
+
+
+def test_64_mib_value_round_trips(store: EthaStore) -> None:
+    data = _pattern(64 * MiB, 2)
+    store.set_timeout(timedelta(seconds=60))
+    store.set("huge", data)
+    assert store.get("huge") == data
+
+
+def test_value_over_the_bound_is_refused_naming_it(store: EthaStore) -> None:
+    from etha.distributed.store import MAX_VALUE_BYTES
+
+    with pytest.raises(dist.DistStoreError, match="MAX_VALUE_BYTES"):
+        store.set("too-big", b"x" * (MAX_VALUE_BYTES + 1))
+    assert not store.check(["too-big"])
+
+
+def test_large_values_through_multi_set_and_a_blocked_get(store: EthaStore) -> None:
+    big, other = _pattern(3 * MiB, 3), _pattern(2 * MiB + 5, 4)
+    store.multi_set(["m/big", "m/small", "m/other", "m/big"], [b"first", b"s", other, big])
+    assert store.multi_get(["m/big", "m/small", "m/other"]) == [big, b"s", other]
+    store.set_timeout(timedelta(seconds=20))
+    late = _pattern(2 * MiB, 5)
+    timer = threading.Timer(0.3, store.set, args=("late-big", late))
+    timer.start()
+    try:
+        assert store.get("late-big") == late  # woken by the watch, then read whole
+    finally:
+        timer.cancel()
+
+
+def test_chunked_value_is_one_value_to_every_method(store: EthaStore) -> None:
+    data = _pattern(2 * MiB, 6)
+    store.set("v", data)
+    assert store.compare_set("v", b"wrong", b"x") == data
+    assert store.compare_set("v", data, b"small") == b"small"
+    assert store.compare_set("v", b"small", data) == data
+    assert store.get("v") == data
+    store.append("v", b"tail")
+    assert store.get("v") == data + b"tail"
+    store.set("n", data)
+    with pytest.raises(dist.DistStoreError, match="integer"):
+        store.add("n", 1)
+    store.append("grow", b"a" * (MiB - 10))
+    store.append("grow", b"b" * 100)  # crosses into chunks
+    assert store.get("grow") == b"a" * (MiB - 10) + b"b" * 100
+    # A small value that looks like the store's chunk marker is stored safely.
+    from etha.distributed.store import _CHUNKED_MARK
+
+    store.set("mark", _CHUNKED_MARK + b"not a manifest")
+    assert store.get("mark") == _CHUNKED_MARK + b"not a manifest"
+    assert store.num_keys() == 4
+
+
+def test_chunks_go_with_the_value(etcd_auth: EtcdCluster, store: EthaStore) -> None:
+    store.set("a", _pattern(3 * MiB, 7))
+    first = _raw_keys(etcd_auth, store)
+    assert len(first) == 1 + 3  # the key and three 1 MiB chunks
+    store.set("a", _pattern(2 * MiB, 8))  # replaced: the old generation goes
+    second = _raw_keys(etcd_auth, store)
+    assert len(second) == 1 + 2
+    chunks = [k for k in first if "!/" in k]
+    assert len(chunks) == 3
+    assert not set(chunks) & set(second)
+    store.set("a", b"small")  # replaced by an inline value: every chunk goes
+    assert _raw_keys(etcd_auth, store) == [f"{store.prefix}a"]
+    store.set("a", _pattern(2 * MiB, 9))
+    assert store.delete_key("a") is True
+    assert _raw_keys(etcd_auth, store) == []
+    store.set("b", _pattern(2 * MiB, 10))
+    store.compare_set("b", _pattern(2 * MiB, 10), b"c")
+    assert _raw_keys(etcd_auth, store) == [f"{store.prefix}b"]
+    # Every chunk is inside the namespace prefix the operator deletes.
+    assert all(k.startswith(f"{store.prefix.split('/')[0]}/") for k in first + second)
+
+
+def test_reader_never_sees_a_mixed_value_while_a_writer_replaces_it(store: EthaStore) -> None:
+    size = 16 * MiB
+    versions = [_pattern(size, seed) for seed in range(7)]
+    store.set_timeout(timedelta(seconds=60))
+    store.set("hot", versions[0])
+    done = threading.Event()
+    seen: list[int] = []
+    bad: list[str] = []
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                value = store.get("hot")
+            except Exception as exc:  # a torn read may also surface as an error
+                bad.append(repr(exc))
+                continue
+            if value in versions:
+                seen.append(versions.index(value))
+            else:
+                bad.append(f"{len(value)} bytes, starting {value[:8]!r}")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for version in versions[1:]:
+            store.set("hot", version)
+    finally:
+        done.set()
+        thread.join(timeout=120)
+    assert not bad, bad[:3]
+    assert len(seen) >= 2
+    assert store.get("hot") == versions[-1]

@@ -25,17 +25,19 @@ job ends. Nothing is written anywhere else.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import operator
+import os
 import random
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 from pyetcd import etcdrpc
@@ -59,6 +61,21 @@ DEFAULT_COMPONENT = "torch"
 #: torch's own default store timeout (c10d ``kDefaultTimeout``). ``ETHA_KV_TIMEOUT`` is the
 #: deadline of one etcd request, not of a wait for another rank.
 DEFAULT_TIMEOUT = timedelta(seconds=300)
+#: Values up to this size are stored in their key; larger ones in chunks of this size
+#: (etcd refuses requests over 1.5 MiB by default).
+CHUNK_BYTES = 1024 * 1024
+#: The largest value the store accepts: 128 chunks. Every replacement of a value also
+#: stays in etcd's history until compaction, so far larger values belong elsewhere.
+MAX_VALUE_BYTES = 128 * CHUNK_BYTES
+#: The value of a key whose data is in chunks starts with this (then
+#: ``{generation} {size} {count}``). A small value that starts with it is chunked too, so
+#: a stored value is a manifest exactly when it starts with the mark.
+_CHUNKED_MARK = b"\x00etha-chunked-v1\x00"
+#: Chunks fetched per read of a chunked value (4 MiB per response).
+_CHUNKS_PER_READ = 4
+#: multi_set re-sends a transaction whose chunks a concurrent writer removed this often.
+_MULTI_SET_ATTEMPTS = 5
+_GREATER = etcdrpc.Compare.GREATER
 #: The shortest deadline given to one etcd request (a wait with almost no time left
 #: still gets one read).
 _MIN_REQUEST_TIMEOUT = 0.05
@@ -121,6 +138,36 @@ def _store_error(action: str, exc: KVStoreError) -> RuntimeError:
     if isinstance(exc, UnavailableError):
         return dist.DistNetworkError(f"etha store: {action} failed: {exc}")
     return dist.DistStoreError(f"etha store: {action} failed: {exc}")
+
+
+class _Stale(Exception):
+    """A chunked value could not be read at its revision (compacted meanwhile): re-read."""
+
+
+def _delete_op(key: bytes, range_end: bytes | None = None) -> Any:
+    request = etcdrpc.DeleteRangeRequest(key=key)
+    if range_end is not None:
+        request.range_end = range_end
+    return etcdrpc.RequestOp(request_delete_range=request)
+
+
+def _put_op(key: bytes, value: bytes) -> Any:
+    return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=value))
+
+
+def _parse_manifest(stored: bytes) -> tuple[bytes, int, int] | None:
+    """``(generation, size, count)`` of a well-formed manifest, else None."""
+    parts = stored[len(_CHUNKED_MARK) :].split(b" ")
+    if len(parts) != 3 or len(parts[0]) != 16 or not parts[1].isdigit():
+        return None
+    try:
+        bytes.fromhex(parts[0].decode("ascii"))
+        size, count = int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+    if not 0 <= size <= MAX_VALUE_BYTES or not 0 < count <= MAX_VALUE_BYTES // 1024:
+        return None
+    return parts[0], size, count
 
 
 # -- lifetime while torch holds the store ------------------------------------------------
@@ -262,6 +309,11 @@ class EthaStore(_C10dStore):
         self._prefix_str = prefix
         self._prefix = prefix.encode("utf-8")
         self._range_end = prefix_range_end(self._prefix)
+        # Chunks live at "{prefix without its '/'}!/{hex key}/{generation}/{index}": inside
+        # the namespace, outside the store's range ('!' sorts before '/', and no name or
+        # scope may contain it), so num_keys/list_keys never see them. The hex form keeps
+        # one key's chunk range from containing another key's ("a" and "a/b").
+        self._chunk_root = self._prefix[:-1] + b"!/"
         super().set_timeout(
             DEFAULT_TIMEOUT if timeout is None else timedelta(seconds=_seconds(timeout))
         )
@@ -274,6 +326,8 @@ class EthaStore(_C10dStore):
         else:
             self._client = client
             self._finalizer = None
+        # One chunk and its key must fit in one etcd request.
+        self._chunk_bytes = min(CHUNK_BYTES, max(4096, self._client.max_request_bytes - 65536))
 
     def __del__(self) -> None:
         # The last Python reference is gone. If C++ still holds the store, stay alive
@@ -353,12 +407,30 @@ class EthaStore(_C10dStore):
     # -- the c10d contract --------------------------------------------------------------
 
     def set(self, key: str, value: str | bytes) -> None:
+        """Store ``value`` (up to :data:`MAX_VALUE_BYTES`; larger than one etcd request
+        in chunks, see :meth:`_store`)."""
+        full = self._key(key)
+        data = _as_bytes(value, "value")
+        action = f"set({key!r})"
         try:
-            self._client.put(
-                self._key(key), _as_bytes(value, "value"), timeout=self._request_timeout()
-            )
+            stored, generation = self._store(full, data, action)
+            try:
+                response = self._client.txn(
+                    etcdrpc.TxnRequest(
+                        compare=self._chunks_compare(full, generation),
+                        success=[_put_op(full, stored), *self._cleanup_ops(full, generation)],
+                    ),
+                    timeout=self._request_timeout(),
+                )
+            except BaseException:
+                self._drop_generation(full, generation)
+                raise
+            if not response.succeeded:
+                # A write or delete of this key that started after this set removed its
+                # chunks: that write comes later, so this value was overwritten. Done.
+                self._drop_generation(full, generation)
         except KVStoreError as exc:
-            raise _store_error(f"set({key!r})", exc) from exc
+            raise _store_error(action, exc) from exc
 
     def get(self, key: str) -> bytes:
         full = self._key(key)
@@ -381,28 +453,70 @@ class EthaStore(_C10dStore):
         # A key given twice keeps its last value, like TCPStore, HashStore and FileStore;
         # etcd refuses a transaction that puts one key twice.
         latest = {self._key(k): _as_bytes(v, "value") for k, v in zip(keys, values, strict=True)}
-        ops = [
-            etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=k, value=v))
-            for k, v in latest.items()
-        ]
+        action = f"multi_set of {len(keys)} keys"
         try:
-            for start in range(0, len(ops), MAX_TXN_OPS):
-                self._client.txn(
-                    etcdrpc.TxnRequest(success=ops[start : start + MAX_TXN_OPS]),
+            for batch in self._batches(latest):
+                self._multi_set_batch(batch, action)
+        except KVStoreError as exc:
+            raise _store_error(action, exc) from exc
+
+    def _batches(self, values: dict[bytes, bytes]) -> Iterator[dict[bytes, bytes]]:
+        """``values`` in groups that fit one transaction (ops and request bytes)."""
+        budget = self._client.max_request_bytes - 65536
+        batch: dict[bytes, bytes] = {}
+        ops = size = 0
+        for full, data in values.items():
+            inline = len(data) if self._is_inline(data) else 128
+            cost = len(full) * 3 + inline + 256
+            if batch and (ops + 3 > MAX_TXN_OPS or size + cost > budget):
+                yield batch
+                batch, ops, size = {}, 0, 0
+            batch[full] = data
+            ops += 3
+            size += cost
+        if batch:
+            yield batch
+
+    def _multi_set_batch(self, batch: dict[bytes, bytes], action: str) -> None:
+        """Put ``batch`` in one transaction (chunks first); re-send if chunks vanished."""
+        for _ in range(_MULTI_SET_ATTEMPTS):
+            written: dict[bytes, bytes | None] = {}
+            try:
+                compare: list[Any] = []
+                success: list[Any] = []
+                for full, data in batch.items():
+                    stored, generation = self._store(full, data, action)
+                    written[full] = generation
+                    compare += self._chunks_compare(full, generation)
+                    success += [_put_op(full, stored), *self._cleanup_ops(full, generation)]
+                response = self._client.txn(
+                    etcdrpc.TxnRequest(compare=compare, success=success),
                     timeout=self._request_timeout(),
                 )
-        except KVStoreError as exc:
-            raise _store_error(f"multi_set of {len(keys)} keys", exc) from exc
+            except BaseException:
+                for full, generation in written.items():
+                    self._drop_generation(full, generation)
+                raise
+            if response.succeeded:
+                return
+            # A concurrent write of one of these keys removed chunks written here: that
+            # write began after this one, so write all of them again, after it.
+            for full, generation in written.items():
+                self._drop_generation(full, generation)
+        raise dist.DistStoreError(
+            f"etha store: {action}: other writers replaced these keys"
+            f" {_MULTI_SET_ATTEMPTS} times while their chunks were written; retry later"
+        )
 
     def wait(self, keys: Sequence[str], timeout: timedelta | None = None) -> None:
         full = [self._key(k) for k in keys]
         if full:
-            self._wait_values(full, self._current_timeout(timeout))
+            self._wait_values(full, self._current_timeout(timeout), resolve=False)
 
     def check(self, keys: Sequence[str]) -> bool:
         full = [self._key(k) for k in keys]
         try:
-            present, _ = self._read(full, self._request_timeout(), keys_only=True)
+            present, _ = self._read(full, self._request_timeout(), resolve=False, keys_only=True)
         except KVStoreError as exc:
             raise _store_error(f"check of {len(full)} keys", exc) from exc
         return len(present) == len(set(full))
@@ -452,18 +566,21 @@ class EthaStore(_C10dStore):
         full = self._key(key)
         expected = _as_bytes(expected_value, "expected_value")
         desired = _as_bytes(desired_value, "desired_value")
-        put = etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=full, value=desired))
+        if not (self._is_inline(expected) and self._is_inline(desired)):
+            return self._compare_set_chunked(key, expected, desired)
+        success = [_put_op(full, desired), *self._cleanup_ops(full, None)]
         read = etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=full))
         try:
             while True:
                 # A VALUE compare never succeeds on a missing key (etcd's rule), so an
                 # existing key holding exactly ``expected`` is the only way this succeeds.
+                # (An inline ``expected`` never equals a manifest: see _CHUNKED_MARK.)
                 response = self._client.txn(
                     etcdrpc.TxnRequest(
                         compare=[
                             etcdrpc.Compare(result=_EQUAL, target=_VALUE, key=full, value=expected)
                         ],
-                        success=[put],
+                        success=success,
                         failure=[read],
                     ),
                     timeout=self._request_timeout(),
@@ -472,7 +589,12 @@ class EthaStore(_C10dStore):
                     return desired
                 kvs = response.responses[0].response_range.kvs
                 if kvs:
-                    return bytes(kvs[0].value)
+                    try:
+                        return self._resolve(
+                            full, bytes(kvs[0].value), int(response.header.revision)
+                        )
+                    except _Stale:
+                        continue
                 if expected:
                     # TCPStore: a missing key with a non-empty expectation is not created,
                     # and the expected value is returned.
@@ -484,7 +606,7 @@ class EthaStore(_C10dStore):
                                 result=_EQUAL, target=_CREATE, key=full, create_revision=0
                             )
                         ],
-                        success=[put],
+                        success=success,
                         failure=[read],
                     ),
                     timeout=self._request_timeout(),
@@ -495,11 +617,29 @@ class EthaStore(_C10dStore):
         except KVStoreError as exc:
             raise _store_error(f"compare_set({key!r})", exc) from exc
 
+    def _compare_set_chunked(self, key: str, expected: bytes, desired: bytes) -> bytes:
+        """compare_set when either value is chunked: a read-modify-write of the value."""
+
+        def update(current: bytes | None) -> tuple[bytes | None, bytes]:
+            if current is None:
+                return (desired, desired) if not expected else (None, expected)
+            if current == expected:
+                return desired, desired
+            return None, current
+
+        return self._read_modify_write(key, update)
+
     def delete_key(self, key: str) -> bool:
+        """Delete the key and its chunks (one transaction); True if the key existed."""
+        full = self._key(key)
         try:
-            return self._client.delete_range(self._key(key), timeout=self._request_timeout()) > 0
+            response = self._client.txn(
+                etcdrpc.TxnRequest(success=[_delete_op(full), *self._cleanup_ops(full, None)]),
+                timeout=self._request_timeout(),
+            )
         except KVStoreError as exc:
             raise _store_error(f"delete_key({key!r})", exc) from exc
+        return int(response.responses[0].response_delete_range.deleted) > 0
 
     def num_keys(self) -> int:
         try:
@@ -530,17 +670,33 @@ class EthaStore(_C10dStore):
     # -- internals ----------------------------------------------------------------------
 
     def _read_modify_write(
-        self, key: str, update: Callable[[bytes | None], tuple[bytes, _T]]
+        self, key: str, update: Callable[[bytes | None], tuple[bytes | None, _T]]
     ) -> _T:
-        """Apply ``update(current) -> (new_value, result)`` atomically; return the result."""
+        """Apply ``update(current) -> (new_value, result)`` atomically; return the result.
+
+        ``new_value`` None: nothing to write. The compare-and-swap is on the key's
+        ``mod_revision`` (or its absence), plus, for a chunked new value, on its first
+        chunk still being there (see :meth:`_store`).
+        """
         full = self._key(key)
+        action = f"update of {key!r}"
         read = etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=full))
         try:
             response = self._client.range(full, timeout=self._request_timeout())
             kv = response.kvs[0] if response.kvs else None
+            revision = int(response.header.revision)
             losses = 0
             while True:
-                new_value, result = update(None if kv is None else bytes(kv.value))
+                try:
+                    current = None if kv is None else self._resolve(full, bytes(kv.value), revision)
+                except _Stale:
+                    response = self._client.range(full, timeout=self._request_timeout())
+                    kv = response.kvs[0] if response.kvs else None
+                    revision = int(response.header.revision)
+                    continue
+                new_value, result = update(current)
+                if new_value is None:
+                    return result
                 if kv is None:
                     compare = etcdrpc.Compare(
                         result=_EQUAL, target=_CREATE, key=full, create_revision=0
@@ -549,55 +705,191 @@ class EthaStore(_C10dStore):
                     compare = etcdrpc.Compare(
                         result=_EQUAL, target=_MOD, key=full, mod_revision=kv.mod_revision
                     )
-                txn = self._client.txn(
-                    etcdrpc.TxnRequest(
-                        compare=[compare],
-                        success=[
-                            etcdrpc.RequestOp(
-                                request_put=etcdrpc.PutRequest(key=full, value=new_value)
-                            )
-                        ],
-                        failure=[read],
-                    ),
-                    timeout=self._request_timeout(),
-                )
+                stored, generation = self._store(full, new_value, action)
+                try:
+                    txn = self._client.txn(
+                        etcdrpc.TxnRequest(
+                            compare=[compare, *self._chunks_compare(full, generation)],
+                            success=[_put_op(full, stored), *self._cleanup_ops(full, generation)],
+                            failure=[read],
+                        ),
+                        timeout=self._request_timeout(),
+                    )
+                except BaseException:
+                    self._drop_generation(full, generation)
+                    raise
                 if txn.succeeded:
                     return result
+                self._drop_generation(full, generation)
                 # Lost the race: the failure branch already read the winner's value.
                 kvs = txn.responses[0].response_range.kvs
                 kv = kvs[0] if kvs else None
+                revision = int(txn.header.revision)
                 losses += 1
                 if losses >= _BACKOFF_AFTER:
                     # Contended key: a short random backoff lets one writer through
                     # instead of every writer failing every round.
                     time.sleep(random.uniform(0, min(_BACKOFF_BASE * 2**losses, _BACKOFF_CAP)))
         except KVStoreError as exc:
-            raise _store_error(f"update of {key!r}", exc) from exc
+            raise _store_error(action, exc) from exc
+
+    # -- chunked values ------------------------------------------------------------------
+    #
+    # A value larger than one chunk is written as chunks under a fresh generation id
+    # first, then the key is set to a manifest ("{mark}{generation} {size} {count}") in
+    # ONE transaction that also deletes every other generation of the key's chunks and
+    # checks that this generation's first chunk is still there. Readers read the key at
+    # revision R and the chunks AT R (etcd's MVCC): the manifest and its chunks always
+    # belong together, and a replacement (a later revision) cannot tear or mix a value.
+    # Every write of a key (set, delete, compare_set, add, append) deletes the key's
+    # other chunk generations in its transaction, so a writer whose chunks vanished lost
+    # to a later writer; its transaction fails on the first-chunk compare.
+
+    def _is_inline(self, data: bytes) -> bool:
+        return len(data) <= self._chunk_bytes and not data.startswith(_CHUNKED_MARK)
+
+    def _chunk_dir(self, full: bytes) -> bytes:
+        return self._chunk_root + full[len(self._prefix) :].hex().encode() + b"/"
+
+    def _chunk_key(self, full: bytes, generation: bytes, index: int) -> bytes:
+        return self._chunk_dir(full) + generation + b"/%05d" % index
+
+    def _store(self, full: bytes, data: bytes, action: str) -> tuple[bytes, bytes | None]:
+        """What to put in the key for ``data``, and the chunk generation written (if any)."""
+        if self._is_inline(data):
+            return data, None
+        if len(data) > MAX_VALUE_BYTES:
+            raise dist.DistStoreError(
+                f"etha store: {action}: the value is {len(data)} bytes; the store holds at"
+                f" most {MAX_VALUE_BYTES} bytes a value (MAX_VALUE_BYTES). Keep large data"
+                " elsewhere (a shared volume, an object store) and store its location"
+            )
+        generation = os.urandom(8).hex().encode()
+        step = self._chunk_bytes
+        count = max(1, -(-len(data) // step))
+        view = memoryview(data)
+        try:
+            for index in range(count):
+                self._client.put(
+                    self._chunk_key(full, generation, index),
+                    bytes(view[index * step : (index + 1) * step]),
+                    timeout=self._request_timeout(),
+                )
+        except BaseException:
+            self._drop_generation(full, generation)
+            raise
+        return _CHUNKED_MARK + b"%s %d %d" % (generation, len(data), count), generation
+
+    def _chunks_compare(self, full: bytes, generation: bytes | None) -> list[Any]:
+        if generation is None:
+            return []
+        first = self._chunk_key(full, generation, 0)
+        return [etcdrpc.Compare(result=_GREATER, target=_CREATE, key=first, create_revision=0)]
+
+    def _cleanup_ops(self, full: bytes, keep: bytes | None) -> list[Any]:
+        """Deletes of the key's chunks, except generation ``keep``."""
+        directory = self._chunk_dir(full)
+        end = prefix_range_end(directory)
+        if keep is None:
+            return [_delete_op(directory, end)]
+        kept = directory + keep + b"/"
+        return [_delete_op(directory, kept), _delete_op(prefix_range_end(kept), end)]
+
+    def _drop_generation(self, full: bytes, generation: bytes | None) -> None:
+        """Best effort: delete chunks that no manifest will point at."""
+        if generation is None:
+            return
+        kept = self._chunk_dir(full) + generation + b"/"
+        with contextlib.suppress(KVStoreError):
+            self._client.delete_range(kept, prefix_range_end(kept), timeout=self._request_timeout())
+
+    def _resolve(self, full: bytes, stored: bytes, revision: int) -> bytes:
+        """The value behind ``stored`` (read at ``revision``): itself, or its chunks.
+
+        :raises _Stale: the chunks cannot be read at ``revision`` any more (compacted)
+        """
+        if not stored.startswith(_CHUNKED_MARK):
+            return stored
+        manifest = _parse_manifest(stored)
+        if manifest is None:
+            raise dist.DistStoreError(
+                f"etha store: {self._name(full)!r} holds a malformed chunk manifest"
+                f" {stored[:60]!r}; set the key again"
+            )
+        generation, size, count = manifest
+        directory = self._chunk_dir(full) + generation + b"/"
+        end = prefix_range_end(directory)
+        chunks: list[bytes] = []
+        start = directory
+        try:
+            while len(chunks) < count:
+                response = self._client.range(
+                    start,
+                    end,
+                    revision=revision,
+                    limit=_CHUNKS_PER_READ,
+                    timeout=self._request_timeout(),
+                )
+                if not response.kvs:
+                    break
+                chunks.extend(bytes(kv.value) for kv in response.kvs)
+                start = bytes(response.kvs[-1].key) + b"\0"
+        except KVStoreError as exc:
+            if exc.code == "OUT_OF_RANGE":  # revision compacted: read the key again
+                raise _Stale() from exc
+            raise
+        data = b"".join(chunks)
+        if len(chunks) != count or len(data) != size:
+            raise dist.DistStoreError(
+                f"etha store: {self._name(full)!r} at revision {revision} has {len(chunks)}"
+                f" of {count} chunks ({len(data)} of {size} bytes); set the key again"
+            )
+        return data
 
     def _read(
-        self, keys: Iterable[bytes], timeout: float, *, keys_only: bool = False
+        self,
+        keys: Iterable[bytes],
+        timeout: float,
+        *,
+        resolve: bool = True,
+        keys_only: bool = False,
     ) -> tuple[dict[bytes, bytes], int]:
-        """The present keys among ``keys`` and the lowest revision the reads were at."""
+        """The present keys among ``keys`` and the lowest revision the reads were at.
+
+        With ``resolve``, chunked values are read whole (at the revision of their key's
+        read); else the stored values (manifests) are returned.
+        """
         unique = list(dict.fromkeys(keys))
-        values: dict[bytes, bytes] = {}
-        if len(unique) == 1:
-            response = self._client.range(unique[0], keys_only=keys_only, timeout=timeout)
-            for kv in response.kvs:
-                values[bytes(kv.key)] = bytes(kv.value)
-            return values, int(response.header.revision)
-        revision = 0
-        for start in range(0, len(unique), MAX_TXN_OPS):
-            ops = [
-                etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=k, keys_only=keys_only))
-                for k in unique[start : start + MAX_TXN_OPS]
-            ]
-            response = self._client.txn(etcdrpc.TxnRequest(success=ops), timeout=timeout)
-            rev = int(response.header.revision)
-            revision = rev if revision == 0 else min(revision, rev)
-            for op in response.responses:
-                for kv in op.response_range.kvs:
-                    values[bytes(kv.key)] = bytes(kv.value)
-        return values, revision
+        while True:
+            values: dict[bytes, bytes] = {}
+            revision = 0
+            try:
+                for start in range(0, len(unique), MAX_TXN_OPS):
+                    batch = unique[start : start + MAX_TXN_OPS]
+                    if len(batch) == 1:
+                        response = self._client.range(
+                            batch[0], keys_only=keys_only, timeout=timeout
+                        )
+                        kvs = list(response.kvs)
+                    else:
+                        ops = [
+                            etcdrpc.RequestOp(
+                                request_range=etcdrpc.RangeRequest(key=k, keys_only=keys_only)
+                            )
+                            for k in batch
+                        ]
+                        response = self._client.txn(
+                            etcdrpc.TxnRequest(success=ops), timeout=timeout
+                        )
+                        kvs = [kv for op in response.responses for kv in op.response_range.kvs]
+                    rev = int(response.header.revision)
+                    revision = rev if revision == 0 else min(revision, rev)
+                    for kv in kvs:
+                        name, value = bytes(kv.key), bytes(kv.value)
+                        values[name] = self._resolve(name, value, rev) if resolve else value
+                return values, revision
+            except _Stale:
+                continue
 
     def _timeout_error(self, timeout: float, missing: Iterable[bytes]) -> dist.DistStoreError:
         names = ", ".join(sorted(self._name(k) for k in missing))
@@ -609,11 +901,16 @@ class EthaStore(_C10dStore):
             f" (etha store prefix {self._prefix_str!r}{state})"
         )
 
-    def _wait_values(self, keys: list[bytes], timeout: float) -> dict[bytes, bytes]:
-        """Block until every key exists; return their values. Watches, never polls."""
+    def _wait_values(
+        self, keys: list[bytes], timeout: float, *, resolve: bool = True
+    ) -> dict[bytes, bytes]:
+        """Block until every key exists; return their values. Watches, never polls.
+
+        Without ``resolve``, chunked values are returned as their manifests.
+        """
         deadline = time.monotonic() + timeout
         try:
-            return self._wait_values_inner(keys, timeout, deadline)
+            return self._wait_values_inner(keys, timeout, deadline, resolve)
         except KVStoreError as exc:
             if isinstance(exc, TimeoutError):
                 # A wait ran out inside etha (for example while reconnecting).
@@ -621,11 +918,11 @@ class EthaStore(_C10dStore):
             raise _store_error(f"wait for {len(keys)} keys", exc) from exc
 
     def _wait_values_inner(
-        self, keys: list[bytes], timeout: float, deadline: float
+        self, keys: list[bytes], timeout: float, deadline: float, resolve: bool
     ) -> dict[bytes, bytes]:
         wanted = set(keys)
         while True:
-            values, revision = self._read(wanted, self._request_timeout(deadline))
+            values, revision = self._read(wanted, self._request_timeout(deadline), resolve=resolve)
             missing = wanted - values.keys()
             if not missing:
                 return values
@@ -639,9 +936,12 @@ class EthaStore(_C10dStore):
             outcome = _watch_until(self._client, start, end, revision + 1, wanted, values, deadline)
             if outcome is None:
                 raise self._timeout_error(timeout, wanted - values.keys())
-            if outcome:
+            arrived_chunked = resolve and any(v.startswith(_CHUNKED_MARK) for v in values.values())
+            if outcome and not arrived_chunked:
                 return values
-            # False: the watch was compacted or restarted; read again and re-watch.
+            # A chunked value arrived as its manifest: read again, so that its chunks are
+            # read at the revision of the manifest. (False: the watch was compacted or
+            # restarted; read again and re-watch.)
 
 
 def _common(keys: Iterable[bytes]) -> bytes:
