@@ -26,6 +26,7 @@ Round 0 is a warm-up; the order of the kinds rotates every round.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -61,12 +62,10 @@ def _init_once(kind: str, url: str, rank: int, world: int, go: float, env: dict[
     warm = None
     if kind.startswith("etha"):
         import etha.distributed
-        from etha.distributed import rendezvous
 
-        # Cold: no etcd connection survives from an earlier round.
-        for store in rendezvous._LIVE_STORES:
-            store.close()
-        rendezvous._LIVE_STORES.clear()
+        # Cold: no etcd connection survives from an earlier round (a store torch no
+        # longer holds is freed, with its client, at the next garbage collection).
+        gc.collect()
         if kind == "etha-warm":
             # Connect and log in before the clock starts; the rendezvous reuses it.
             warm = etha.distributed.EthaStore(scope="warm-up")
@@ -81,9 +80,7 @@ def _init_once(kind: str, url: str, rank: int, world: int, go: float, env: dict[
     dist.barrier()
     dist.destroy_process_group()
     if kind.startswith("etha"):
-        for store in rendezvous._LIVE_STORES:
-            store.close()
-        rendezvous._LIVE_STORES.clear()
+        gc.collect()
         if warm is not None:
             warm.close()
     return done
