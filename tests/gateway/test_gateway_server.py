@@ -11,6 +11,7 @@ import json
 import re
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,8 @@ import pytest
 from pyetcd import etcdrpc
 
 from etha.gateway.tenancy import TENANTS_PREFIX
-from etha.kvstore import PermissionDeniedError
+from etha.kvstore import KVTimeoutError, PermissionDeniedError
+from etha.kvstore.etcd import note_no_coordination
 from etha.kvstore.etcd_client import EtcdClient
 from tests.gateway.conftest import TenantCreds, open_store, start_gateway, tenant_client
 from tests.support.etcd_server import EtcdCluster
@@ -319,3 +321,31 @@ def test_invalid_records_are_ignored_and_logged_without_their_content(
     finally:
         for key in broken:
             root.delete_range(key)
+
+
+def test_etha_waits_on_watches_work_through_the_watch_proxy(
+    gateway: GatewayProcess, tenant: Factory
+) -> None:
+    """With server-side waits switched off on the client, etha waits with its own watches."""
+    creds = tenant()
+    store = open_store([gateway.endpoint], creds)
+    note_no_coordination(store.client)
+    writer = open_store([gateway.endpoint], creds)
+    threading.Timer(0.5, lambda: writer.set("late", "v")).start()
+    assert store.wait_for_key("late", timeout=20) == b"v"
+    threading.Timer(0.3, lambda: [writer.set(f"r/{i}/ready", "1") for i in range(4)]).start()
+    assert store.wait_for_keys("r/*/ready", expected_count=4, timeout=20) == [
+        f"r/{i}/ready" for i in range(4)
+    ]
+    threading.Timer(0.3, lambda: writer.set("phase", "two")).start()
+    assert store.wait_for_value("phase", "two", timeout=20) == b"two"
+    with pytest.raises(KVTimeoutError):
+        store.wait_for_key("never", timeout=0.5)
+    assert 'method="Watch.create"' in gateway.metrics()
+
+
+def test_health_endpoints(gateway: GatewayProcess) -> None:
+    base = gateway.metrics_url.rsplit("/", 1)[0]
+    for path in ("/healthz", "/readyz"):
+        with urllib.request.urlopen(base + path, timeout=5) as response:  # noqa: S310
+            assert response.status == 200

@@ -18,7 +18,7 @@ from etha.kvstore.etcd import EtcdKVStore
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from tests.gateway.conftest import TenantCreds, open_store
 from tests.support.etcd_server import EtcdCluster
-from tests.support.gateway import GatewayProcess, write_token_keys
+from tests.support.gateway import GatewayProcess, register_tenant, write_token_keys
 from tests.support.tls import make_tls
 
 pytestmark = pytest.mark.timeout(120)
@@ -162,3 +162,30 @@ def test_gateway_runs_as_a_least_privilege_etcd_user(
         gw.stop()
         root.call("Auth", "UserDelete", etcdrpc.AuthUserDeleteRequest(name=user))
         root.call("Auth", "RoleDelete", etcdrpc.AuthRoleDeleteRequest(role=role))
+
+
+def test_gateway_reaches_etcd_over_tls(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path / "tls")
+    cluster = EtcdCluster(tmp_path / "etcd", auth=True, tls=tls)
+    with cluster:
+        root = EtcdClient(
+            cluster.urls, username="root", password=cluster.root_password, ca_file=str(tls.ca_cert)
+        )
+        gw = GatewayProcess(
+            cluster.urls,
+            tmp_path / "gw",
+            username="root",
+            password=cluster.root_password,
+            env={"ETHA_GATEWAY_ETCD_CA_FILE": str(tls.ca_cert)},
+        ).start()
+        try:
+            username, secret, prefix = register_tenant(root)
+            creds = TenantCreds(username, secret, prefix)
+            store = open_store([gw.endpoint], creds)
+            store.set("k", "through tls to etcd")
+            assert store.get("k") == b"through tls to etcd"
+            store.close()
+            assert root.range(f"{prefix}/default/k".encode()).count == 0  # closed: cleaned up
+        finally:
+            gw.stop()
+            root.close()
