@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 N ?= 8
 
-.PHONY: install lint fmt typecheck test test-fast demo bench bench-quick chaos clean
+.PHONY: install lint fmt typecheck test test-fast demo bench bench-quick chaos clean e2e-kind
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,3 +59,18 @@ chaos: $(STAMP)
 	rm -f bench/out/reliability.json
 	ETHA_CHAOS_SCALE=full ETHA_CHAOS_OUT=bench/out/reliability.json \
 		$(PY) -m pytest tests/reliability -q -rA $(PYTEST_ARGS)
+
+## End-to-end suite on a local kind cluster (needs Docker and kind; never run by CI):
+## build the image, create the cluster if needed, load the image into it, then run
+## tests/e2e, which installs the chart, runs a 4-worker Job, deletes and uninstalls.
+E2E_IMAGE ?= etha-operator:e2e
+KIND_CLUSTER ?= etha-e2e
+E2E_KUBECONFIG ?= $(VENV)/kind-$(KIND_CLUSTER).kubeconfig
+e2e-kind: $(STAMP)
+	@command -v docker >/dev/null || { echo "e2e-kind needs docker on PATH"; exit 1; }
+	@command -v kind >/dev/null || { echo "e2e-kind needs kind on PATH"; exit 1; }
+	docker build -t $(E2E_IMAGE) .
+	kind get clusters | grep -qx '$(KIND_CLUSTER)' || kind create cluster --name '$(KIND_CLUSTER)' --wait 120s
+	kind load docker-image '$(E2E_IMAGE)' --name '$(KIND_CLUSTER)'
+	kind get kubeconfig --name '$(KIND_CLUSTER)' > '$(E2E_KUBECONFIG)'
+	KUBECONFIG='$(E2E_KUBECONFIG)' ETHA_E2E_IMAGE='$(E2E_IMAGE)' $(PY) -m pytest tests/e2e -v -rA $(PYTEST_ARGS)

@@ -603,7 +603,13 @@ class KubeEmulator(kmock.KubernetesScaffold):
                 )
             if path.name is None:
                 if method == "POST":
-                    body = json.loads(request.body or b"{}")
+                    try:
+                        body = json.loads(request.body or b"{}")
+                    except ValueError:
+                        # kubectl's typed commands (`kubectl create namespace`) send protobuf.
+                        raise ApiError(
+                            415, "UnsupportedMediaType", "the emulator accepts JSON bodies only"
+                        ) from None
                     if params.get("dryRun"):
                         return self._json(body, 201)
                     return self._json(self.store.create(kind, path.namespace, body), 201)
