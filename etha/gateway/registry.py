@@ -35,6 +35,8 @@ log = logging.getLogger("etha.gateway.registry")
 
 _PUT = 0
 _RETRY = 1.0
+#: Seconds between the reads that keep the gateway's etcd token fresh.
+_KEEPALIVE = 5.0
 #: Reads of etcd per second for log-ins of names not (yet) in the registry.
 _MISS_READS_PER_SECOND = 50
 
@@ -84,6 +86,7 @@ class Registry:
         self._revoked: dict[str, asyncio.Event] = {}
         self._loaded = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._keepalive: asyncio.Task[None] | None = None
         self._on_change = on_change
         self._miss_tokens = float(_MISS_READS_PER_SECOND)
         self._miss_stamp = time.monotonic()
@@ -146,15 +149,20 @@ class Registry:
 
     async def start(self, timeout: float = 30.0) -> None:
         """Start loading and watching; returns once loaded (or raises after ``timeout``)."""
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="registry")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="registry")
+        self._keepalive = loop.create_task(
+            self._upstream.keep_token_fresh(TENANTS_PREFIX, _KEEPALIVE), name="etcd-token"
+        )
         await asyncio.wait_for(self._loaded.wait(), timeout)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        for task in (self._task, self._keepalive):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._task = self._keepalive = None
 
     # -- loading and watching ----------------------------------------------------------
 

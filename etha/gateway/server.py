@@ -436,6 +436,7 @@ class _WatchProxy:
         #: etcd's stream, opened with the first allowed create: a client stream without
         #: watches costs etcd nothing, so open streams are bounded by the watches quota
         self.upstream: grpc.aio.StreamStreamCall[Any, Any] | None = None
+        self.upstream_metadata: tuple[tuple[str, str], ...] | None = None
         self.opened = asyncio.Event()
         self.write_lock = asyncio.Lock()
         #: creates in flight, oldest first: True = forwarded, or a refusal to send in turn
@@ -495,6 +496,7 @@ class _WatchProxy:
                     self.counted_unnamed += 1
                 self.pending.append(True)
                 if self.upstream is None:
+                    self.upstream_metadata = ctx.upstream.metadata
                     self.upstream = ctx.upstream.open_watch()
                     self.opened.set()
                 await self.upstream.write(request)
@@ -517,6 +519,15 @@ class _WatchProxy:
                 if response.watch_id not in self.live and self.counted_unnamed:
                     self.counted_unnamed -= 1
                     self.live.add(response.watch_id)
+            if (
+                response.canceled
+                and "permission denied" in response.cancel_reason
+                and self.upstream_metadata is not None
+            ):
+                # The create was confined, so etcd refused the gateway's own token (it
+                # expired): log in again; the client re-creates the watch on a new stream.
+                stale, self.upstream_metadata = self.upstream_metadata, None
+                self.ctx.upstream.schedule_login(stale)
             if response.canceled and response.watch_id in self.live:
                 self.live.discard(response.watch_id)
                 self.ctx.quotas.close_watch(self.tenant)

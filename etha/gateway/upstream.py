@@ -116,6 +116,7 @@ class Upstream:
         self._active = 0
         self._metadata: tuple[tuple[str, str], ...] | None = None
         self._login_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @property
@@ -168,6 +169,37 @@ class Upstream:
                     return
                 raise
             self._metadata = (("token", response.token),)
+
+    def schedule_login(self, stale: tuple[tuple[str, str], ...] | None) -> None:
+        """Log in again in the background unless the token was replaced already."""
+        if self._password is None or self._metadata is not stale:
+            return
+        task = asyncio.get_running_loop().create_task(self._quiet_login(stale))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _quiet_login(self, stale: tuple[tuple[str, str], ...] | None) -> None:
+        try:
+            await self.login(stale)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("etcd log-in failed: %s: %s", exc.code().name, exc.details())
+
+    async def keep_token_fresh(self, key: bytes, interval: float) -> None:
+        """Every ``interval`` seconds, one cheap authenticated read of ``key``.
+
+        Watch streams present the token only when opened, so an idle gateway would open
+        its next stream with a token etcd has expired (simple tokens expire after
+        ``--auth-token-ttl`` without use). The read keeps a simple token alive and
+        logs in again when a (JWT) token has expired. Runs until cancelled.
+        """
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.call(
+                    "KV", "Range", etcdrpc.RangeRequest(key=key, count_only=True), timeout=interval
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.warning("etcd token check failed: %s: %s", exc.code().name, exc.details())
 
     async def call(
         self, service: str, method: str, request: Any, *, timeout: float | None = None

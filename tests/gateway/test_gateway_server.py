@@ -26,7 +26,7 @@ from etha.kvstore.etcd import note_no_coordination
 from etha.kvstore.etcd_client import EtcdClient
 from tests.gateway.conftest import TenantCreds, open_store, start_gateway, tenant_client
 from tests.support.etcd_server import EtcdCluster
-from tests.support.gateway import GatewayProcess, revoke_tenant
+from tests.support.gateway import GatewayProcess, register_tenant, revoke_tenant
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -349,3 +349,27 @@ def test_health_endpoints(gateway: GatewayProcess) -> None:
     for path in ("/healthz", "/readyz"):
         with urllib.request.urlopen(base + path, timeout=5) as response:  # noqa: S310
             assert response.status == 200
+
+
+def test_gateway_keeps_its_own_etcd_token_fresh(tmp_path: Path, tenant: Factory) -> None:
+    """etcd expires the gateway's token (TTL 2 s) while it idles; new watches still work."""
+    cluster = EtcdCluster(tmp_path / "etcd", auth=True, auth_token_ttl=2)
+    with cluster:
+        root = EtcdClient(cluster.endpoints, username="root", password=cluster.root_password)
+        gw = start_gateway(cluster, tmp_path / "gw")
+        try:
+            username, secret, prefix = register_tenant(root)
+            creds = TenantCreds(username, secret, prefix)
+            time.sleep(5)  # idle: etcd has expired the token the gateway logged in with
+            with tenant_client([gw.endpoint], creds) as client:
+                key = f"{prefix}/k".encode()
+                revision = client.range(key).header.revision
+                time.sleep(3)  # idle again
+                watcher = client.watch_hub.watch(key, b"", revision + 1)
+                client.put(key, b"v")
+                events = watcher.get(timeout=15)
+                assert events is not None and events[0].kv.value == b"v"
+                watcher.cancel()
+        finally:
+            gw.stop()
+            root.close()
