@@ -63,8 +63,9 @@ log = logging.getLogger("etha.gateway.waits")
 LINGER = 10.0
 #: A waiter without a gRPC deadline waits at most this long (every wait has a timeout).
 MAX_WAIT = 3600.0
-#: Answered this long before the caller's deadline, so the caller gets our message.
-DEADLINE_MARGIN = 0.05
+#: Answered this long before the caller's deadline, so the caller gets our message (the
+#: library gives a wait this much more than its timeout: the answer comes at the timeout).
+DEADLINE_MARGIN = 0.5
 #: Page size of the mirror's load.
 LOAD_PAGE = 2000
 #: Limits on a request's fields (bad input is refused, never stored).
@@ -345,7 +346,8 @@ class _TenantWatch:
         batch = list(self.unsent)
         for waiter in batch:
             waiter.batch = round_
-        self.rounds[round_] = batch
+        if batch:
+            self.rounds[round_] = batch
         self.unsent.clear()
         self.waits.spawn(self._write(self.call, _PROGRESS))
 
@@ -365,6 +367,10 @@ class _TenantWatch:
         # A waiter of round k is fresh at the answer to round k + 1 (see the module doc).
         for round_ in [k for k in self.rounds if k < done_round]:
             self._freshen(self.rounds.pop(round_))
+        # Ask again only for waiters still parked (a round's waiters may have left).
+        for round_, batch in list(self.rounds.items()):
+            if not any(w in self.parked for w in batch):
+                del self.rounds[round_]
         if self.rounds or self.unsent:
             self._request_progress()
 

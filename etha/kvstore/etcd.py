@@ -63,7 +63,7 @@ _PUT_FRAMING = 16
 _KEY_CACHE_SIZE = 4096
 #: A gateway wait is given this much more than the caller's timeout, so that the
 #: gateway's own answer (which says what it saw) arrives before gRPC's deadline.
-_GATEWAY_MARGIN = 0.1
+_GATEWAY_MARGIN = 0.5
 
 #: Clients whose server answered ``Coordination`` UNIMPLEMENTED (plain etcd): they wait
 #: with watches from then on; no second try.

@@ -138,8 +138,8 @@ def test_timeout_names_what_was_seen(gateway: GatewayProcess, store: EtcdKVStore
         store.wait_for_keys("t/rank:*/ready", 3, timeout=1.0)
     elapsed = time.monotonic() - started_at
     assert isinstance(info.value, TimeoutError)
-    assert 0.9 <= elapsed < 5, elapsed
-    assert "2 of 3 keys matched" in str(info.value)
+    assert 1.0 <= elapsed < 10, elapsed  # (2 shared cores: generous upper bound)
+    assert "2 of 3 keys matched" in str(info.value), info.value
     assert waits_answered(gateway, "timeout") == before + 1
 
 
@@ -316,3 +316,27 @@ def test_many_waiters_one_condition_share_one_answer(
         finished(thread)
     expected = sorted(f"many/rank:{i}/ready" for i in range(n))
     assert results == [expected] * n
+
+
+def etcd_watch_requests(cluster: EtcdCluster) -> float:
+    """Messages etcd has received on Watch streams (creates, cancels, progress requests)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{cluster.urls[0]}/metrics", timeout=10).read().decode()  # noqa: S310
+    pattern = re.compile(r"^grpc_server_msg_received_total\{([^}]*)\} (\S+)$", re.M)
+    return sum(
+        float(m.group(2)) for m in pattern.finditer(text) if 'grpc_method="Watch"' in m.group(1)
+    )
+
+
+def test_a_replica_with_no_waiters_sends_etcd_nothing(
+    gateway: GatewayProcess, store: EtcdKVStore, etcd_auth: EtcdCluster
+) -> None:
+    """Freshness rounds stop when no waiter needs them (no progress-request ping-pong)."""
+    for i in range(3):
+        store.set(f"idle/{i}", "1")
+        store.wait_for_key(f"idle/{i}", timeout=5)
+    time.sleep(0.5)
+    before = etcd_watch_requests(etcd_auth)
+    time.sleep(1.5)
+    assert etcd_watch_requests(etcd_auth) == before
