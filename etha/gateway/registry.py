@@ -67,6 +67,11 @@ class Tenant:
         return self.record.username
 
 
+def _same_identity(a: Tenant, b: Tenant) -> bool:
+    """Same secret and prefix: a change of anything else (quotas) revokes nothing."""
+    return a.record.secret_sha256 == b.record.secret_sha256 and a.record.prefix == b.record.prefix
+
+
 class Registry:
     """The records under ``TENANTS_PREFIX``, loaded and watched (see the module docstring).
 
@@ -138,7 +143,7 @@ class Registry:
     def revoked(self, tenant: Tenant) -> asyncio.Event:
         """An event set when ``tenant`` (this record revision's identity) is revoked."""
         current = self._tenants.get(tenant.username)
-        if current is None or current.record.secret_sha256 != tenant.record.secret_sha256:
+        if current is None or not _same_identity(current, tenant):
             event = asyncio.Event()
             event.set()
             return event
@@ -186,13 +191,7 @@ class Registry:
             self._tenants.pop(username, None)
         else:
             self._tenants[username] = tenant
-        same_identity = (
-            old is not None
-            and tenant is not None
-            and old.record.secret_sha256 == tenant.record.secret_sha256
-            and old.record.prefix == tenant.record.prefix
-        )
-        if old is not None and not same_identity:
+        if old is not None and (tenant is None or not _same_identity(old, tenant)):
             event = self._revoked.pop(username, None)
             if event is not None:
                 event.set()

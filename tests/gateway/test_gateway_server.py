@@ -373,3 +373,32 @@ def test_gateway_keeps_its_own_etcd_token_fresh(tmp_path: Path, tenant: Factory)
         finally:
             gw.stop()
             root.close()
+
+
+def test_record_changes_retire_tokens_and_a_new_secret_ends_old_streams(
+    gateway: GatewayProcess, tenant: Factory, root: EtcdClient
+) -> None:
+    creds = tenant()
+    key = f"{creds.prefix}/k".encode()
+    with tenant_client([gateway.endpoint], creds) as client:
+        client.put(key, b"1")
+        revision = client.range(key).header.revision
+        watcher = client.watch_hub.watch(key, b"", revision + 1)
+        # A quota change rewrites the record: tokens are retired (the client logs in
+        # again by itself), but the open watch keeps running.
+        register_tenant(
+            root, creds.prefix, username=creds.username, secret=creds.secret, quotas={"keys": 50}
+        )
+        time.sleep(0.5)
+        client.put(key, b"2")
+        events = watcher.get(timeout=10)
+        assert events is not None and events[-1].kv.value == b"2"
+        # A new secret: the old one no longer logs in, and the open watch ends.
+        register_tenant(root, creds.prefix, username=creds.username, quotas={"keys": 50})
+        deadline = time.monotonic() + 20
+        with pytest.raises(PermissionDeniedError):
+            while time.monotonic() < deadline:
+                watcher.get(timeout=1)
+        with pytest.raises(PermissionDeniedError):
+            client.put(key, b"3")
+    assert root.range(key).kvs[0].value == b"2"
