@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 N ?= 8
 
-.PHONY: install lint fmt typecheck test test-fast demo bench bench-quick chaos clean e2e-kind
+.PHONY: install lint fmt typecheck test test-fast demo bench bench-quick bench-scale chaos clean e2e-kind
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m bench.run --quick
+
+## Scale: a barrier of 256..8192 independent clients straight to etcd, through the gateway
+## and on TCPStore, plus 8192 concurrent adds (~15 min). Writes bench/out/scale.json and
+## docs/img/scale.png; `python -m bench.bench_scale --report` reprints the table.
+bench-scale: $(STAMP)
+	$(PY) -m bench.bench_scale
 
 ## The product's main flow on one machine (no cluster needed); N workers.
 demo: $(STAMP)
