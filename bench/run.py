@@ -51,6 +51,11 @@ BENCHES: dict[str, tuple[str, str, str]] = {
         "run",
         "init_process_group: etha:// vs TCPStore rendezvous",
     ),
+    "torch_store": (
+        "bench.bench_torch_store",
+        "run",
+        "set+get of a 16 MiB value: EthaStore (chunked) vs TCPStore",
+    ),
 }
 
 
