@@ -73,6 +73,15 @@ def test_helm_lint_strict_is_clean(name: str, tmp_path: Path) -> None:
 
 
 @needs_helm
+def test_helm_lint_strict_is_clean_with_the_service_monitor(tmp_path: Path) -> None:
+    assert HELM is not None
+    values = tmp_path / "monitored.yaml"
+    values.write_text(yaml.safe_dump({"metrics": {"serviceMonitor": {"enabled": True}}}))
+    out = _run([HELM, "lint", "--strict", str(CHART), "-f", str(values)])
+    assert "0 chart(s) failed" in out, out
+
+
+@needs_helm
 def test_helm_lint_strict_fails_on_a_broken_value(tmp_path: Path) -> None:
     assert HELM is not None
     bad = tmp_path / "bad.yaml"
