@@ -9,11 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pyetcd import etcdrpc
 
+from etha.kvstore import KVStoreError, PermissionDeniedError
 from etha.kvstore.etcd_client import EtcdClient
-from tests.gateway.conftest import TenantCreds, open_store, start_gateway
-from tests.support.etcd_server import EtcdCluster
-from tests.support.gateway import write_token_keys
+from tests.gateway.conftest import TenantCreds, open_store, start_gateway, tenant_client
+from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.gateway import GatewayProcess, register_tenant, revoke_tenant, write_token_keys
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -69,3 +71,46 @@ def test_client_fails_over_when_a_replica_is_killed(
     finally:
         first.kill()
         second.stop()
+
+
+def test_revocations_made_while_cut_off_from_etcd_apply_after_reconnecting(
+    tmp_path: Path,
+) -> None:
+    """The registry's watch breaks; meanwhile a record is deleted and etcd compacted past
+    the watch. On reconnect the registry reads everything again: the tenant is revoked."""
+    cluster = EtcdCluster(tmp_path / "etcd", members=3, auth=True)
+    with cluster:
+        root = EtcdClient(cluster.endpoints, username=ROOT_USER, password=cluster.root_password)
+        member = cluster.nodes[0]
+        gw = GatewayProcess(
+            [member.endpoint], tmp_path / "gw", username=ROOT_USER, password=cluster.root_password
+        ).start()
+        try:
+            kept = TenantCreds(*register_tenant(root))
+            gone = TenantCreds(*register_tenant(root))
+            for creds in (kept, gone):
+                with tenant_client([gw.endpoint], creds) as client:
+                    client.put(f"{creds.prefix}/k".encode(), b"v")
+            member.stop()
+            revoke_tenant(root, gone.username)
+            for i in range(5):
+                root.put(b"-filler", str(i).encode())
+            revision = root.range(b"-filler").header.revision
+            root.call("KV", "Compact", etcdrpc.CompactionRequest(revision=revision, physical=True))
+            member.start()
+            cluster.wait_healthy(nodes=[member])
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with tenant_client([gw.endpoint], kept, timeout=5) as client:
+                        client.put(f"{kept.prefix}/k".encode(), b"again")
+                    break
+                except KVStoreError:
+                    assert time.monotonic() < deadline, gw.log_tail()
+                    time.sleep(0.5)
+            with pytest.raises(PermissionDeniedError), tenant_client([gw.endpoint], gone) as c:
+                c.put(f"{gone.prefix}/k".encode(), b"revoked meanwhile")
+            assert root.range(f"{gone.prefix}/k".encode()).kvs[0].value == b"v"
+        finally:
+            gw.stop()
+            root.close()
