@@ -117,6 +117,11 @@ class World:
         [kv] = self.root.range(tenant_key(tenant.creds.username)).kvs
         return int(kv.mod_revision)
 
+    def record_created(self, tenant: Tenant) -> int:
+        """The record's create_revision: the gateway serves no history older than it."""
+        [kv] = self.root.range(tenant_key(tenant.creds.username)).kvs
+        return int(kv.create_revision)
+
     def login(self, tenant: Tenant, *, fresh: bool = False) -> str:
         """The tenant's token from the gateway's Auth.Authenticate."""
         if fresh or tenant.name not in self._tokens:

@@ -26,6 +26,7 @@ import pytest
 from pyetcd import etcdrpc
 from pyetcd.etcdrpc import rpc_pb2
 
+from etha.gateway import confine
 from etha.gateway.tenancy import TENANTS_PREFIX, tenant_key
 from etha.gateway.tokens import TokenSigner, load_keys
 from etha.kvstore import gateway_api
@@ -862,3 +863,56 @@ def test_a_revoked_tenants_token_and_password_stop_working(world: World, tmp_pat
         AUTH_FAILED,
     )
     world.assert_untouched(before)
+
+
+def test_a_reused_prefix_does_not_reveal_the_previous_owners_history(world: World) -> None:
+    """KVNamespace 1 owns prefix P, writes, is deleted (keys and record go); KVNamespace
+    2 claims P. etcd still holds P's old revisions until it compacts: 2 must not read
+    them (Range at a revision, inside a Txn, or a watch replaying history)."""
+    prefix = f"{world.a.prefix}-reused"
+    first = world.provision("first-owner", prefix)
+    token = world.login(first)
+    secret = first.key("secret")
+    with world.channel() as channel:
+        written = etcdrpc.KVStub(channel).Put(
+            etcdrpc.PutRequest(key=secret, value=b"the first owner's secret"),
+            metadata=(("token", token),),
+            timeout=CALL_TIMEOUT,
+        )
+    old = int(written.header.revision)
+    world.deprovision(first)
+    assert not world.root.range(secret).kvs  # the operator cleaned the keys...
+    assert world.root.range(secret, revision=old).kvs  # ...but etcd keeps the history
+    second = world.provision("second-owner", prefix)
+    token = world.login(second)
+    compacted = (grpc.StatusCode.OUT_OF_RANGE, confine.COMPACTED_MESSAGE)
+    before = world.state()
+    refused(world, "KV", "Range", etcdrpc.RangeRequest(key=secret, revision=old), token, compacted)
+    refused(
+        world,
+        "KV",
+        "Range",
+        etcdrpc.RangeRequest(key=second.start, range_end=second.end, revision=1),
+        token,
+        compacted,
+    )
+    op = etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=secret, revision=old))
+    refused(world, "KV", "Txn", etcdrpc.TxnRequest(success=[op]), token, compacted)
+    watch = RawWatch(world, token)
+    try:
+        watch.create(second.start, second.end, start_revision=1, prev_kv=True)
+        refusal = watch.next()
+        assert refusal.canceled and not refusal.events, refusal
+    finally:
+        watch.close()
+    # The second owner's own present is fully readable, history from its creation too.
+    floor = world.record_created(second)
+    with world.channel() as channel:
+        now = etcdrpc.KVStub(channel).Range(
+            etcdrpc.RangeRequest(key=second.start, range_end=second.end, revision=floor),
+            metadata=(("token", token),),
+            timeout=CALL_TIMEOUT,
+        )
+    assert not now.kvs
+    world.assert_untouched(before)
+    world.deprovision(second)
