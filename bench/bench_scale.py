@@ -47,6 +47,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -627,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--report", action="store_true", help="only print/plot scale.json")
     args = parser.parse_args(argv)
+    # SIGTERM (a background run cannot get SIGINT) unwinds too: servers and workers stop.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.report:
         result = json.loads(OUT.read_text())
     else:
