@@ -13,6 +13,9 @@
   value is left alone and the *expected* value is returned; an existing key is replaced
   when its value equals the expected one, else its current value is returned.
 * ``check``, ``delete_key``, ``num_keys``, ``list_keys``, ``set_timeout``, ``multi_set``.
+* Values up to :data:`MAX_VALUE_BYTES` (128 MiB); those over one chunk (1 MiB) are kept
+  in chunks outside the store's key range and switched by one manifest transaction, so
+  a reader never sees a torn value (see "chunked values" below and docs/torch.md).
 
 Not supported: ``queue_push``/``queue_pop``/``queue_len`` (torch's trampoline for
 Python stores does not forward them, so C++ callers could never reach an
