@@ -21,9 +21,10 @@ Not supported: ``queue_push``/``queue_pop``/``queue_len`` (torch's trampoline fo
 Python stores does not forward them, so C++ callers could never reach an
 implementation; torch raises ``NotImplementedError``).
 
-Every key lives at ``{namespace}/{component}/[{scope}/]{torch key}``: inside the
-namespace prefix that the operator grants to the job's credentials and deletes when the
-job ends. Nothing is written anywhere else.
+Every key lives at ``{namespace}/{component}/[{scope}/]{torch key}`` (and the chunks of
+large values next to the store's range, at ``{namespace}/{component}/[{scope}]!/...``):
+inside the namespace prefix that the operator grants to the job's credentials and
+deletes when the job ends. Nothing is written anywhere else.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ CHUNK_BYTES = 1024 * 1024
 #: The largest value the store accepts: 128 chunks. Every replacement of a value also
 #: stays in etcd's history until compaction, so far larger values belong elsewhere.
 MAX_VALUE_BYTES = 128 * CHUNK_BYTES
+#: The smallest chunk (when the client's max_request_bytes is configured very low); it
+#: keeps the chunk count, and the 5-digit chunk index, bounded.
+_MIN_CHUNK_BYTES = 4096
 #: The value of a key whose data is in chunks starts with this (then
 #: ``{generation} {size} {count}``). A small value that starts with it is chunked too, so
 #: a stored value is a manifest exactly when it starts with the mark.
@@ -168,7 +172,7 @@ def _parse_manifest(stored: bytes) -> tuple[bytes, int, int] | None:
         size, count = int(parts[1]), int(parts[2])
     except ValueError:
         return None
-    if not 0 <= size <= MAX_VALUE_BYTES or not 0 < count <= MAX_VALUE_BYTES // 1024:
+    if not 0 <= size <= MAX_VALUE_BYTES or not 0 < count <= MAX_VALUE_BYTES // _MIN_CHUNK_BYTES:
         return None
     return parts[0], size, count
 
@@ -330,7 +334,9 @@ class EthaStore(_C10dStore):
             self._client = client
             self._finalizer = None
         # One chunk and its key must fit in one etcd request.
-        self._chunk_bytes = min(CHUNK_BYTES, max(4096, self._client.max_request_bytes - 65536))
+        self._chunk_bytes = min(
+            CHUNK_BYTES, max(_MIN_CHUNK_BYTES, self._client.max_request_bytes - 65536)
+        )
 
     def __del__(self) -> None:
         # The last Python reference is gone. If C++ still holds the store, stay alive
