@@ -612,6 +612,14 @@ def test_large_values_through_multi_set_and_a_blocked_get(store: EthaStore) -> N
         timer.cancel()
 
 
+def test_multi_set_of_values_larger_together_than_one_request(store: EthaStore) -> None:
+    # Six 600 KiB values: each fits one request, together they need several.
+    keys = [f"mid/{i}" for i in range(6)]
+    values = [_pattern(600 * 1024, 20 + i) for i in range(6)]
+    store.multi_set(keys, values)
+    assert store.multi_get(keys) == values
+
+
 def test_chunked_value_is_one_value_to_every_method(store: EthaStore) -> None:
     data = _pattern(2 * MiB, 6)
     store.set("v", data)
