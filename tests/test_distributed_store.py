@@ -588,6 +588,8 @@ def test_64_mib_value_round_trips(store: EthaStore) -> None:
     store.set_timeout(timedelta(seconds=60))
     store.set("huge", data)
     assert store.get("huge") == data
+    assert store.multi_get(["huge"]) == [data]
+    store.wait(["huge"], timedelta(seconds=5))
 
 
 def test_value_over_the_bound_is_refused_naming_it(store: EthaStore) -> None:
