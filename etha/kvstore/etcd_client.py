@@ -557,6 +557,9 @@ class EtcdClient:
                     continue
                 if md is None and not may_relogin and _AUTH_DISABLED in details:
                     raise _AuthDisabled() from None
+                if self._closed and code is grpc.StatusCode.CANCELLED:
+                    # close() in another thread cancelled this call ("Channel closed!").
+                    raise StoreClosedError("the etcd client was closed during a call") from None
                 error = self._map_error(service, method, code, details, conn, _quota_name(exc))
                 error.code, error.details = code.name, details
                 error.endpoint = str(conn.endpoint)
