@@ -377,6 +377,18 @@ def test_a_store_torch_does_not_hold_is_freed_at_once(ns_a: EtcdConfig) -> None:
     assert client.closed
 
 
+def test_the_cpp_reference_count_is_readable_on_this_torch(store: EthaStore) -> None:
+    # Else stores fall back to staying alive while any process group exists: a torch
+    # upgrade that changes pybind11's or c10's layout must be noticed here.
+    from etha.distributed import store as store_module
+
+    assert store_module._LAYOUT_CHECKED is True
+    assert store_module._probe_cpp_refcount(store) == 1
+    wrapper = dist.PrefixStore("p", store)
+    assert store_module._probe_cpp_refcount(store) == 2
+    del wrapper
+
+
 def test_queue_methods_are_unsupported(store: EthaStore) -> None:
     with pytest.raises(NotImplementedError):
         store.queue_push("q", "x")
