@@ -86,10 +86,9 @@ class RankProcesses:
     """K processes, one workload rank each; :meth:`close` ends every one still running."""
 
     def __init__(self, workdir: Path, spec: dict[str, Any]) -> None:
-        # Ranks fork from a server that has imported this module (etha, grpc) once:
-        # 16 processes start in a second instead of importing for 1-2 s of CPU each.
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
+        # spawn: no fork of a process with gRPC threads, and no fork server left running
+        # after the test (each rank imports etha on its own: a few seconds in all)
+        ctx = multiprocessing.get_context("spawn")
         self.workers = int(spec["workers"])
         self.progress = ctx.Array("i", self.workers)
         self.stop_at = ctx.Value("i", 0)
