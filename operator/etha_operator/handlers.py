@@ -163,7 +163,16 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
         except TemporaryFailure as exc:
             raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY) from exc
 
-    @kopf.timer(*resource, id="recheck", registry=registry, interval=cfg.job_check_interval)
+    # initial_delay: kopf would otherwise run the timer as soon as it sees an object,
+    # racing the create handler that is provisioning it (a second provisioning pass and
+    # job check per object, a third more API calls in a storm of new KVNamespaces).
+    @kopf.timer(
+        *resource,
+        id="recheck",
+        registry=registry,
+        interval=cfg.job_check_interval,
+        initial_delay=cfg.job_check_interval,
+    )
     @metrics.counted("recheck")
     def recheck(body: kopf.Body, memo: Any, **_: Any) -> None:
         """Level-triggered safety net: failed provisioning, TTLs, missed job ends."""

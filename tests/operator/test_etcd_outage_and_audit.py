@@ -106,7 +106,7 @@ def test_delete_with_etcd_down_gives_up_after_the_deadline_and_the_audit_cleans_
         what="the audit to remove the stranded user and role",
     )
     assert count_keys(etcd, status["keyPrefix"]) == 0
-    assert "audit: removed orphaned etcd user/role" in operator.log()
+    assert "audit: removed orphaned etcd user/etcd role" in operator.log()
 
 
 def test_audit_removes_orphans_created_behind_the_operators_back(

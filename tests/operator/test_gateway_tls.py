@@ -1,5 +1,7 @@
 """The operator in gateway mode with a TLS gateway: https endpoints and the gateway's CA
 reach the tenant Secret, and a worker talks to the gateway over TLS with only that.
+Every Kubernetes API request of the whole lifecycle is recorded: the chart's RBAC (its
+default, gateway mode) grants each verb used.
 
 Its own module: its own emulator, so no other operator handles its objects.
 """
@@ -16,6 +18,7 @@ from etha.kvstore.errors import KVStoreError
 from tests.operator.helpers import (
     API,
     PLURAL,
+    finish_job,
     gateway_etcd_user,
     job,
     kvnamespace,
@@ -23,11 +26,13 @@ from tests.operator.helpers import (
     store_from_secret,
     wait_phase,
 )
+from tests.reliability.conftest import ApiRecorder
 from tests.support.etcd_server import EtcdCluster
 from tests.support.gateway import GatewayProcess
 from tests.support.kube_emulator import EmulatorServer
-from tests.support.operator_runner import OperatorProcess
+from tests.support.operator_runner import OperatorProcess, wait_for
 from tests.support.tls import TLSFiles, make_tls
+from tests.test_chart import manifests
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -56,6 +61,7 @@ def test_a_tls_gateway_puts_https_and_its_ca_into_the_secret(
             "ETHA_GATEWAY_TLS_KEY_FILE": str(tls.server_key),
         },
     ) as gateway:
+        recorder = ApiRecorder(kube)
         op = operator_factory(
             gateway=[f"https://{gateway.endpoint}"],
             ETHA_OPERATOR_GATEWAY_CA_FILE=str(tls.ca_cert),
@@ -74,5 +80,24 @@ def test_a_tls_gateway_puts_https_and_its_ca_into_the_secret(
             stripped = {k: v for k, v in env.items() if k != "ETHA_KV_CA_PEM"}
             with pytest.raises(KVStoreError):
                 from_env({**stripped, "ETHA_KV_TIMEOUT": "2"}).set("no-ca", "1")
+            finish_job(kube, k8s_ns, "sec")
+            wait_phase(kube, k8s_ns, "sec", "Cleaned")
+            kube.delete(API, PLURAL, "sec", k8s_ns)
+            wait_for(lambda: kube.find(API, PLURAL, "sec", k8s_ns) is None, what="deletion")
         finally:
             op.stop()
+    # Least privilege: the chart (gateway mode, cluster-wide) grants every verb used.
+    granted: dict[tuple[str, str], set[str]] = {}
+    for role in (d for d in manifests() if d["kind"] == "ClusterRole"):
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    granted.setdefault((group, resource), set()).update(rule["verbs"])
+    used = recorder.verbs()
+    assert used, "nothing recorded"
+    missing = {
+        f"{group or 'core'}/{resource}": sorted(verbs - granted.get((group, resource), set()))
+        for (_, group, resource), verbs in used.items()
+        if verbs - granted.get((group, resource), set())
+    }
+    assert not missing, f"the chart does not grant {missing}"
