@@ -1,8 +1,9 @@
 """The operator's Prometheus endpoint, scraped while the real operator runs a lifecycle.
 
 Each step (create -> Ready, job end -> clean-up, delete -> finalizer, an orphan for the
-audit) must move the matching counters and histograms by exactly what happened, and the
-exposition must carry no secret, key name, object name or uid.
+audit, a deletion while etcd is down) must move the matching counters and histograms by
+exactly what happened, and the exposition must carry no secret, key name, object name or
+uid. The module runs its own etcd (auth on), because the last test stops it.
 """
 
 from __future__ import annotations
@@ -69,11 +70,27 @@ class Scrape:
         return self.get(name, **labels) - before.get(name, **labels)
 
 
+DEADLINE = 3
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-metrics"), auth=True)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
 @pytest.fixture(scope="module")
 def metered(operator_factory: Callable[..., OperatorProcess]) -> Iterator[Metered]:
     port = free_port()
     proc = operator_factory(
-        ETHA_OPERATOR_METRICS_PORT=str(port), ETHA_OPERATOR_AUDIT_INTERVAL="1"
+        ETHA_OPERATOR_METRICS_PORT=str(port),
+        ETHA_OPERATOR_AUDIT_INTERVAL="1",
+        ETHA_OPERATOR_CLEANUP_DEADLINE=str(DEADLINE),
+        ETHA_OPERATOR_ETCD_TIMEOUT="1",
     ).start()
     yield Metered(proc, port)
     proc.stop()
@@ -205,3 +222,52 @@ def test_audit_removal_is_counted_with_its_keys(metered: Metered, etcd: EtcdClus
     assert after.delta(before, "etha_operator_keys_deleted_total", reason="audit") == 2
     assert after.delta(before, "etha_operator_audit_runs_total", outcome="success") >= 2
     assert uid not in after.text and prefix not in after.text
+
+
+def test_a_deletion_while_etcd_is_down_counts_the_deadline_and_the_errors(
+    kube: EmulatorServer, metered: Metered, etcd: EtcdCluster, k8s_ns: str
+) -> None:
+    name = f"m-{uuid.uuid4().hex[:6]}"
+    kube.create(API, PLURAL, kvnamespace(name, name), k8s_ns)
+    wait_phase(kube, k8s_ns, name, "Ready")
+    with store_from_secret(kube, k8s_ns, f"{name}-etha-kv") as store:
+        for i in range(4):
+            store.set(f"k{i}", "v")
+    before = metered.scrape()
+    etcd.stop()
+    try:
+        kube.delete(API, PLURAL, name, k8s_ns)
+        down = wait_metric(
+            metered,
+            "the finalizer to give up",
+            lambda s: s.delta(before, "etha_operator_finalizer_deadline_exceeded_total") == 1,
+            timeout=DEADLINE + 60,
+        )
+        assert down.delta(before, "etha_operator_finalizer_seconds_count") == 1
+        assert down.delta(before, "etha_operator_finalizer_seconds_sum") >= DEADLINE - 0.5
+        assert down.delta(before, "etha_operator_keys_deleted_total", reason="finalizer") == 0
+        failed = {
+            labels: value - before.samples.get((sample, labels), 0.0)
+            for (sample, labels), value in down.samples.items()
+            if sample == "etha_operator_etcd_errors_total"
+        }
+        errors = {dict(labels)["error"] for labels, delta in failed.items() if delta > 0}
+        assert errors and errors <= {"UnavailableError", "KVTimeoutError"}, failed
+    finally:
+        for node in etcd.nodes:
+            node.start()
+        wait_for(
+            lambda: etcd.etcdctl("endpoint", "health", check=False).returncode == 0,
+            timeout=60,
+            interval=0.2,
+            what="etcd to come back",
+        )
+    # The audit removes what the finalizer left, and counts it with the keys.
+    after = wait_metric(
+        metered,
+        "the audit to remove the leftovers",
+        lambda s: s.delta(before, "etha_operator_audit_orphans_removed_total") >= 1,
+        timeout=60,
+    )
+    assert after.delta(before, "etha_operator_audit_orphans_removed_total") == 1
+    assert after.delta(before, "etha_operator_keys_deleted_total", reason="audit") == 4
