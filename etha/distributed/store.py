@@ -423,17 +423,15 @@ class EthaStore(_C10dStore):
         action = f"set({key!r})"
         try:
             stored, generation = self._store(full, data, action)
-            try:
-                response = self._client.txn(
-                    etcdrpc.TxnRequest(
-                        compare=self._chunks_compare(full, generation),
-                        success=[_put_op(full, stored), *self._cleanup_ops(full, generation)],
-                    ),
-                    timeout=self._request_timeout(),
-                )
-            except BaseException:
-                self._drop_generation(full, generation)
-                raise
+            # No clean-up if this fails: the manifest may have been written (a lost
+            # answer), and then these chunks are the value. The next write removes them.
+            response = self._client.txn(
+                etcdrpc.TxnRequest(
+                    compare=self._chunks_compare(full, generation),
+                    success=[_put_op(full, stored), *self._cleanup_ops(full, generation)],
+                ),
+                timeout=self._request_timeout(),
+            )
             if not response.succeeded:
                 # A write or delete of this key that started after this set removed its
                 # chunks: that write comes later, so this value was overwritten. Done.
@@ -490,22 +488,23 @@ class EthaStore(_C10dStore):
         """Put ``batch`` in one transaction (chunks first); re-send if chunks vanished."""
         for _ in range(_MULTI_SET_ATTEMPTS):
             written: dict[bytes, bytes | None] = {}
+            compare: list[Any] = []
+            success: list[Any] = []
             try:
-                compare: list[Any] = []
-                success: list[Any] = []
                 for full, data in batch.items():
                     stored, generation = self._store(full, data, action)
                     written[full] = generation
                     compare += self._chunks_compare(full, generation)
                     success += [_put_op(full, stored), *self._cleanup_ops(full, generation)]
-                response = self._client.txn(
-                    etcdrpc.TxnRequest(compare=compare, success=success),
-                    timeout=self._request_timeout(),
-                )
             except BaseException:
                 for full, generation in written.items():
                     self._drop_generation(full, generation)
                 raise
+            # As in set(): no clean-up if the transaction fails without an answer.
+            response = self._client.txn(
+                etcdrpc.TxnRequest(compare=compare, success=success),
+                timeout=self._request_timeout(),
+            )
             if response.succeeded:
                 return
             # A concurrent write of one of these keys removed chunks written here: that
@@ -715,18 +714,15 @@ class EthaStore(_C10dStore):
                         result=_EQUAL, target=_MOD, key=full, mod_revision=kv.mod_revision
                     )
                 stored, generation = self._store(full, new_value, action)
-                try:
-                    txn = self._client.txn(
-                        etcdrpc.TxnRequest(
-                            compare=[compare, *self._chunks_compare(full, generation)],
-                            success=[_put_op(full, stored), *self._cleanup_ops(full, generation)],
-                            failure=[read],
-                        ),
-                        timeout=self._request_timeout(),
-                    )
-                except BaseException:
-                    self._drop_generation(full, generation)
-                    raise
+                # As in set(): no clean-up if the transaction fails without an answer.
+                txn = self._client.txn(
+                    etcdrpc.TxnRequest(
+                        compare=[compare, *self._chunks_compare(full, generation)],
+                        success=[_put_op(full, stored), *self._cleanup_ops(full, generation)],
+                        failure=[read],
+                    ),
+                    timeout=self._request_timeout(),
+                )
                 if txn.succeeded:
                     return result
                 self._drop_generation(full, generation)
