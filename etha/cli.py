@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -554,7 +555,8 @@ class Doctor:
                 f"tcpstore backend, namespace {config.namespace!r}, server"
                 f" {config.host}:{config.port}",
             )
-            self._tcp(config.host, config.port, min(config.timeout, PROBE_TIMEOUT))
+            if self._tcp(config.host, config.port, min(config.timeout, PROBE_TIMEOUT)):
+                self._tcpstore(config)
             return
         auth = f"user {config.username!r}" if config.username else "no user (auth off)"
         self.ok(
@@ -666,6 +668,47 @@ class Doctor:
         return False
 
     # -- the store itself --
+
+    def _tcpstore(self, config: TCPStoreConfig) -> None:
+        """Write, read and delete a probe key as a client (never as the server: a rank-0
+        pod's environment says is_server, and the real server already holds the port)."""
+        from etha.kvstore import open_store
+
+        view = f"{config.component}/{PROBE_SEGMENT}/{secrets.token_hex(6)}"
+        key = view.partition("/")[2]
+        value = secrets.token_bytes(16)
+        began = time.perf_counter()
+        try:
+            with open_store(dataclasses.replace(config, is_server=False)) as store:
+                store.set_bytes(key, value)
+                read = store.get_bytes(key)
+                store.delete(key)
+        except KVStoreError as exc:
+            self._tcpstore_error(exc)
+            return
+        if read != value:
+            self.fail(
+                f"probe key {view}",
+                "the value read back differs from the value written",
+                "inconsistent",
+                "another process writes under this key",
+            )
+            return
+        elapsed = (time.perf_counter() - began) * 1000
+        self.ok(f"probe key {view}", "write/read/delete on the TCPStore server")
+        self.ok("round trip", f"{elapsed:.1f} ms for connect + put + get + delete")
+
+    def _tcpstore_error(self, exc: KVStoreError) -> None:
+        if isinstance(exc, (UnavailableError, KVTimeoutError)):
+            self.fail(
+                "TCPStore",
+                str(exc),
+                "unreachable",
+                "the port accepts TCP but no TCPStore server answers: check that rank 0"
+                " (ETHA_KV_TCPSTORE_IS_SERVER=true) runs and that the port is its store",
+            )
+        else:
+            self.fail("TCPStore", str(exc), "error", "see the message above")
 
     def _store(self, config: EtcdConfig) -> None:
         from pyetcd import etcdrpc

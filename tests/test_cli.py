@@ -28,6 +28,7 @@ from tests.support.etcd_server import ROOT_USER, EtcdCluster
 from tests.support.gateway import GatewayProcess, register_tenant
 from tests.support.ports import free_port
 from tests.support.processes import end_process
+from tests.support.tcpstore_server import TCPStoreServer
 from tests.support.tls import make_tls
 
 pytestmark = pytest.mark.timeout(180)
@@ -444,3 +445,43 @@ def test_doctor_through_the_gateway_diagnoses_credentials_prefix_and_quota(
     assert "'keys'" in failed["detail"]
     line = one_line_error(run(env, "put", "default/second", "y"), 1)
     assert "quota" in line
+
+
+# -- TCPStore ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tcpstore() -> Iterator[TCPStoreServer]:
+    with TCPStoreServer() as server:
+        yield server
+
+
+def _tcpstore_env(port: int) -> dict[str, str]:
+    env = base_env()
+    env.update(
+        ETHA_KV_BACKEND="tcpstore",
+        ETHA_KV_NAMESPACE=f"cli-{uuid.uuid4().hex[:8]}",
+        ETHA_KV_TCPSTORE_HOST="127.0.0.1",
+        ETHA_KV_TCPSTORE_PORT=str(port),
+        # What rank 0's pod says: doctor must still only connect as a client.
+        ETHA_KV_TCPSTORE_IS_SERVER="true",
+        ETHA_KV_TIMEOUT="5",
+    )
+    return env
+
+
+def test_doctor_and_key_commands_on_tcpstore(tcpstore: TCPStoreServer) -> None:
+    env = _tcpstore_env(tcpstore.port)
+    result, report = doctor(env)
+    assert result.returncode == 0, result.stdout
+    assert any(c["name"] == "round trip" for c in report["checks"])
+    client_env = {**env, "ETHA_KV_TCPSTORE_IS_SERVER": "false"}
+    assert run(client_env, "put", "default/x", "42").returncode == 0
+    assert run(client_env, "get", "default/x").stdout == "42"
+    line = one_line_error(run(client_env, "ls"), 2)
+    assert "needs the etcd backend" in line
+
+
+def test_doctor_on_tcpstore_diagnoses_a_closed_port() -> None:
+    failed = _verdict(_tcpstore_env(free_port()), "unreachable")
+    assert "TCP connect failed" in failed["detail"]
