@@ -33,8 +33,9 @@ Figures (names under ``gateway.``):
 * ``cpu.<what>.<side>``: CPU (user + system, ``/proc/<pid>/stat``) of the gateway
   process and of etcd per request over a measured batch of sequential requests.
 
-``python -m bench.bench_gateway [--json FILE]`` prints the markdown of the gateway
-section of docs/benchmarks.md from a run's JSON.
+``python -m bench.bench_gateway [--json FILE] [--doc docs/benchmarks.md]`` prints the
+markdown of the gateway section's tables from a run's JSON, or puts it between the
+``gateway-results`` markers of the doc.
 """
 
 from __future__ import annotations
@@ -532,6 +533,7 @@ def bench_wake(sides: dict[str, Side], workers: Workers, quick: bool) -> dict[st
     workers.call(w_open, (infos, 0), indices=[0], timeout=WAIT_S)
     setters = {name: _open(info) for name, info in infos.items()}
     samples: dict[str, list[float]] = {name: [] for name in sides}
+    set_times: dict[str, list[float]] = {name: [] for name in sides}
     late = dict.fromkeys(sides, 0)
     try:
         log(f"gateway wake-up: {iters} iterations per side")
@@ -542,6 +544,7 @@ def bench_wake(sides: dict[str, Side], workers: Workers, quick: bool) -> dict[st
                 time.sleep(ARM_S)
                 t0 = time.perf_counter()
                 setters[name].set(key, "1")
+                t_set = time.perf_counter()
                 t_call, t1 = workers.recv(0, timeout=WAIT_S)
                 if i < warmup:
                     continue
@@ -549,18 +552,25 @@ def bench_wake(sides: dict[str, Side], workers: Workers, quick: bool) -> dict[st
                     late[name] += 1
                     continue
                 samples[name].append(t1 - t0)
+                set_times[name].append(t_set - t0)
     finally:
         workers.call(w_close, (), indices=[0])
         for store in setters.values():
             store.close(cleanup=False)
     note = f"set here -> wait_for_key returns in another process; arm {ARM_S * 1000:.0f} ms"
     figures = {
-        "gateway.wake.direct": _fig(samples["direct"], late_dropped=late["direct"], note=note)
+        "gateway.wake.direct": _fig(
+            samples["direct"],
+            late_dropped=late["direct"],
+            set_call_ms=spread([t * 1000 for t in set_times["direct"]]),
+            note=note,
+        )
     }
     if "gateway" in sides:
         figures["gateway.wake.gateway"] = _fig(
             samples["gateway"],
             late_dropped=late["gateway"],
+            set_call_ms=spread([t * 1000 for t in set_times["gateway"]]),
             baseline="gateway.wake.direct",
             target={"stat": "p50", "max_ratio": 2.0},
             note=note,
@@ -815,6 +825,13 @@ def markdown(result: dict[str, Any]) -> str:
         figs.get("gateway.wake.direct"),
         figs.get("gateway.wake.gateway"),
     )
+    wd, wg = figs.get("gateway.wake.direct") or {}, figs.get("gateway.wake.gateway") or {}
+    if wd.get("set_call_ms") or wg.get("set_call_ms"):
+        sd, sg = wd.get("set_call_ms") or {}, wg.get("set_call_ms") or {}
+        lines.append(
+            f"| of which the setter's `set` | {fmt(sd.get('p50'))} ms | {fmt(sg.get('p50'))} ms"
+            " | | | | |"
+        )
     for name in sorted(
         k for k in figs if k.startswith("gateway.barrier.") and k.endswith(".direct")
     ):
@@ -867,11 +884,27 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+GW_BEGIN, GW_END = "<!-- gateway-results:begin -->", "<!-- gateway-results:end -->"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_gateway")
     parser.add_argument("--json", type=Path, default=LATEST)
+    parser.add_argument(
+        "--doc", type=Path, help="replace the text between the gateway-results markers here"
+    )
     args = parser.parse_args(argv)
-    print(markdown(json.loads(args.json.read_text())))
+    text = markdown(json.loads(args.json.read_text()))
+    if args.doc is None:
+        print(text)
+        return 0
+    doc = args.doc.read_text()
+    if GW_BEGIN not in doc or GW_END not in doc:
+        raise SystemExit(f"{args.doc} has no {GW_BEGIN} ... {GW_END} markers")
+    head, rest = doc.split(GW_BEGIN, 1)
+    tail = rest.split(GW_END, 1)[1]
+    args.doc.write_text(f"{head}{GW_BEGIN}\n{text}\n{GW_END}{tail}")
+    print(f"updated {args.doc}")
     return 0
 
 
