@@ -243,6 +243,38 @@ def test_inline_store_survives_gc_and_is_freed_after_destroy(
         assert result == {"kind": "EthaStore", "sum": 10.0, "freed": True, "closed": True}
 
 
+def test_inline_store_without_a_readable_refcount_lives_while_a_group_exists(
+    ns_a: EtcdConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fallback for a torch whose object layout the probe does not recognise.
+    import gc
+    import weakref
+
+    from etha.distributed import store as store_module
+
+    monkeypatch.setattr(store_module, "_LAYOUT_CHECKED", False)
+    scope = f"fallback-{uuid.uuid4().hex[:8]}"
+    dist.init_process_group(
+        "gloo", store=EthaStore(ns_a, scope=scope, timeout=timedelta(seconds=30)),
+        rank=0, world_size=1,
+    )  # fmt: skip
+    try:
+        gc.collect()
+        held = dist.distributed_c10d._get_default_store().underlying_store
+        assert isinstance(held, EthaStore)
+        ref = weakref.ref(held)
+        del held
+        group = dist.new_group([0])
+        t = torch.tensor([3.0])
+        dist.all_reduce(t, group=group)
+        assert t.item() == 3.0
+        del group
+    finally:
+        dist.destroy_process_group()
+    gc.collect()
+    assert ref() is None
+
+
 def test_single_process_in_this_process(
     etha_env: pytest.MonkeyPatch, ns_a: EtcdConfig, etcd_auth: EtcdCluster
 ) -> None:
