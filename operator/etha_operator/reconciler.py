@@ -351,6 +351,14 @@ class Reconciler:
                 previous, k8s.condition("Ready", True, "Provisioned", message, generation, previous)
             ),
         }
+        if not status.get("jobUID"):
+            # The Job's uid when first seen, in the same write as Ready: recording it later
+            # (in the job check) would cost one more status write, and one more watch
+            # event for kopf, per new KVNamespace.
+            job = self.kube.get_job(namespace, spec.job)
+            job_uid = (job or {}).get("metadata", {}).get("uid")
+            if job_uid:
+                new_status["jobUID"] = job_uid
         if any(status.get(key) != value for key, value in new_status.items()):
             self._write_status(body, new_status)
         if not was_ready:
