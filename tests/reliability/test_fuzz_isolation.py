@@ -356,14 +356,20 @@ def test_raw_requests_with_the_users_token_never_touch_other_keys(
             elif op == "delete":
                 client.delete_range(key, end)
             else:
-                watcher = client.watch_hub.watch(key, end, 0)
+                # From a fixed revision: the probes are delivered however late the
+                # watch is created on a loaded machine.
+                revision = world.root.range(b"\0").header.revision
+                watcher = client.watch_hub.watch(key, end, revision + 1)
                 try:
-                    watcher.get(0.3)  # a refusal arrives here (PermissionDeniedError)
                     for probe in (*WATCH_PROBES, prefix_range_end(world.a_prefix) + b"probe"):
                         world.root.put(probe, b"probe")
                         world.root.delete_range(probe)
-                    while (events := watcher.get(0.5)) is not None:
+                    # A refusal (PermissionDeniedError) or the events; when the request
+                    # can select outside keys, give a late answer up to 5 s.
+                    patience = 5.0 if outside_selected else 0.5
+                    while (events := watcher.get(patience)) is not None:
                         seen.extend(ev.kv.key for ev in events)
+                        patience = 0.5
                 finally:
                     watcher.cancel()
             allowed = True
