@@ -192,6 +192,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
                 reconciler.check_alarms(plain)  # leaves Ready while etcd holds an alarm
             reconciler.check_job(plain)
         except TemporaryFailure as exc:
+            metrics.mark_retry()
             logger.warning(
                 "KVNamespace %s/%s: will retry: %s",
                 body.metadata.namespace,
@@ -220,6 +221,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
                 try:
                     reconciler.check_job(body)
                 except TemporaryFailure as exc:
+                    metrics.mark_retry()
                     logger.warning(
                         "KVNamespace %s/%s: job check will be retried: %s", namespace, kvns, exc
                     )

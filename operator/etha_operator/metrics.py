@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -107,6 +108,18 @@ def outcome_of(exc: BaseException) -> str:
     return "retry" if isinstance(exc, kopf.TemporaryError) else "error"
 
 
+_RUN = threading.local()
+
+
+def mark_retry() -> None:
+    """Count the current sync handler run as ``retry`` although it returns normally.
+
+    For handlers that catch a temporary failure themselves and leave the retry to their
+    next run (the timer, the job watcher).
+    """
+    _RUN.retry = True
+
+
 def counted(handler: str) -> Callable[[F], F]:
     """Count each run of the decorated kopf handler in :data:`RECONCILES` by outcome.
 
@@ -130,12 +143,13 @@ def counted(handler: str) -> Callable[[F], F]:
 
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
+            _RUN.retry = False
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:
                 RECONCILES.labels(handler, outcome_of(exc)).inc()
                 raise
-            RECONCILES.labels(handler, "success").inc()
+            RECONCILES.labels(handler, "retry" if _RUN.retry else "success").inc()
             return result
 
         return cast(F, run)
@@ -271,6 +285,7 @@ __all__ = [
     "InstrumentedEtcdClient",
     "PhaseBook",
     "counted",
+    "mark_retry",
     "register",
     "serve",
     "timed",

@@ -253,6 +253,25 @@ def test_a_deletion_while_etcd_is_down_counts_the_deadline_and_the_errors(
         }
         errors = {dict(labels)["error"] for labels, delta in failed.items() if delta > 0}
         assert errors and errors <= {"UnavailableError", "KVTimeoutError"}, failed
+
+        # A KVNamespace created now cannot be provisioned: the create handler fails over
+        # to kopf's retry, and the timer's own attempts count as retries too.
+        kube.create(API, PLURAL, kvnamespace(f"{name}-later", f"{name}-later"), k8s_ns)
+        wait_metric(
+            metered,
+            "provisioning retries",
+            lambda s: (
+                s.delta(
+                    before, "etha_operator_reconciles_total", handler="reconcile", outcome="retry"
+                )
+                >= 1
+                and s.delta(
+                    before, "etha_operator_reconciles_total", handler="recheck", outcome="retry"
+                )
+                >= 1
+            ),
+            timeout=60,
+        )
     finally:
         for node in etcd.nodes:
             node.start()
@@ -271,3 +290,4 @@ def test_a_deletion_while_etcd_is_down_counts_the_deadline_and_the_errors(
     )
     assert after.delta(before, "etha_operator_audit_orphans_removed_total") == 1
     assert after.delta(before, "etha_operator_keys_deleted_total", reason="audit") == 4
+    wait_phase(kube, k8s_ns, f"{name}-later", "Ready")  # and the retries got there
