@@ -136,8 +136,10 @@ def _ratio_spread(per_round: Sequence[dict[str, float]], num: str, den: str) -> 
     }
 
 
-def _rotated(r: int) -> tuple[str, ...]:
-    return SIDES if r % 2 == 0 else SIDES[::-1]
+def _rotated(r: int, names: Sequence[str] = SIDES) -> tuple[str, ...]:
+    """``names`` rotated by ``r``: who goes first changes every round."""
+    k = r % len(names)
+    return tuple(names[k:]) + tuple(names[:k])
 
 
 # -- processes and noise ---------------------------------------------------------------------
@@ -241,10 +243,52 @@ def deployment(workdir: Path) -> Iterator[tuple[Any, dict[str, Side]]]:
                 etcd_proc.pid,
             )
         }
-        with _gateway(cluster, workdir) as gateway_side:
+        with (
+            _gateway(cluster, workdir) as gateway_side,
+            _floor(cluster, sides["direct"]) as floor_side,
+        ):
             if gateway_side is not None:
                 sides["gateway"] = gateway_side
+            sides["floor"] = floor_side
             yield cluster, sides
+
+
+@contextlib.contextmanager
+def _floor(cluster: Any, direct: Side) -> Iterator[Side]:
+    """The pass-through proxy of ``bench/proto_passthrough.py`` with direct's credentials."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support.ports import free_port, wait_port
+    from tests.support.processes import end_process
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.proto_passthrough",
+            f"127.0.0.1:{port}",
+            cluster.endpoints[0],
+        ],
+        cwd=str(Path(__file__).resolve().parents[1]),
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_port("127.0.0.1", port, timeout=30)
+        yield Side(
+            "floor",
+            (f"127.0.0.1:{port}",),
+            direct.username,
+            direct.password,
+            direct.namespace,
+            proc.pid,
+            direct.etcd_pid,
+        )
+    finally:
+        end_process(proc, signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -419,6 +463,7 @@ def bench_ops(sides: dict[str, Side], quick: bool) -> dict[str, Figure]:
     """Single-op latency of both sides in this process, interleaved rounds."""
     rounds, batch, warmup = (3, 30, 20) if quick else (15, 100, 100)
     stores = {name: _open(side.info()) for name, side in sides.items()}
+    names = tuple(stores)
     figures: dict[str, Figure] = {}
     try:
         for size_name, size in SIZES.items():
@@ -439,7 +484,7 @@ def bench_ops(sides: dict[str, Side], quick: bool) -> dict[str, Figure]:
                 per_round: list[dict[str, float]] = []
                 for r in range(rounds):
                     this: dict[str, float] = {}
-                    for name in (s for s in _rotated(r) if s in stores):
+                    for name in _rotated(r, names):
                         chunk: list[float] = []
                         _measure(ops[name][op], batch, chunk)
                         pooled[name].extend(chunk)
@@ -455,6 +500,13 @@ def bench_ops(sides: dict[str, Side], quick: bool) -> dict[str, Figure]:
                         ratio_rounds=_ratio_spread(per_round, "gateway", "direct"),
                         note="single op, this process, interleaved with direct",
                     )
+                if "floor" in stores:
+                    figures[f"gateway.op.{op}.{size_name}.floor"] = _fig(
+                        pooled["floor"],
+                        baseline=base,
+                        ratio_rounds=_ratio_spread(per_round, "floor", "direct"),
+                        note="through a bare Python pass-through proxy (proto_passthrough)",
+                    )
     finally:
         for store in stores.values():
             store.close(cleanup=False)
@@ -466,6 +518,7 @@ def bench_cpu(sides: dict[str, Side], etcd_url: str, quick: bool) -> dict[str, F
     etcd's own request counters say what each request cost etcd."""
     calls, reps = (300, 2) if quick else (2000, 5)
     stores = {name: _open(side.info()) for name, side in sides.items()}
+    names = tuple(stores)
     figures: dict[str, Figure] = {}
     value = "v" * 100
     try:
@@ -477,7 +530,7 @@ def bench_cpu(sides: dict[str, Side], etcd_url: str, quick: bool) -> dict[str, F
             }
             etcd_calls: dict[str, dict[str, float]] = {name: {} for name in stores}
             for r in range(reps):
-                for name in (s for s in _rotated(r) if s in stores):
+                for name in _rotated(r, names):
                     store, side = stores[name], sides[name]
                     fn = (
                         (lambda s=store: s.get("cpu/k"))
@@ -518,6 +571,13 @@ def bench_cpu(sides: dict[str, Side], etcd_url: str, quick: bool) -> dict[str, F
                     baseline=f"gateway.cpu.{what}.direct.etcd",
                     etcd_requests_per_call=rounded["gateway"],
                     note="etcd CPU per request arriving through the gateway",
+                )
+            if "floor" in stores:
+                figures[f"gateway.cpu.{what}.floor.proxy"] = figure(
+                    samples["floor"]["front"],
+                    unit="us",
+                    scale=1e6,
+                    note="pass-through proxy process CPU per request",
                 )
             log(f"gateway cpu {what}: {reps} x {calls} calls per side")
     finally:
@@ -746,9 +806,10 @@ def run(quick: bool) -> dict[str, Figure]:
         Workers(n, PRELOAD) as workers,
     ):
         figures.update(bench_ops(sides, quick))
-        figures.update(bench_wake(sides, workers, quick))
-        figures.update(bench_barrier(sides, workers, n, quick))
-        figures.update(bench_login(sides, workers, quick))
+        pair = {name: side for name, side in sides.items() if name in SIDES}
+        figures.update(bench_wake(pair, workers, quick))
+        figures.update(bench_barrier(pair, workers, n, quick))
+        figures.update(bench_login(pair, workers, quick))
         figures.update(bench_cpu(sides, cluster.urls[0], quick))
         figures["gateway.noise"] = {
             "runs": 1,
@@ -842,6 +903,28 @@ def markdown(result: dict[str, Any]) -> str:
             figs.get(name[: -len("direct")] + "gateway"),
         )
     lines.append("")
+    if any(k.endswith(".floor") for k in figs):
+        lines += [
+            "The floor of a Python gateway: the same ops through `bench/proto_passthrough.py`"
+            " (grpc.aio, forwards raw bytes, checks nothing), in the same rounds:",
+            "",
+            "| op | direct p50 | pass-through p50 | ratio p50 (per-round IQR) | real gateway p50 |"
+            " its ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for op in ("get", "set"):
+            for size in SIZES:
+                d_ = figs.get(f"gateway.op.{op}.{size}.direct")
+                f_ = figs.get(f"gateway.op.{op}.{size}.floor")
+                g_ = figs.get(f"gateway.op.{op}.{size}.gateway")
+                rr = (f_ or {}).get("ratio_rounds") or {}
+                lines.append(
+                    f"| `{op}` {size} | {_p(d_, 'p50')} ms | {_p(f_, 'p50')} ms"
+                    f" | {_x(f_)}"
+                    + (f" ({rr['p25']:.2f}-{rr['p75']:.2f})" if rr else "")
+                    + f" | {_p(g_, 'p50')} ms | {_x(g_, 'ratio_p50')} |"
+                )
+        lines.append("")
     d, g = figs.get("gateway.login.sustained.direct"), figs.get("gateway.login.sustained.gateway")
     lines += [
         "| log-ins | direct (etcd, bcrypt cost 10) | gateway | target | met |",
@@ -865,21 +948,22 @@ def markdown(result: dict[str, Any]) -> str:
         f" {fmt((g or {}).get('client_cpu_us_per_login'))} | | |",
         "",
         "| CPU per request (us, median of batches) | direct: etcd | gateway: gateway process"
-        " | gateway: etcd |",
-        "|---|---|---|---|",
+        " | gateway: etcd | pass-through proxy process |",
+        "|---|---|---|---|---|",
     ]
     for what in ("get", "set"):
         lines.append(
             f"| `{what}` 100B | {_p(figs.get(f'gateway.cpu.{what}.direct.etcd'), 'median')}"
             f" | {_p(figs.get(f'gateway.cpu.{what}.gateway.gateway'), 'median')}"
-            f" | {_p(figs.get(f'gateway.cpu.{what}.gateway.etcd'), 'median')} |"
+            f" | {_p(figs.get(f'gateway.cpu.{what}.gateway.etcd'), 'median')}"
+            f" | {_p(figs.get(f'gateway.cpu.{what}.floor.proxy'), 'median')} |"
         )
     for name in sorted(k for k in figs if k.startswith("gateway.barrier.")):
         cpu = figs[name].get("cpu_ms_per_barrier")
         if cpu:
             lines.append(
                 f"| per barrier ({name.split('.', 2)[2]}), ms: clients {cpu['clients']},"
-                f" front {cpu['front']}, etcd {cpu['etcd']} | | | |"
+                f" front {cpu['front']}, etcd {cpu['etcd']} | | | | |"
             )
     return "\n".join(lines)
 

@@ -1,0 +1,78 @@
+"""The floor of any Python gRPC gateway: a grpc.aio proxy that forwards etcd's unary calls
+as raw bytes and does nothing else.
+
+No token check, no confinement, no quota, no metrics, no protobuf parsing: every unary
+call (``/etcdserverpb.KV/Range``, ``/etcdserverpb.Auth/Authenticate``, ...) is passed to
+etcd with the caller's ``token`` metadata, and etcd's answer or error is passed back.
+What a request through it costs over a direct call is what the Python gRPC stack costs
+(one server call plus one client call on an asyncio loop): the least a gateway written
+this way can add. ``bench/bench_gateway.py`` measures it beside the real gateway as the
+configuration ``floor``. A benchmark prototype, never a product: it enforces nothing.
+
+``python -m bench.proto_passthrough LISTEN UPSTREAM`` (``host:port`` each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import grpc
+import grpc.aio
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+class _Forward(grpc.GenericRpcHandler):
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.methods: dict[str, Any] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method
+        upstream = self.methods.get(method)
+        if upstream is None:
+            upstream = self.methods[method] = self.channel.unary_unary(
+                method, request_serializer=_identity, response_deserializer=_identity
+            )
+
+        async def forward(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            metadata = [(k, v) for k, v in context.invocation_metadata() or () if k == "token"]
+            try:
+                response: bytes = await upstream(
+                    request, metadata=metadata, timeout=context.time_remaining()
+                )
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+                raise
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(
+            forward, request_deserializer=_identity, response_serializer=_identity
+        )
+
+
+async def serve(listen: str, upstream: str) -> None:
+    channel = grpc.aio.insecure_channel(upstream)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((_Forward(channel),))
+    server.add_insecure_port(listen)
+    await server.start()
+    print(f"passthrough proxy on {listen} -> {upstream}", flush=True)
+    await server.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m bench.proto_passthrough LISTEN UPSTREAM", file=sys.stderr)
+        return 2
+    asyncio.run(serve(args[0], args[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
