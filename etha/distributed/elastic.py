@@ -12,7 +12,9 @@ torch discovers this backend through the ``torchrun.handlers`` entry point
 
 ``--rdzv-endpoint`` is optional: empty means the ``ETHA_KV_ENDPOINTS`` of the
 environment; ``host:port[,host:port]`` overrides them. ``--rdzv-conf`` keys:
-``read_timeout`` (store timeout in seconds, default 60) and ``component`` (default
+``read_timeout`` (store timeout in seconds, default 60; it also bounds every etcd
+request of the rendezvous, and creating the handler fails with
+``RendezvousConnectionError`` when etcd does not answer within it) and ``component`` (default
 ``torchelastic``), plus the usual ones of the dynamic rendezvous (``join_timeout``,
 ``last_call_timeout``, ``close_timeout``, ``heartbeat``...).
 """
