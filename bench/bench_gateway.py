@@ -639,7 +639,7 @@ def bench_wake(sides: dict[str, Side], workers: Workers, quick: bool) -> dict[st
 
 
 def bench_barrier(
-    sides: dict[str, Side], workers: Workers, n: int, quick: bool
+    sides: dict[str, Side], workers: Workers, n: int, quick: bool, etcd_url: str
 ) -> dict[str, Figure]:
     """n processes, one store per process and side; interleaved rounds."""
     rounds = 3 if quick else 12
@@ -655,6 +655,7 @@ def bench_barrier(
     }
     per_round: list[dict[str, float]] = []
     failed: dict[str, list[str]] = {name: [] for name in sides}
+    etcd_calls: dict[str, dict[str, float]] = {name: {} for name in sides}
     run_id = uuid.uuid4().hex[:6]
     try:
         for r in range(rounds + 1):
@@ -663,6 +664,7 @@ def bench_barrier(
                 side = sides[name]
                 c0 = sum(workers.call(w_cpu, (), indices=ranks))
                 f0, e0 = proc_cpu(side.pid), proc_cpu(side.etcd_pid)
+                counters0 = etcd_counters(etcd_url)
                 go = time.perf_counter() + 0.05 + 0.003 * n
                 try:
                     res = workers.call(
@@ -682,6 +684,8 @@ def bench_barrier(
                 cpu[name]["clients"] += sum(workers.call(w_cpu, (), indices=ranks)) - c0
                 cpu[name]["front"] += proc_cpu(side.pid) - f0
                 cpu[name]["etcd"] += proc_cpu(side.etcd_pid) - e0
+                for key, v in counter_delta(counters0, etcd_counters(etcd_url)).items():
+                    etcd_calls[name][key] = etcd_calls[name].get(key, 0.0) + v
                 totals[name].append(total)
                 skews[name].append(max(t_set for t_set, _ in res) - go)
                 this[name] = total
@@ -700,6 +704,11 @@ def bench_barrier(
                 k: round(v / max(len(totals[name]), 1) * 1000, 1) for k, v in cpu[name].items()
             },
             rounds_failed=len(failed[name]),
+            etcd_requests_per_rank={
+                k: round(v / (max(len(totals[name]), 1) * n), 2)
+                for k, v in sorted(etcd_calls[name].items())
+                if v
+            },
             failures=failed[name][:3],
             note="go -> the last of n processes released; one store per process",
         )
@@ -808,7 +817,7 @@ def run(quick: bool) -> dict[str, Figure]:
         figures.update(bench_ops(sides, quick))
         pair = {name: side for name, side in sides.items() if name in SIDES}
         figures.update(bench_wake(pair, workers, quick))
-        figures.update(bench_barrier(pair, workers, n, quick))
+        figures.update(bench_barrier(pair, workers, n, quick, cluster.urls[0]))
         figures.update(bench_login(pair, workers, quick))
         figures.update(bench_cpu(sides, cluster.urls[0], quick))
         figures["gateway.noise"] = {
@@ -963,7 +972,8 @@ def markdown(result: dict[str, Any]) -> str:
         if cpu:
             lines.append(
                 f"| per barrier ({name.split('.', 2)[2]}), ms: clients {cpu['clients']},"
-                f" front {cpu['front']}, etcd {cpu['etcd']} | | | | |"
+                f" front {cpu['front']}, etcd {cpu['etcd']}; etcd requests and events per rank"
+                f" {figs[name].get('etcd_requests_per_rank')} | | | | |"
             )
     return "\n".join(lines)
 
