@@ -771,3 +771,49 @@ def test_chunks_read_at_a_compacted_revision_are_read_again(
     with pytest.raises(_Stale):
         store._resolve(full, manifest, revision)
     assert store.get("compacted") == new
+
+
+# -- through an etha gateway -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gateway_config(
+    etcd_auth: EtcdCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EtcdConfig]:
+    """A tenant (no quotas set) behind one real gateway process, as an EtcdConfig."""
+    from tests.distributed_helpers import root_client
+    from tests.support.etcd_server import ROOT_USER
+    from tests.support.gateway import GatewayProcess, register_tenant
+
+    gateway = GatewayProcess(
+        etcd_auth.endpoints,
+        tmp_path_factory.mktemp("store-gateway"),
+        username=ROOT_USER,
+        password=etcd_auth.root_password,
+    ).start()
+    try:
+        with root_client(etcd_auth) as root:
+            username, secret, prefix = register_tenant(root)
+        endpoints, _ = parse_endpoints(gateway.endpoint)
+        yield EtcdConfig(
+            namespace=prefix, endpoints=endpoints, username=username, password=secret, timeout=30
+        )
+    finally:
+        gateway.stop()
+
+
+def test_chunked_values_through_the_gateway(
+    etcd_auth: EtcdCluster, gateway_config: EtcdConfig
+) -> None:
+    store = EthaStore(gateway_config, scope="big", timeout=timedelta(seconds=30))
+    try:
+        first, second = _pattern(16 * MiB, 30), _pattern(3 * MiB, 31)
+        store.set("v", first)
+        assert store.get("v") == first
+        store.set("v", second)
+        assert store.multi_get(["v"]) == [second]
+        assert len(_raw_keys(etcd_auth, store)) == 1 + 3
+        assert store.delete_key("v") is True
+        assert _raw_keys(etcd_auth, store) == []
+    finally:
+        store.close()
