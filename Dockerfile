@@ -34,6 +34,7 @@ RUN pip install --constraint constraints.txt ".[operator,gateway]" \
     && pip uninstall --yes pip \
     && test -x /opt/venv/bin/etha-operator \
     && test -x /opt/venv/bin/etha-gateway \
+    && test -x /opt/venv/bin/etha \
     && python -c "import etha.kvstore, etha.gateway.tenancy, etha_operator, kopf, pyetcd, prometheus_client"
 
 FROM ${PYTHON_IMAGE}
