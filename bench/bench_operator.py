@@ -43,6 +43,18 @@ POLL_S = 0.005
 ROOT = "root"
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (``/proc/<pid>/stat``); 0 if gone.
+
+    Under a loaded machine wall-clock figures mostly measure the load; CPU seconds per
+    object show what the operator itself costs.
+    """
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def _proc_status(pid: int) -> dict[str, int]:
     """VmRSS/VmHWM of a process in KiB."""
     out: dict[str, int] = {}
@@ -368,6 +380,8 @@ def storm_compare(n_storm: int, rounds: int) -> dict[str, Any]:
     import statistics
 
     seconds: dict[str, list[float]] = {"direct": [], "gateway": []}
+    cpu_ms: dict[str, list[float]] = {"direct": [], "gateway": []}
+    ready: dict[str, list[int]] = {"direct": [], "gateway": []}
     incomplete: list[str] = []
     with tempfile.TemporaryDirectory(prefix="etha-bench-storm-") as tmp:
         for i in range(rounds):
@@ -378,6 +392,8 @@ def storm_compare(n_storm: int, rounds: int) -> dict[str, Any]:
                 if fig.get("incomplete"):
                     incomplete.append(f"{tag}: {fig['incomplete']}")
                 seconds[mode].append(float(fig["median"]))  # one sample: unit s
+                cpu_ms[mode].append(float(fig["operator_cpu_ms_per_object"]))
+                ready[mode].append(int(fig["ready"]))
     summary: dict[str, Any] = {"n": n_storm, "rounds": rounds, "incomplete": incomplete}
     for mode, values in seconds.items():
         summary[mode] = {
@@ -385,6 +401,9 @@ def storm_compare(n_storm: int, rounds: int) -> dict[str, Any]:
             "min_s": round(min(values), 2),
             "max_s": round(max(values), 2),
             "samples_s": [round(v, 2) for v in values],
+            "ready": ready[mode],
+            "operator_cpu_ms_per_object_median": round(statistics.median(cpu_ms[mode]), 2),
+            "operator_cpu_ms_per_object": cpu_ms[mode],
         }
     summary["gateway_over_direct"] = round(
         summary["gateway"]["median_s"] / summary["direct"]["median_s"], 2
@@ -401,6 +420,7 @@ def _storm(
     stem = f"storm{tag.replace('@', '-')}-"
     rss_start = op.memory().get("VmRSS", 0) / 1024
     counters_before = etcd_counters(cluster.urls[0])
+    cpu_before = _cpu_seconds(op.proc.pid), time.process_time()
     names = [f"{stem}{i}" for i in range(n_storm)]
     for name in names:
         kube.create("batch/v1", "jobs", _job(name), NS)
@@ -426,11 +446,16 @@ def _storm(
             break
         time.sleep(0.1)
     all_ready = time.perf_counter() - t0
+    operator_cpu = _cpu_seconds(op.proc.pid) - cpu_before[0]
+    emulator_cpu = time.process_time() - cpu_before[1]
+    load = os.getloadavg()[0]
     mem = op.memory()
     delta = counter_delta(counters_before, etcd_counters(cluster.urls[0]))
     per_object = {k: round(v / n_storm, 1) for k, v in sorted(delta.items()) if v}
     log(
-        f"#9{tag}: {n_ready}/{n_storm} Ready after {all_ready:.1f} s; etcd requests per object {per_object}"
+        f"#9{tag}: {n_ready}/{n_storm} Ready after {all_ready:.1f} s (load {load:.1f});"
+        f" operator CPU {operator_cpu * 1000 / max(n_ready, 1):.1f} ms per Ready object;"
+        f" etcd requests per object {per_object}"
     )
     step = max(1, len(curve) // 100)
     figures[f"9.operator.{n_storm}-at-once-all-ready{tag}"] = figure(
@@ -443,6 +468,9 @@ def _storm(
         ready_curve=curve[::step] + curve[-1:],
         etcd_requests_per_object=per_object,
         rss_curve_mib=rss_curve[::step] + rss_curve[-1:],
+        operator_cpu_ms_per_object=round(operator_cpu * 1000 / max(n_ready, 1), 2),
+        emulator_cpu_ms_per_object=round(emulator_cpu * 1000 / max(n_ready, 1), 2),
+        load_average_1m=round(load, 1),
         note="all created in a loop, then until every one is Ready",
     )
     figures[f"9.operator.peak-rss{tag}"] = figure(
