@@ -18,17 +18,15 @@ straight from etcd.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 from pyetcd import etcdrpc
 
-from etha.gateway.tenancy import TENANTS_PREFIX, tenant_key
+from etha.gateway.tenancy import tenant_key
 from etha.kvstore.etcd_client import EtcdClient
 from tests.gateway.conftest import TenantCreds
 from tests.operator.helpers import API, PLURAL, kvnamespace, secret_env, wait_phase
@@ -86,9 +84,9 @@ class World:
     kube: EmulatorServer
     operator: OperatorProcess
     root: EtcdClient
-    a: Tenant
-    b: Tenant
-    c: Tenant
+    a: Tenant = field(init=False)
+    b: Tenant = field(init=False)
+    c: Tenant = field(init=False)
     sentinels: dict[bytes, bytes] = field(default_factory=dict)
     _tokens: dict[str, str] = field(default_factory=dict)
 
@@ -246,7 +244,7 @@ def make_world(tmp: Path) -> Iterator[World]:
                 ).start()
                 try:
                     r = f"atk{uuid.uuid4().hex[:6]}"
-                    w = World(cluster, gateway, kube, operator, root, None, None, None)  # type: ignore[arg-type]
+                    w = World(cluster, gateway, kube, operator, root)
                     w.a = w.provision("attacker", r)
                     w.b = w.provision("below", f"{r}.b")
                     w.c = w.provision("above", f"{r}0")
@@ -261,11 +259,3 @@ def make_world(tmp: Path) -> Iterator[World]:
             root.close()
     finally:
         cluster.cleanup()
-
-
-def records(w: World) -> dict[str, Any]:
-    """The tenant records, parsed (for tests that inspect what the operator wrote)."""
-    return {
-        kv.key.decode(): json.loads(kv.value)
-        for kv in w.root.range(TENANTS_PREFIX, TENANTS_PREFIX[:-1] + b"0").kvs
-    }

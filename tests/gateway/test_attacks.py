@@ -16,9 +16,9 @@ import base64
 import json
 import queue
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -555,8 +555,6 @@ class RawWatch:
         self.call = etcdrpc.WatchStub(self.channel).Watch(
             iter(self.requests.get, None), metadata=metadata
         )
-        import threading
-
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -838,7 +836,7 @@ def test_another_tenants_valid_token_cannot_touch_our_prefix(world: World) -> No
     world.assert_untouched(before)
 
 
-def test_a_revoked_tenants_token_and_password_stop_working(world: World, tmp_path: Path) -> None:
+def test_a_revoked_tenants_token_and_password_stop_working(world: World) -> None:
     doomed = world.provision("doomed", f"{world.a.prefix}-doomed")
     token = world.login(doomed)
     own = doomed.key("k")

@@ -107,7 +107,9 @@ class Watch:
 def test_etcdctl_works_inside_the_prefix(world: World) -> None:
     a = world.a
     key = a.key("ctl/k").decode()
-    watch = Watch(world, "--prefix", a.key("ctl/").decode())
+    # From a fixed revision, so the events are delivered however late etcdctl starts.
+    revision = int(world.root.range(b"\0").header.revision)
+    watch = Watch(world, f"--rev={revision + 1}", "--prefix", a.key("ctl/").decode())
     try:
         assert _ok(etcdctl(world, "put", key, "v1")).strip() == "OK"
         assert _ok(etcdctl(world, "get", key)).splitlines() == [key, "v1"]
