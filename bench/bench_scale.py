@@ -104,13 +104,16 @@ _CHANNEL_OPTIONS = [
 class _AioRank:
     """One independent client: its own channel, log-in (token) and Watch stream."""
 
-    def __init__(self, endpoint: str, user: str, password: str) -> None:
+    def __init__(self, endpoint: str, user: str, password: str, channel: Any = None) -> None:
         import grpc.aio
 
-        self.channel = grpc.aio.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
+        self.shared = channel is not None
+        self.channel = channel or grpc.aio.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
         self.user, self.password = user, password
         self.md: tuple[tuple[str, str], ...] = ()
         self.stream: Any = None
+        #: the operation in progress (for error messages)
+        self.step = "connect"
 
     async def connect(self) -> None:
         from pyetcd import etcdrpc
@@ -126,12 +129,14 @@ class _AioRank:
     async def put(self, key: bytes) -> None:
         from pyetcd import etcdrpc
 
+        self.step = "Put"
         await self.kv.Put(etcdrpc.PutRequest(key=key, value=b"1"), metadata=self.md, timeout=120)
 
     async def direct_wait(self, prefix: bytes, n: int) -> None:
         """Today's library wait: Range at R, watch from R + 1, fold events."""
         from pyetcd import etcdrpc
 
+        self.step = "Range+Watch"
         end = prefix[:-1] + bytes([prefix[-1] + 1])
         response = await self.kv.Range(
             etcdrpc.RangeRequest(key=prefix, range_end=end), metadata=self.md, timeout=120
@@ -164,6 +169,7 @@ class _AioRank:
     async def gateway_wait(self, prefix: bytes, pattern: bytes, n: int) -> None:
         from etha.kvstore import gateway_api as api
 
+        self.step = "Wait(keys)"
         stub = _W.setdefault(("wait", id(self)), api.wait_stub(self.channel))
         request = api.WaitRequest(
             mode=api.MODE_KEYS, key=prefix, range_end=prefix[:-1] + bytes([prefix[-1] + 1]),
@@ -176,6 +182,7 @@ class _AioRank:
     async def gateway_value_wait(self, key: bytes, value: bytes) -> None:
         from etha.kvstore import gateway_api as api
 
+        self.step = "Wait(value)"
         stub = _W.setdefault(("wait", id(self)), api.wait_stub(self.channel))
         request = api.WaitRequest(mode=api.MODE_VALUE, key=key, value=value, has_value=True)
         await stub(request, metadata=self.md, timeout=ROUND_LIMIT)
@@ -183,6 +190,7 @@ class _AioRank:
     async def add(self, key: bytes) -> int:
         from etha.kvstore import gateway_api as api
 
+        self.step = "Add"
         stub = _W.setdefault(("add", id(self)), api.add_stub(self.channel))
         response = await stub(api.AddRequest(key=key, delta=1), metadata=self.md, timeout=120)
         return int(response.value)
@@ -190,7 +198,8 @@ class _AioRank:
     async def close(self) -> None:
         if self.stream is not None:
             self.stream.cancel()
-        await self.channel.close()
+        if not self.shared:
+            await self.channel.close()
 
 
 def w_connect(kind: str, info: dict[str, Any], ranks: list[int]) -> float:
@@ -215,12 +224,31 @@ def w_connect(kind: str, info: dict[str, Any], ranks: list[int]) -> float:
     endpoint = info["etcd"] if kind == "direct" else info["gateway"]
 
     async def connect_all() -> dict[int, _AioRank]:
-        clients = {r: _AioRank(endpoint, info["user"], info["password"]) for r in ranks}
+        share = int(info.get("share", 1))
+        if share > 1:
+            # Ranks share a channel (a TCP connection) in groups; each still logs in alone.
+            import grpc.aio
+
+            channels = [
+                grpc.aio.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
+                for _ in range((len(ranks) + share - 1) // share)
+            ]
+            _W["channels"] = channels
+            clients = {
+                r: _AioRank(endpoint, info["user"], info["password"], channels[i // share])
+                for i, r in enumerate(ranks)
+            }
+        else:
+            clients = {r: _AioRank(endpoint, info["user"], info["password"]) for r in ranks}
         limit = asyncio.Semaphore(64)
 
         async def one(c: _AioRank) -> None:
             async with limit:
-                await c.connect()
+                try:
+                    await c.connect()
+                except Exception as exc:
+                    code = getattr(exc, "code", lambda: None)()
+                    raise RuntimeError(f"Authenticate failed: {code} {exc}") from None
 
         await asyncio.gather(*(one(c) for c in clients.values()))
         return clients
@@ -238,6 +266,14 @@ def w_barrier(kind: str, info: dict[str, Any], round_id: int, n: int, go: float)
         return _tcpstore_barrier(ranks, f"{ns}/b/{round_id}", n, go)
 
     async def one(rank: int, client: _AioRank) -> float:
+        try:
+            return await steps(rank, client)
+        except Exception as exc:
+            code = getattr(exc, "code", lambda: None)()
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            raise RuntimeError(f"rank {rank}: {client.step} failed: {code} {details}") from None
+
+    async def steps(rank: int, client: _AioRank) -> float:
         await asyncio.sleep(max(0.0, go - time.perf_counter()))
         if kind == "gateway-add":
             # torch's store barrier through the gateway: a batched add, one value wait.
@@ -309,6 +345,13 @@ def w_close() -> None:
             await asyncio.gather(*(c.close() for c in aio), return_exceptions=True)
 
         _loop().run_until_complete(close_all())
+    channels = _W.pop("channels", [])
+    if channels:
+
+        async def close_channels() -> None:
+            await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+
+        _loop().run_until_complete(close_channels())
     ranks.clear()
 
 
@@ -485,7 +528,12 @@ def _median(rounds: list[dict[str, float]], key: str) -> float | None:
 
 
 def run_all(
-    sizes: list[int], repeats: int, procs: int, add_n: int, kinds: tuple[str, ...] = KINDS
+    sizes: list[int],
+    repeats: int,
+    procs: int,
+    add_n: int,
+    kinds: tuple[str, ...] = KINDS,
+    share: int = 1,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {
         "date": utc_now(),
@@ -494,11 +542,13 @@ def run_all(
         "git": git_state(),
         "procs": procs,
         "repeats": repeats,
+        "ranks_per_channel": share,
         "results": {},
     }
     direct_stopped: str | None = None
     t0 = time.perf_counter()
     with Setup() as setup, Workers(procs) as workers:
+        setup.info["share"] = share
         for n in sizes:
             for kind in kinds:
                 name = f"{kind}.N{n}"
@@ -626,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=PROCS)
     parser.add_argument("--add", type=int, default=8192, help="concurrent adds")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument(
+        "--share", type=int, default=1, help="ranks per gRPC channel (default: one each)"
+    )
     parser.add_argument("--report", action="store_true", help="only print/plot scale.json")
     args = parser.parse_args(argv)
     # SIGTERM (a background run cannot get SIGINT) unwinds too: servers and workers stop.
@@ -633,7 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         result = json.loads(OUT.read_text())
     else:
-        result = run_all(args.sizes, args.repeats, args.procs, args.add, tuple(args.kinds))
+        result = run_all(
+            args.sizes, args.repeats, args.procs, args.add, tuple(args.kinds), args.share
+        )
     print("\n".join(table_rows(result)))
     plot(result, DOCS / "img" / "scale.png")
     print(f"wrote {OUT} and {DOCS / 'img' / 'scale.png'}", file=sys.stderr)
