@@ -315,14 +315,40 @@ def _logs_in(endpoint: str, tenant: Tenant) -> bool:
     return True
 
 
-def _restart(gw: Any, faults: FaultLog, kind: str) -> float:
-    """SIGKILL ``gw``, keep it down DOWN_S, start it on the same port; seconds to ready."""
+def _restart(gw: Any, ranks: RankProcesses, faults: FaultLog, kind: str) -> dict[str, Any]:
+    """SIGKILL ``gw``, keep it down DOWN_S, start it on the same port.
+
+    Returns how long the restart took to be ready, and ``resumed_s``: seconds from the
+    kill until every rank had completed two more rounds (a whole barrier begun after
+    the kill), measured while the replica is still down when the ranks got there
+    through the other replica (``resumed_while_down``).
+    """
     with faults.fault(kind):
+        before = ranks.max_round()
+        killed = time.monotonic()
         gw.kill()
-        time.sleep(DOWN_S)
+        resumed = _wait_resumed(ranks, before, killed + DOWN_S)
+        while_down = resumed is not None
+        time.sleep(max(0.0, killed + DOWN_S - time.monotonic()))
         started = time.monotonic()
         gw.start()
-        return time.monotonic() - started
+        ready = time.monotonic() - started
+        if resumed is None:
+            resumed = _wait_resumed(ranks, before, time.monotonic() + BARRIER_TIMEOUT_S)
+    return {
+        "ready_s": round(ready, 3),
+        "resumed_s": None if resumed is None else round(resumed - killed, 3),
+        "resumed_while_down": while_down,
+    }
+
+
+def _wait_resumed(ranks: RankProcesses, before: int, until: float) -> float | None:
+    """When every rank reached round ``before + 2``, or None if not before ``until``."""
+    while time.monotonic() < until:
+        if min(ranks.progress[:]) >= before + 2:
+            return time.monotonic()
+        time.sleep(0.02)
+    return None
 
 
 # -- the tests -----------------------------------------------------------------------------------
@@ -336,18 +362,20 @@ def test_ranks_survive_gateway_replica_kills(
     tenant = _tenant(trio, replicas)
     ranks = ranks_factory(_spec(trio, replicas, tenant, workers)).start()
     faults = FaultLog()
-    ready_after: list[float] = []
+    restarts: list[dict[str, Any]] = []
     try:
         ranks.wait_rounds(3)
         for i in range(kills):
-            ready_after.append(_restart(replicas[i % 2], faults, "gateway_replica_sigkill"))
+            restarts.append(_restart(replicas[i % 2], ranks, faults, "gateway_replica_sigkill"))
             time.sleep(SETTLE_S)
     finally:
         report = ranks.stop()
     report.update(
         faults=faults.counts,
         fault_durations_s=faults.durations_s,
-        replica_ready_after_restart_s=[round(r, 3) for r in ready_after],
+        replica_ready_after_restart_s=[r["ready_s"] for r in restarts],
+        ranks_resumed_after_kill_s=[r["resumed_s"] for r in restarts],
+        ranks_resumed_while_replica_down=sum(r["resumed_while_down"] for r in restarts),
         replicas=2,
         etcd_members=3,
         down_s=DOWN_S,
