@@ -914,3 +914,41 @@ def test_a_reused_prefix_does_not_reveal_the_previous_owners_history(world: Worl
     assert not now.kvs
     world.assert_untouched(before)
     world.deprovision(second)
+
+
+def test_confinement_holds_while_etcd_has_a_nospace_alarm(world: World) -> None:
+    """etcd 3.5 skips permission checks under NOSPACE; the gateway's checks are its own.
+
+    Root raises the alarm on etcd (as a full disk would), A attacks with reads and a
+    watch outside its prefix, root clears the alarm; nothing of B's was seen."""
+    member = _member_id(world)
+    alarm = etcdrpc.AlarmRequest(
+        action=etcdrpc.AlarmRequest.ACTIVATE, memberID=member, alarm=etcdrpc.NOSPACE
+    )
+    before = world.state()
+    token = world.login(world.a)
+    victim = world.b.key("default/secret")
+    world.root.call("Maintenance", "Alarm", alarm)
+    try:
+        assert world.state().alarms, "the alarm did not take"
+        refused(world, "KV", "Range", etcdrpc.RangeRequest(key=victim), token)
+        refused(
+            world,
+            "KV",
+            "Range",
+            etcdrpc.RangeRequest(key=world.a.start, range_end=b"\0"),
+            token,
+        )
+        op = etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=victim))
+        refused(world, "KV", "Txn", etcdrpc.TxnRequest(success=[op]), token)
+        watch = RawWatch(world, token)
+        try:
+            watch.create(world.b.start, world.b.end, start_revision=1)
+            refusal = watch.next()
+            assert refusal.canceled and not refusal.events, refusal
+        finally:
+            watch.close()
+    finally:
+        alarm.action = etcdrpc.AlarmRequest.DEACTIVATE
+        world.root.call("Maintenance", "Alarm", alarm)
+    world.assert_untouched(before)
