@@ -125,6 +125,10 @@ class _AioRank:
         self.md = (("token", response.token),)
         self.kv = etcdrpc.KVStub(self.channel)
         self.watch_stub = etcdrpc.WatchStub(self.channel)
+        from etha.kvstore import gateway_api as api
+
+        self.wait_stub = api.wait_stub(self.channel)
+        self.add_stub = api.add_stub(self.channel)
 
     async def put(self, key: bytes) -> None:
         from pyetcd import etcdrpc
@@ -170,7 +174,7 @@ class _AioRank:
         from etha.kvstore import gateway_api as api
 
         self.step = "Wait(keys)"
-        stub = _W.setdefault(("wait", id(self)), api.wait_stub(self.channel))
+        stub = self.wait_stub
         request = api.WaitRequest(
             mode=api.MODE_KEYS, key=prefix, range_end=prefix[:-1] + bytes([prefix[-1] + 1]),
             pattern=pattern, count=n, value=b"1", has_value=True, count_only=True,
@@ -183,7 +187,7 @@ class _AioRank:
         from etha.kvstore import gateway_api as api
 
         self.step = "Wait(value)"
-        stub = _W.setdefault(("wait", id(self)), api.wait_stub(self.channel))
+        stub = self.wait_stub
         request = api.WaitRequest(mode=api.MODE_VALUE, key=key, value=value, has_value=True)
         await stub(request, metadata=self.md, timeout=ROUND_LIMIT)
 
@@ -191,7 +195,7 @@ class _AioRank:
         from etha.kvstore import gateway_api as api
 
         self.step = "Add"
-        stub = _W.setdefault(("add", id(self)), api.add_stub(self.channel))
+        stub = self.add_stub
         response = await stub(api.AddRequest(key=key, delta=1), metadata=self.md, timeout=120)
         return int(response.value)
 
