@@ -57,7 +57,17 @@ class _Forward(grpc.GenericRpcHandler):
 
 async def serve(listen: str, upstream: str) -> None:
     channel = grpc.aio.insecure_channel(upstream)
-    server = grpc.aio.server()
+    # the gateway's keepalive policy: etha's clients ping every 10 s even when idle, which
+    # grpc's default policy answers with GOAWAY "too_many_pings"
+    server = grpc.aio.server(
+        options=[
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_ping_strikes", 0),
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+        ]
+    )
     server.add_generic_rpc_handlers((_Forward(channel),))
     server.add_insecure_port(listen)
     await server.start()
