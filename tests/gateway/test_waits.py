@@ -21,7 +21,7 @@ from etha.kvstore import gateway_api as api
 from etha.kvstore.errors import KVTimeoutError, PermissionDeniedError, QuotaExceededError
 from etha.kvstore.etcd import EtcdKVStore, coordination_supported
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
-from tests.gateway.conftest import TenantCreds, open_store, start_gateway, tenant_client
+from tests.gateway.conftest import TenantCreds, open_store, start_gateway
 from tests.support.etcd_server import ROOT_USER, EtcdCluster
 from tests.support.gateway import GatewayProcess, write_token_keys
 from tests.support.threads import Waiter
@@ -161,14 +161,12 @@ def test_compaction_during_a_wait(
 
 def raw_wait(endpoint: str, creds: TenantCreds, request: object, timeout: float = 5) -> object:
     """One Coordination.Wait with the tenant's token, straight on a channel."""
-    client = tenant_client([endpoint], creds)
-    try:
-        client.range(f"{creds.prefix}/probe".encode())  # logs in
-        token = client._token_metadata()
-        with grpc.insecure_channel(endpoint) as channel:
-            return api.wait_stub(channel)(request, timeout=timeout, metadata=token)
-    finally:
-        client.close()
+    with grpc.insecure_channel(endpoint) as channel:
+        login = etcdrpc.AuthStub(channel).Authenticate(
+            etcdrpc.AuthenticateRequest(name=creds.username, password=creds.secret), timeout=10
+        )
+        token = (("token", login.token),)
+        return api.wait_stub(channel)(request, timeout=timeout, metadata=token)
 
 
 def test_a_pattern_outside_the_tenant_is_refused(
