@@ -68,6 +68,11 @@ _SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     ("grpc.max_send_message_length", -1),
     ("grpc.so_reuseport", 0),
+    # grpc cancels calls that wait too long for the event loop to take them (defaults 1000
+    # pending, hard limit 3000): a burst of thousands of watch streams or waits (a barrier
+    # of a large job) would lose some. They are taken as fast as the loop can.
+    ("grpc.server.max_pending_requests", 100_000),
+    ("grpc.server.max_pending_requests_hard_limit", 100_000),
 ]
 
 
