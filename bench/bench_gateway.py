@@ -32,6 +32,11 @@ Figures (names under ``gateway.``):
   and read one key; the figure is the time until the last is done.
 * ``cpu.<what>.<side>``: CPU (user + system, ``/proc/<pid>/stat``) of the gateway
   process and of etcd per request over a measured batch of sequential requests.
+* ``floor``: a third configuration in the op and CPU rounds: direct's credentials
+  through ``bench/proto_passthrough.py`` (a grpc.aio proxy that forwards raw bytes and
+  checks nothing), the least any gateway on Python's gRPC stack can cost.
+* ``noise``: load averages, the machine's busy CPU share and the share used by
+  processes outside this benchmark's process tree.
 
 ``python -m bench.bench_gateway [--json FILE] [--doc docs/benchmarks.md]`` prints the
 markdown of the gateway section's tables from a run's JSON, or puts it between the
@@ -782,6 +787,10 @@ def bench_login(sides: dict[str, Side], workers: Workers, quick: bool) -> dict[s
             client_cpu_us_per_login=round(percentile(client_cpu[name], 50) * 1e6, 1)
             if client_cpu[name]
             else None,
+            # what one core of the server could do with the clients elsewhere
+            server_logins_per_core_s=round(1 / percentile(front_cpu[name], 50))
+            if front_cpu[name] and percentile(front_cpu[name], 50) > 0
+            else None,
             bcrypt_cost=10 if name == "direct" else None,
             note="C clients (own channel each) log in back to back: go -> last done / log-ins",
         )
@@ -955,6 +964,9 @@ def markdown(result: dict[str, Any]) -> str:
         f" | gateway {fmt((g or {}).get('server_cpu_us_per_login'))}, etcd"
         f" {fmt((g or {}).get('etcd_cpu_us_per_login'))}, clients"
         f" {fmt((g or {}).get('client_cpu_us_per_login'))} | | |",
+        f"| server log-ins per core-second (1 / server CPU per log-in) |"
+        f" {fmt((d or {}).get('server_logins_per_core_s'))}"
+        f" | {fmt((g or {}).get('server_logins_per_core_s'))} | | |",
         "",
         "| CPU per request (us, median of batches) | direct: etcd | gateway: gateway process"
         " | gateway: etcd | pass-through proxy process |",
