@@ -2,12 +2,15 @@
 p50 through the gateway against direct etcd (same run, interleaved rounds).
 
     .venv/bin/python -m bench.bench_gateway_quick [--rounds 3] [--seconds 3] [--ops 300]
+        [--streams 6000]
 
 Log-ins: ``--clients`` grpc.aio callers in a separate process keep ``--concurrency``
 Authenticate calls in flight each for ``--seconds``; the figure is successful log-ins
 per second (median and spread over rounds). Latency: one etha EtcdClient per path does
 ``--ops`` sequential puts then gets of 100-byte values; p50 per round, median over
-rounds, and the ratio gateway/direct. The full gateway benchmarks are bench_gateway.py.
+rounds, and the ratio gateway/direct. ``--streams N``: N watch streams opened at once from
+4 processes (each with one watch): how many were created, how many failed. The full
+gateway benchmarks are bench_gateway.py.
 """
 
 from __future__ import annotations
@@ -75,6 +78,67 @@ def logins_per_second(
     return total / seconds
 
 
+def _stream_worker(
+    endpoint: str, username: str, secret: str, prefix: str, count: int, out: Any
+) -> None:
+    import grpc.aio
+    from pyetcd import etcdrpc
+
+    async def run() -> tuple[int, int]:
+        # Several connections per process, like many workers; each stream one watch.
+        channels = [grpc.aio.insecure_channel(endpoint) for _ in range(count // 250 + 1)]
+        auth = etcdrpc.AuthStub(channels[0])
+        token = (
+            await auth.Authenticate(etcdrpc.AuthenticateRequest(name=username, password=secret))
+        ).token
+        calls, failed = [], 0
+        create = etcdrpc.WatchRequest(
+            create_request=etcdrpc.WatchCreateRequest(key=f"{prefix}/streams".encode())
+        )
+        for i in range(count):
+            call = etcdrpc.WatchStub(channels[i % len(channels)]).Watch(
+                metadata=(("token", token),)
+            )
+            try:
+                await call.write(create)
+                calls.append(call)
+            except grpc.aio.AioRpcError:
+                failed += 1
+        created = 0
+        for call in calls:
+            try:
+                created += int((await call.read()).created)
+            except grpc.aio.AioRpcError:
+                failed += 1
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close()
+        return created, failed
+
+    out.put(asyncio.run(run()))
+
+
+def concurrent_streams(
+    endpoint: str, username: str, secret: str, prefix: str, processes: int, per: int
+) -> tuple[int, int, float]:
+    """Open ``processes`` x ``per`` watch streams at once; (created, failed, seconds)."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_stream_worker, args=(endpoint, username, secret, prefix, per, out))
+        for _ in range(processes)
+    ]
+    start = time.monotonic()
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=600) for _ in procs]
+    seconds = time.monotonic() - start
+    for proc in procs:
+        proc.join(timeout=30)
+    return sum(r[0] for r in results), sum(r[1] for r in results), seconds
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -108,6 +172,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--ops", type=int, default=300)
+    parser.add_argument(
+        "--streams", type=int, default=0, help="also open this many watch streams at once"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -147,11 +214,18 @@ def main() -> None:
                     put_gw.append(p)
                     get_gw.append(g)
                 via.close()
+                streams = None
+                if args.streams:
+                    per = max(1, args.streams // 4)
+                    streams = concurrent_streams(gateway.endpoint, username, secret, prefix, 4, per)
             root.close()
     print(f"log-ins/s through one gateway: {_spread(logins)}")
     print(f"log-ins per gateway CPU-second: {_spread(per_core)}")
     print(f"put p50 ms: gateway {_spread(put_gw)}; direct {_spread(put_direct)}")
     print(f"get p50 ms: gateway {_spread(get_gw)}; direct {_spread(get_direct)}")
+    if streams is not None:
+        created, failed, seconds = streams
+        print(f"watch streams at once: {created} created, {failed} failed, in {seconds:.1f}s")
     print(
         "ratio gateway/direct (median of p50s): put"
         f" {statistics.median(put_gw) / statistics.median(put_direct):.2f},"
