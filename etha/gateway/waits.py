@@ -602,7 +602,13 @@ class Waits:
             self.outcomes.labels("denied").inc()
             raise
         remaining = context.time_remaining()
-        budget = MAX_WAIT if remaining is None else max(0.0, remaining - DEADLINE_MARGIN)
+        # A wait with timeout 0 arrives with DEADLINE_MARGIN left: half of that still
+        # lets an already-true condition be confirmed fresh (one progress round).
+        budget = (
+            MAX_WAIT
+            if remaining is None
+            else max(remaining - DEADLINE_MARGIN, min(remaining, DEADLINE_MARGIN) / 2)
+        )
         self.ctx.quotas.open_watch(tenant)
         watch = self._watch_for(tenant)
         waiter, group = watch.add(condition, bool(request.count_only))
