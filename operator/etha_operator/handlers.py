@@ -18,7 +18,7 @@ import kopf
 from etha_operator import metrics, model, webhook
 from etha_operator.etcd_admin import EtcdAdmin
 from etha_operator.k8s import KubeApi
-from etha_operator.reconciler import Reconciler, TemporaryFailure
+from etha_operator.reconciler import Reconciler, TemporaryFailure, ensure_auto, wants_auto
 from etha_operator.settings import OperatorSettings
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
     async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         configure_kopf(settings, cfg)
         admin = EtcdAdmin.from_settings(cfg)
-        kube = KubeApi.from_environment()
+        kube = KubeApi.from_environment(cfg.discovery_interval)
         memo.reconciler = Reconciler(cfg, admin, kube, _post_event)
         if cfg.audit_interval > 0:
             memo.audit_task = asyncio.create_task(_audit_loop(memo.reconciler, cfg))
@@ -146,9 +146,19 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
     def kvnamespaces_by_job(
         spec: kopf.Spec, namespace: str | None, name: str, **_: Any
     ) -> dict[Any, Any]:
-        """(namespace, job kind, job name) -> KVNamespace name."""
+        """(namespace, (job apiVersion, job kind), job name) -> KVNamespace name."""
         job = spec.get("jobRef") or {}
-        return {(namespace, job.get("kind"), job.get("name")): name}
+        return {(namespace, (job.get("apiVersion"), job.get("kind")), job.get("name")): name}
+
+    @kopf.index(*resource, id="auto_kvnamespaces", registry=registry)
+    def auto_kvnamespaces(
+        body: kopf.Body, namespace: str | None, name: str, **_: Any
+    ) -> dict[Any, Any] | None:
+        """(namespace, pod label key, job name) -> name, for KVNamespaces made by auto."""
+        job = (body.get("spec") or {}).get("jobRef") or {}
+        rule = cfg.job_kinds.get(job.get("apiVersion"), job.get("kind"))
+        key = webhook.auto_key(body, rule.pod_label if rule is not None else None)
+        return None if key is None else {(namespace, *key): name}
 
     @kopf.on.resume(*resource, id="reconcile", registry=registry)
     @kopf.on.create(*resource, id="reconcile", registry=registry)
@@ -200,26 +210,53 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
                 exc,
             )
 
-    for api_version, kind in model.JOB_KINDS:
-        group, version = api_version.split("/", 1)
-        plural = model.JOB_KINDS[(api_version, kind)]
-
-        @kopf.on.event(group, version, plural, id=f"{plural}-events", param=kind, registry=registry)
+    for rule in cfg.job_kinds:
+        # kopf watches CRDs: a kind whose CRD is installed later is watched from then on.
+        @kopf.on.event(
+            rule.group,
+            rule.version,
+            rule.plural,
+            id=f"{rule.plural}.{rule.group}-events",
+            param=rule,
+            registry=registry,
+        )
         @metrics.counted("job-event")
         def job_event(
-            namespace: str | None, name: str, memo: Any, param: Any = None, **kwargs: Any
+            body: kopf.Body,
+            namespace: str | None,
+            name: str,
+            memo: Any,
+            param: Any = None,
+            **kwargs: Any,
         ) -> None:
-            """A job changed or was deleted: check the KVNamespaces that reference it now."""
+            """A job changed or was deleted: make its auto KVNamespace, check the ones
+            that reference it."""
             kvnamespaces_by_job: kopf.Index[Any, str] = kwargs["kvnamespaces_by_job"]
+            existing: kopf.Index[Any, Any] = kwargs["kvnamespaces"]
             reconciler: Reconciler = memo.reconciler
             if namespace is None:
                 return
-            for kvns in kvnamespaces_by_job.get((namespace, param, name), []):
-                body = reconciler.kube.get_kvnamespace(namespace, kvns)
-                if body is None:
+            job = _plain(body)
+            if (
+                kwargs.get("type") != "DELETED"
+                and wants_auto(job)
+                and (namespace, name) not in existing
+            ):
+                try:
+                    problem = ensure_auto(reconciler.kube, job, param)
+                except TemporaryFailure as exc:
+                    logger.warning(
+                        "%s %s/%s: auto KVNamespace: %s", param.kind, namespace, name, exc
+                    )
+                    problem = None
+                if problem is not None:
+                    _post_event(job, type="Warning", reason="KVNamespaceConflict", message=problem)
+            for kvns in kvnamespaces_by_job.get((namespace, param.key, name), []):
+                current = reconciler.kube.get_kvnamespace(namespace, kvns)
+                if current is None:
                     continue
                 try:
-                    reconciler.check_job(body)
+                    reconciler.check_job(current)
                 except TemporaryFailure as exc:
                     metrics.mark_retry()
                     logger.warning(
@@ -237,6 +274,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
         if report.failed:
             metrics.FINALIZER_DEADLINES.inc()
 
+    pod_labels = tuple(dict.fromkeys(k.pod_label for k in cfg.job_kinds if k.pod_label))
     if cfg.webhook_enabled:
 
         @kopf.on.mutate("", "v1", "pods", id=WEBHOOK_ID, operations=["CREATE"], registry=registry)
@@ -248,6 +286,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
             **kwargs: Any,
         ) -> None:
             kvnamespaces: kopf.Index[Any, webhook.KVNamespaceInfo] = kwargs["kvnamespaces"]
+            autos: kopf.Index[Any, str] = kwargs["auto_kvnamespaces"]
             pod = _plain(body)
             namespace = (pod.get("metadata") or {}).get("namespace")
 
@@ -256,8 +295,13 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
                     return info
                 return None
 
+            def auto(label: str, job: str) -> str | None:
+                for found in autos.get((namespace, label, job), []):
+                    return found
+                return None
+
             try:
-                mutation = webhook.mutate_pod(pod, namespace, lookup)
+                mutation = webhook.mutate_pod(pod, namespace, lookup, auto, pod_labels)
             except webhook.AdmissionDenied as exc:
                 raise kopf.AdmissionError(str(exc), code=403) from exc
             warnings.extend(mutation.warnings)

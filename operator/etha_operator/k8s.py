@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import datetime
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -120,21 +122,24 @@ def with_condition(conditions: list[Obj] | None, new: Obj) -> list[Obj]:
 class KubeApi:
     """The few API calls the operator makes; every method returns plain dicts."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, discovery_interval: float = 10.0) -> None:
         # The client's generated stubs are typed loosely; Any keeps mypy honest elsewhere.
         self.client: Any = client
         self.core: Any = kubernetes.client.CoreV1Api(client)
         self.custom: Any = kubernetes.client.CustomObjectsApi(client)
+        self.discovery_interval = discovery_interval
+        self._served: dict[tuple[str, str], tuple[float, frozenset[str]]] = {}
+        self._served_lock = threading.Lock()
 
     @classmethod
-    def from_environment(cls) -> KubeApi:
+    def from_environment(cls, discovery_interval: float = 10.0) -> KubeApi:
         """In-cluster service account, else the kubeconfig (``KUBECONFIG``)."""
         config: Any = kubernetes.config
         try:
             config.load_incluster_config()
-            return cls(kubernetes.client.ApiClient())
+            return cls(kubernetes.client.ApiClient(), discovery_interval)
         except config.ConfigException:
-            return cls(config.new_client_from_config())
+            return cls(config.new_client_from_config(), discovery_interval)
 
     def close(self) -> None:
         self.client.close()
@@ -222,13 +227,48 @@ class KubeApi:
             raise
         return True
 
+    def create_kvnamespace(self, body: Obj) -> Obj | None:
+        """Create a KVNamespace; None if one of that name exists already (409)."""
+        namespace = body["metadata"]["namespace"]
+        try:
+            obj: Obj = self.custom.create_namespaced_custom_object(
+                model.GROUP, model.VERSION, namespace, model.PLURAL, body
+            )
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 409:
+                return None
+            raise
+        return obj
+
     # -- Jobs ------------------------------------------------------------------------------
 
+    def served(self, group: str, version: str, plural: str) -> bool:
+        """Whether the API server serves ``plural`` in ``group/version`` (discovery).
+
+        Answers are reused for ``discovery_interval`` seconds, so a CRD installed later
+        is seen within that time without a restart.
+        """
+        key = (group, version)
+        with self._served_lock:
+            cached = self._served.get(key)
+        if cached is not None and time.monotonic() - cached[0] < self.discovery_interval:
+            return plural in cached[1]
+        try:
+            found = self._plain(self.custom.get_api_resources(group, version))
+            names = frozenset(r.get("name", "") for r in found.get("resources") or [])
+        except kubernetes.client.ApiException as exc:
+            if not self._not_found(exc):
+                raise
+            names = frozenset()
+        with self._served_lock:
+            self._served[key] = (time.monotonic(), names)
+        return plural in names
+
     def get_job(self, namespace: str, job: model.JobRef) -> Obj | None:
-        group, version = job.api_version.split("/", 1)
+        rule = job.rule
         try:
             obj: Obj = self.custom.get_namespaced_custom_object(
-                group, version, namespace, job.plural, job.name
+                rule.group, rule.version, namespace, job.plural, job.name
             )
         except kubernetes.client.ApiException as exc:
             if self._not_found(exc):

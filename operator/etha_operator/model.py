@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from etha.kvstore.errors import ConfigurationError, InvalidKeyError
 from etha.kvstore.keys import validate_name
+from etha_operator.jobkinds import JobKind, JobKinds
 
 GROUP = "etha.io"
 VERSION = "v1alpha1"
@@ -23,6 +24,12 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 #: Pods with this label get the KVNamespace's Secret injected by the webhook.
 POD_LABEL = "etha.io/kvnamespace"
+#: A job annotated ``etha.io/kvnamespace: auto`` gets a KVNamespace made for it.
+AUTO_ANNOTATION = POD_LABEL
+AUTO_VALUE = "auto"
+#: Set on a KVNamespace the operator made for an annotated job: its pods are recognised
+#: by their kind's pod label (see :attr:`JobKind.pod_label`), no label needed.
+CREATED_FOR_ANNOTATION = "etha.io/created-for-job"
 FINALIZER = "etha.io/cleanup"
 #: etcd users and roles created by the operator are named ``etha-<KVNamespace uid>``.
 ETCD_NAME_PREFIX = "etha-"
@@ -30,8 +37,8 @@ SECRET_SUFFIX = "-etha-kv"  # noqa: S105 - a name suffix, not a password
 
 OnJobEnd = Literal["Delete", "Keep", "Revoke"]
 ON_JOB_END: tuple[OnJobEnd, ...] = ("Delete", "Keep", "Revoke")
-#: Job kinds the operator can watch, by (apiVersion, kind). Add entries to support more.
-JOB_KINDS = {("batch/v1", "Job"): "jobs"}
+#: The shipped job kinds (see :mod:`etha_operator.jobkinds`; the operator's setting adds).
+DEFAULT_JOB_KINDS = JobKinds()
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -58,10 +65,12 @@ class JobRef:
     api_version: str
     kind: str
     name: str
+    #: The kind's rule (where it is served, how it ends).
+    rule: JobKind
 
     @property
     def plural(self) -> str:
-        return JOB_KINDS[(self.api_version, self.kind)]
+        return self.rule.plural
 
 
 @dataclass(frozen=True)
@@ -84,8 +93,10 @@ def _name_field(value: object, path: str) -> str:
         raise SpecError(str(exc)) from None
 
 
-def parse_spec(spec: Mapping[str, Any] | None) -> KVNamespaceSpec:
-    """Validate a KVNamespace ``spec``.
+def parse_spec(
+    spec: Mapping[str, Any] | None, kinds: JobKinds = DEFAULT_JOB_KINDS
+) -> KVNamespaceSpec:
+    """Validate a KVNamespace ``spec`` (``jobRef`` must name one of ``kinds``).
 
     :raises SpecError: naming the field (``spec.jobRef.name`` ...) and the rule it breaks
     """
@@ -107,11 +118,12 @@ def parse_spec(spec: Mapping[str, Any] | None) -> KVNamespaceSpec:
     if extra:
         raise SpecError(f"spec.jobRef has unknown fields {extra}")
     api_version, kind, name = job.get("apiVersion"), job.get("kind"), job.get("name")
-    if (api_version, kind) not in JOB_KINDS:
-        supported = ", ".join(f"{a} {k}" for a, k in JOB_KINDS)
+    rule = kinds.get(api_version, kind)
+    if rule is None:
         raise SpecError(
             f"spec.jobRef {api_version!r} {kind!r} is not a supported job kind;"
-            f" supported: {supported}"
+            f" supported: {kinds.supported()} (more through the operator's"
+            " ETHA_OPERATOR_JOB_KINDS, chart value jobKinds.extra)"
         )
     if not isinstance(name, str) or len(name) > 63 or not _DNS_LABEL.fullmatch(name):
         raise SpecError(
@@ -131,7 +143,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> KVNamespaceSpec:
     component = _name_field(spec.get("component", "default"), "spec.component")
     quotas = parse_quotas(spec.get("quotas"))
     return KVNamespaceSpec(
-        job=JobRef(str(api_version), str(kind), name),
+        job=JobRef(str(api_version), str(kind), name, rule),
         key_prefix=prefix,
         on_job_end=on_end,
         ttl_seconds_after_job_end=ttl,

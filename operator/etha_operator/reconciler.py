@@ -34,6 +34,7 @@ from etha.kvstore.config import PASSWORD, EtcdConfig
 from etha.kvstore.errors import KVStoreError, PermissionDeniedError
 from etha_operator import k8s, metrics, model
 from etha_operator.etcd_admin import EtcdAdmin, prefix_grant
+from etha_operator.jobkinds import JobKind
 from etha_operator.settings import OperatorSettings
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ class EventSink(Protocol):
 
 class TemporaryFailure(Exception):
     """Retry later (etcd unreachable, API conflict); kopf turns it into a delayed retry."""
+
+
+class JobKindNotServed(TemporaryFailure):
+    """The jobRef's kind is configured but the cluster does not serve it (no CRD yet)."""
 
 
 class EtcdAlarmActive(TemporaryFailure):
@@ -241,6 +246,31 @@ class Reconciler:
             logger.warning("KVNamespace %s/%s: %s", *_meta(body)[:2], message)
         return {**current, **status}
 
+    def _hold_for_job_kind(self, body: Mapping[str, Any], spec: model.KVNamespaceSpec) -> None:
+        """Status Pending + Ready=False (JobKindNotServed) and a Warning Event, once."""
+        rule = spec.job.rule
+        generation = body["metadata"].get("generation")
+        message = (
+            f"not Ready: the cluster does not serve {rule.api_version} {rule.kind}"
+            f" ({rule.plural}.{rule.group}): install its controller and CRD. The"
+            " KVNamespace becomes Ready by itself once the CRD is installed (the operator"
+            " re-checks discovery, no restart needed)."
+        )
+        current: Obj = body.get("status") or {}
+        previous = current.get("conditions")
+        status: Obj = {
+            "phase": PENDING,
+            "message": message,
+            "conditions": k8s.with_condition(
+                previous,
+                k8s.condition("Ready", False, "JobKindNotServed", message, generation, previous),
+            ),
+        }
+        if current.get("phase") != PENDING or current.get("message") != message:
+            self._write_status(body, status)
+            self.emit(body, type="Warning", reason="JobKindNotServed", message=message)
+            logger.warning("KVNamespace %s/%s: %s", *_meta(body)[:2], message)
+
     def check_alarms(self, body: Mapping[str, Any]) -> Obj | None:
         """For a Ready KVNamespace: leave Ready (Pending, EtcdAlarm) while etcd holds an alarm.
 
@@ -282,9 +312,15 @@ class Reconciler:
         if status.get("phase") in ENDED_PHASES or status.get("jobEndedAt"):
             return status  # the job is over: never re-create revoked credentials
         try:
-            spec = model.parse_spec(body.get("spec"))
+            spec = model.parse_spec(body.get("spec"), self.settings.job_kinds)
         except model.SpecError as exc:
             return self._fail(body, "InvalidSpec", str(exc))
+        rule = spec.job.rule
+        if not self.kube.served(rule.group, rule.version, rule.plural):
+            self._hold_for_job_kind(body, spec)
+            raise JobKindNotServed(
+                f"{rule.plural}.{rule.group}/{rule.version} is not served by the cluster"
+            )
         if len(model.secret_name(name)) > model.MAX_SECRET_NAME:
             return self._fail(
                 body,
@@ -488,18 +524,26 @@ class Reconciler:
                 return None
             return self._check_job(fresh)
 
-    def _job_end(self, status: Obj, job: Obj | None) -> tuple[str | None, str | None, str | None]:
-        """(reason, time, uid seen): reason is Complete/Failed/Deleted when the job ended."""
+    def _job_end(
+        self, status: Obj, job: Obj | None, rule: JobKind
+    ) -> tuple[str | None, str | None, str | None]:
+        """(reason, time, uid seen): reason is what ``rule`` matched (a condition type or a
+        status value), or Deleted, when the job ended."""
         known_uid = status.get("jobUID")
         if job is None:
             return ("Deleted", self._now_iso(), None) if known_uid else (None, None, None)
         job_uid = job.get("metadata", {}).get("uid")
         if known_uid and job_uid != known_uid:
             return "Deleted", self._now_iso(), None  # deleted and re-created under the name
+        ended = rule.end(job)
+        if ended is None:
+            return None, None, job_uid
+        reason = ended[0]
+        when = None
         for cond in (job.get("status") or {}).get("conditions") or []:
-            if cond.get("type") in ("Complete", "Failed") and cond.get("status") == "True":
-                return cond["type"], cond.get("lastTransitionTime") or self._now_iso(), job_uid
-        return None, None, job_uid
+            if isinstance(cond, Mapping) and cond.get("type") == reason:
+                when = cond.get("lastTransitionTime")
+        return reason, when or self._now_iso(), job_uid
 
     def _check_job(self, body: Obj) -> Obj | None:
         namespace, name, _ = _meta(body)
@@ -507,12 +551,12 @@ class Reconciler:
         if status.get("phase") not in (READY, *ENDED_PHASES) and not status.get("jobEndedAt"):
             return None  # nothing provisioned (yet): nothing to clean
         try:
-            spec = model.parse_spec(body.get("spec"))
+            spec = model.parse_spec(body.get("spec"), self.settings.job_kinds)
         except model.SpecError:
             return None
         if not status.get("jobEndedAt"):
             job = self.kube.get_job(namespace, spec.job)
-            reason, ended_at, job_uid = self._job_end(status, job)
+            reason, ended_at, job_uid = self._job_end(status, job, spec.job.rule)
             if reason is None:
                 if job_uid and not status.get("jobUID"):
                     self._write_status(body, {"jobUID": job_uid})
@@ -730,3 +774,78 @@ class Reconciler:
                 (prefix + "/") if prefix else None,
             )
         return report
+
+
+def auto_kvnamespace(job: Mapping[str, Any], rule: JobKind) -> Obj:
+    """The KVNamespace made for a job annotated ``etha.io/kvnamespace: auto``.
+
+    Named after the job, in its namespace, with ``jobRef`` filled in and an ownerReference
+    to the job, so Kubernetes' garbage collector deletes it (and through the finalizer its
+    keys and credentials) with the job. ``blockOwnerDeletion`` stays false: the job's
+    deletion never waits for the store's clean-up, and no extra permission is needed.
+    """
+    meta = job["metadata"]
+    return {
+        "apiVersion": model.API_VERSION,
+        "kind": model.KIND,
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "labels": {"app.kubernetes.io/managed-by": k8s.MANAGED_BY},
+            "annotations": {
+                model.CREATED_FOR_ANNOTATION: f"{rule.api_version}/{rule.kind}/{meta['name']}"
+            },
+            "ownerReferences": [
+                {
+                    "apiVersion": rule.api_version,
+                    "kind": rule.kind,
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": False,
+                    "blockOwnerDeletion": False,
+                }
+            ],
+        },
+        "spec": {
+            "jobRef": {"apiVersion": rule.api_version, "kind": rule.kind, "name": meta["name"]}
+        },
+    }
+
+
+def wants_auto(job: Mapping[str, Any]) -> bool:
+    annotations = (job.get("metadata") or {}).get("annotations") or {}
+    return bool(annotations.get(model.AUTO_ANNOTATION) == model.AUTO_VALUE)
+
+
+def ensure_auto(kube: k8s.KubeApi, job: Mapping[str, Any], rule: JobKind) -> str | None:
+    """Create the auto KVNamespace of ``job`` unless it exists; returns a problem or None.
+
+    A KVNamespace of that name that is not this job's (another kind's, or a hand-made one)
+    is left alone: the returned message says so (the caller posts it as an Event).
+    """
+    meta = job.get("metadata") or {}
+    if meta.get("deletionTimestamp") or not wants_auto(job):
+        return None
+    body = auto_kvnamespace(job, rule)
+    with _retry_on_outage():
+        if kube.create_kvnamespace(body) is not None:
+            logger.info(
+                "%s %s/%s: created KVNamespace %s (etha.io/kvnamespace: auto)",
+                rule.kind,
+                meta["namespace"],
+                meta["name"],
+                meta["name"],
+            )
+            return None
+        existing = kube.get_kvnamespace(meta["namespace"], meta["name"]) or {}
+    wanted = body["metadata"]["annotations"][model.CREATED_FOR_ANNOTATION]
+    found = ((existing.get("metadata") or {}).get("annotations") or {}).get(
+        model.CREATED_FOR_ANNOTATION
+    )
+    if not existing or found == wanted:
+        return None
+    return (
+        f"KVNamespace {meta['name']!r} already exists and is not the one made for this"
+        f" {rule.kind} (etha.io/kvnamespace: auto): rename the job, or delete that"
+        " KVNamespace"
+    )

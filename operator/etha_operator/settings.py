@@ -30,6 +30,7 @@ from etha.kvstore.config import (
     parse_port,
 )
 from etha.kvstore.errors import ConfigurationError
+from etha_operator.jobkinds import JOB_KINDS_ENV, JobKinds
 
 PREFIX = "ETHA_OPERATOR_"
 ETCD_ENDPOINTS = "ETHA_OPERATOR_ETCD_ENDPOINTS"
@@ -56,6 +57,10 @@ GATEWAY_ENDPOINTS = "ETHA_OPERATOR_GATEWAY_ENDPOINTS"
 GATEWAY_CA_FILE = "ETHA_OPERATOR_GATEWAY_CA_FILE"
 GATEWAY_CA_PEM = "ETHA_OPERATOR_GATEWAY_CA_PEM"
 ALLOW_UNSAFE_DIRECT = "ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT"
+#: JSON list of job kinds added to (or replacing) the shipped ones (etha_operator.jobkinds).
+JOB_KINDS = JOB_KINDS_ENV
+#: Seconds a discovery answer ("is this job kind served?") is reused.
+DISCOVERY_INTERVAL = "ETHA_OPERATOR_DISCOVERY_INTERVAL"
 
 Mode = Literal["gateway", "direct"]
 MODES: tuple[Mode, ...] = ("gateway", "direct")
@@ -94,6 +99,9 @@ class OperatorSettings:
     gateway_tls: bool = False
     gateway_ca: str | None = field(default=None, repr=False)
     allow_unsafe_direct: bool = False
+    #: The job kinds a jobRef may name, with their end rules.
+    job_kinds: JobKinds = field(default_factory=JobKinds, compare=False)
+    discovery_interval: float = 10.0
 
     @property
     def clusterwide(self) -> bool:
@@ -268,4 +276,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         gateway_tls=gateway[1],
         gateway_ca=gateway[2],
         allow_unsafe_direct=_bool(env, ALLOW_UNSAFE_DIRECT),
+        job_kinds=JobKinds.from_setting(env_value(env, JOB_KINDS)),
+        discovery_interval=env_seconds(env, DISCOVERY_INTERVAL, 10.0, allow_zero=True),
     )

@@ -11,7 +11,10 @@ appended to every container and init container. Decisions (see docs/operator.md)
   holds the containers until the Secret exists;
 * a container that sets an ``ETHA_KV_*`` variable itself: rejected, because it would
   silently override (env wins over envFrom) or be overridden by the injected contract;
-* the Secret is already referenced: nothing added (idempotent under reinvocation).
+* the Secret is already referenced: nothing added (idempotent under reinvocation);
+* an unlabelled pod carrying a job kind's pod label (``jobset.sigs.k8s.io/jobset-name``,
+  ...) whose job has a KVNamespace made from ``etha.io/kvnamespace: auto``: treated as
+  labelled with that KVNamespace's name.
 """
 
 from __future__ import annotations
@@ -51,6 +54,17 @@ class AdmissionDenied(Exception):
 
 
 Lookup = Callable[[str], KVNamespaceInfo | None]
+#: (pod label key, its value) -> the auto KVNamespace made for that job, or None.
+AutoLookup = Callable[[str, str], str | None]
+
+
+def auto_key(body: Mapping[str, Any], pod_label: str | None) -> tuple[str, str] | None:
+    """(pod label key, job name) under which pods of an auto KVNamespace's job are found."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    job = ((body.get("spec") or {}).get("jobRef") or {}).get("name")
+    if not annotations.get(model.CREATED_FOR_ANNOTATION) or not pod_label or not job:
+        return None
+    return pod_label, str(job)
 
 
 def info_from_body(body: Mapping[str, Any]) -> KVNamespaceInfo:
@@ -64,14 +78,27 @@ def info_from_body(body: Mapping[str, Any]) -> KVNamespaceInfo:
     )
 
 
-def mutate_pod(pod: Mapping[str, Any], namespace: str | None, lookup: Lookup) -> Mutation:
+def mutate_pod(
+    pod: Mapping[str, Any],
+    namespace: str | None,
+    lookup: Lookup,
+    auto: AutoLookup | None = None,
+    pod_labels: tuple[str, ...] = (),
+) -> Mutation:
     """Decide what to do with ``pod`` (being created in ``namespace``).
 
     :param lookup: the KVNamespace of that name in the pod's namespace, or None
+    :param auto: finds the auto KVNamespace of a job by one of ``pod_labels``
     :raises AdmissionDenied: the pod must be rejected (the message says why and what to do)
     """
     labels = (pod.get("metadata") or {}).get("labels") or {}
     name = labels.get(model.POD_LABEL)
+    if name is None and auto is not None:
+        for key in pod_labels:
+            value = labels.get(key)
+            if isinstance(value, str) and (found := auto(key, value)) is not None:
+                name = found
+                break
     if name is None:
         return Mutation()
     where = f"namespace {namespace!r}" if namespace else "the pod's namespace"

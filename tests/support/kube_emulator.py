@@ -82,6 +82,39 @@ class ApiError(Exception):
         }
 
 
+def job_crd(group: str, version: str, kind: str, plural: str) -> Obj:
+    """A minimal namespaced CRD with a status subresource (what a job controller installs)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{group}"},
+        "spec": {
+            "group": group,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind,
+                "plural": plural,
+                "singular": kind.lower(),
+                "listKind": f"{kind}List",
+            },
+            "versions": [
+                {
+                    "name": version,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "x-kubernetes-preserve-unknown-fields": True,
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -989,6 +1022,41 @@ class EmulatorServer:
 
     def delete(self, api_version: str, plural: str, name: str, namespace: str | None = None) -> Obj:
         return self._call(lambda s: s.delete(self._kind(s, api_version, plural), namespace, name))
+
+    def add_crd(self, crd: Obj) -> None:
+        """Install a CustomResourceDefinition now: discovery serves it, a CRD watch sees it."""
+        assert self.emulator is not None
+        emulator = self.emulator
+        self._call(lambda _: emulator.add_crd(crd))
+
+    def collect_garbage(self) -> list[tuple[str, str | None, str]]:
+        """One pass of Kubernetes' garbage collector: delete every object that has
+        ownerReferences and none of whose owners exists any more (by uid).
+
+        Deleting an object through this emulator already cascades to its dependents; this
+        sweep covers owners that were gone before their dependents were created, as the
+        real collector does. Returns (plural, namespace, name) of each object deleted.
+        """
+
+        def sweep(store: _Store) -> list[tuple[str, str | None, str]]:
+            live = {
+                obj["metadata"]["uid"]
+                for objects in store.objects.values()
+                for obj in objects.values()
+            }
+            deleted: list[tuple[str, str | None, str]] = []
+            for (group, plural), objects in list(store.objects.items()):
+                kind = store.kinds[(group, plural)]
+                for (ns, name), obj in list(objects.items()):
+                    refs = obj.get("metadata", {}).get("ownerReferences") or []
+                    if refs and not any(ref.get("uid") in live for ref in refs):
+                        with suppress(ApiError):
+                            store.delete(kind, ns, name)
+                            deleted.append((plural, ns, name))
+            return deleted
+
+        result: list[tuple[str, str | None, str]] = self._call(sweep)
+        return result
 
     def events_for(self, name: str, namespace: str) -> list[Obj]:
         """Events whose involvedObject is ``name`` in ``namespace``, oldest first."""
