@@ -615,7 +615,7 @@ class Waits:
         gauge = self.pending.labels(tenant.username)
         gauge.inc()
         try:
-            result = await asyncio.wait_for(asyncio.shield(waiter.future), budget)
+            result = await _until(waiter.future, self.ctx.registry.revoked(tenant), budget)
         except asyncio.TimeoutError:
             self.outcomes.labels("timeout").inc()
             seen = group.seen()
@@ -633,6 +633,28 @@ class Waits:
             self.ctx.quotas.close_watch(tenant)
         self.outcomes.labels("ok").inc()
         return result
+
+
+async def _until(future: asyncio.Future[bytes], revoked: asyncio.Event, budget: float) -> bytes:
+    """The waiter's answer; a revoked tenant's waits end at once, as its watches do.
+
+    :raises Refused: UNAUTHENTICATED "etcdserver: invalid auth token" (etcd's answer to
+        a token that no longer counts: the client's new log-in then fails)
+    :raises asyncio.TimeoutError: ``budget`` seconds passed first
+    """
+    gone = Refused(grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token")
+    if revoked.is_set():
+        raise gone
+    watcher = asyncio.ensure_future(revoked.wait())
+    try:
+        await asyncio.wait((future, watcher), timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if future.done():
+        return future.result()
+    if revoked.is_set():
+        raise gone
+    raise asyncio.TimeoutError
 
 
 class Refused(Exception):

@@ -338,3 +338,21 @@ def test_a_replica_with_no_waiters_sends_etcd_nothing(
     before = etcd_watch_requests(etcd_auth)
     time.sleep(1.5)
     assert etcd_watch_requests(etcd_auth) == before
+
+
+def test_a_revoked_tenant_s_waits_end_at_once(
+    gateway: GatewayProcess, tenant: Callable[..., TenantCreds], root: EtcdClient
+) -> None:
+    from tests.support.gateway import revoke_tenant
+
+    creds = tenant()
+    store = open_store([gateway.endpoint], creds)
+    store.set("r/warm", "1")
+    waiter = started(lambda: store.wait_for_key("r/never", timeout=30))
+    time.sleep(0.5)
+    assert waiter.is_alive()
+    revoke_tenant(root, creds.username)
+    waiter.join(10)
+    assert not waiter.is_alive(), "a revoked tenant's wait must not run on to its timeout"
+    assert isinstance(waiter.error, PermissionDeniedError), waiter.error
+    store.close(cleanup=False)  # the tenant cannot delete its keys any more
