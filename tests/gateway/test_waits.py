@@ -356,3 +356,36 @@ def test_a_revoked_tenant_s_waits_end_at_once(
     assert not waiter.is_alive(), "a revoked tenant's wait must not run on to its timeout"
     assert isinstance(waiter.error, PermissionDeniedError), waiter.error
     store.close(cleanup=False)  # the tenant cannot delete its keys any more
+
+
+def test_same_results_and_errors_as_the_watch_path(
+    gateway: GatewayProcess, creds: TenantCreds, etcd_auth: EtcdCluster
+) -> None:
+    """The same calls on the same keys: through the gateway, and with watches on etcd."""
+    via_gateway = open_store([gateway.endpoint], creds)
+    client = EtcdClient(etcd_auth.endpoints, username=ROOT_USER, password=etcd_auth.root_password)
+    direct = EtcdKVStore(creds.prefix, "default", endpoints=(), client=client)
+    try:
+        for i in range(4):
+            via_gateway.set(f"same/a{i}/x/b{i % 2}/ok", "yes" if i != 2 else "no")
+        via_gateway.set("same/key", "v1")
+        calls: list[Callable[[EtcdKVStore], object]] = [
+            lambda s: s.wait_for_key("same/key", timeout=5),
+            lambda s: s.wait_for_value("same/key", "v1", timeout=5),
+            lambda s: s.wait_for_keys("same/*/x/*/ok", 3, value="yes", timeout=5),
+            lambda s: s.wait_for_keys("same/a*", 2, value="yes", timeout=5),
+        ]
+        for call in calls:
+            assert call(via_gateway) == call(direct)
+        assert coordination_supported(via_gateway.client)
+        assert not coordination_supported(client)  # plain etcd: watches
+        for store in (via_gateway, direct):
+            with pytest.raises(KVTimeoutError) as info:
+                store.wait_for_keys("same/*/x/*/ok", 4, value="yes", timeout=0.5)
+            assert "4 keys matching" in str(info.value)
+            assert "3 of 4 keys matched" in str(info.value)
+            with pytest.raises(KVTimeoutError):
+                store.wait_for_value("same/key", "v2", timeout=0.3)
+    finally:
+        direct.close(cleanup=False)
+        client.close()
