@@ -65,11 +65,22 @@ CONTRACT_ENV = {
 
 # The Kubernetes API surface the operator uses (OPERATOR-CONTRACT "Kubernetes API surface"):
 # (apiGroup, resource) -> verbs.
+#: Read-only on each shipped job kind (etha_operator.jobkinds.SHIPPED), nothing more.
+JOB_KIND_RULES = {
+    ("batch", "jobs"): {"get", "list", "watch"},
+    ("jobset.x-k8s.io", "jobsets"): {"get", "list", "watch"},
+    ("trainer.kubeflow.org", "trainjobs"): {"get", "list", "watch"},
+    ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch"},
+    ("kubeflow.org", "mpijobs"): {"get", "list", "watch"},
+    ("ray.io", "rayjobs"): {"get", "list", "watch"},
+    ("batch.volcano.sh", "jobs"): {"get", "list", "watch"},
+}
 NAMESPACED_RULES = {
-    ("etha.io", "kvnamespaces"): {"get", "list", "watch", "patch"},
+    # create: the KVNamespace of a job annotated etha.io/kvnamespace: auto.
+    ("etha.io", "kvnamespaces"): {"get", "list", "watch", "patch", "create"},
     ("etha.io", "kvnamespaces/status"): {"patch"},
     ("", "secrets"): {"get", "create", "patch", "delete"},
-    ("batch", "jobs"): {"get", "list", "watch"},
+    **JOB_KIND_RULES,
     ("", "events"): {"create"},
 }
 CLUSTER_RULES = {
@@ -1319,3 +1330,106 @@ def test_every_variable_the_chart_sets_is_read_by_the_operator() -> None:
         ][0]
         assert set(_env(container)) <= read, set(_env(container)) - read
     assert read >= CONTRACT_ENV, CONTRACT_ENV - read
+
+
+# --- job kinds ---------------------------------------------------------------------------
+
+CUSTOM_KIND = {
+    "group": "ml.example.com",
+    "version": "v1",
+    "kind": "TrainingRun",
+    "plural": "trainingruns",
+    "podLabel": "ml.example.com/run",
+    "ended": [
+        {"field": "status.outcome", "values": ["Done"], "outcome": "Succeeded"},
+        {"conditionType": "Crashed", "status": "True", "outcome": "Failed"},
+    ],
+}
+
+
+def _job_ref_schema(crd: dict[str, Any]) -> dict[str, Any]:
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    job_ref: dict[str, Any] = spec["properties"]["jobRef"]
+    return job_ref
+
+
+def test_chart_ships_the_operators_job_kind_table() -> None:
+    from etha_operator.jobkinds import SHIPPED
+
+    shipped = json.loads((CHART / "files" / "jobkinds.json").read_text())
+    assert shipped == [kind.to_json() for kind in SHIPPED]
+
+
+def test_a_custom_job_kind_renders_into_rbac_crd_and_operator_settings() -> None:
+    from etha_operator.settings import load_settings
+
+    docs = manifests({"jobKinds": {"extra": [CUSTOM_KIND]}})
+    granted = _rules(one(docs, "ClusterRole"))
+    assert granted == {
+        **CLUSTER_RULES,
+        **NAMESPACED_RULES,
+        ("ml.example.com", "trainingruns"): {"get", "list", "watch"},
+    }
+    job_ref = _job_ref_schema(one(docs, "CustomResourceDefinition"))
+    assert "ml.example.com/v1" in job_ref["properties"]["apiVersion"]["enum"]
+    assert "TrainingRun" in job_ref["properties"]["kind"]["enum"]
+    [pair_rule] = [r for r in job_ref["x-kubernetes-validations"] if "self.kind" in r["rule"]]
+    assert (
+        "(self.apiVersion == 'ml.example.com/v1' && self.kind == 'TrainingRun')"
+        in (pair_rule["rule"])
+    )
+    assert "(self.apiVersion == 'batch/v1' && self.kind == 'Job')" in pair_rule["rule"]
+
+    # The operator, given the rendered environment, follows the new rule.
+    container = operator_deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+    env = {
+        e["name"]: e["value"]
+        for e in container["env"]
+        if "value" in e and not e["name"].endswith("_FILE")  # files live in the pod
+    }
+    env.setdefault("ETHA_OPERATOR_ETCD_PASSWORD", "x")
+    env["ETHA_OPERATOR_GATEWAY_ENDPOINTS"] = "http://etha-gateway:2379"
+    env.pop("ETHA_OPERATOR_GATEWAY_CA_FILE", None)
+    kinds = load_settings(env).job_kinds
+    rule = kinds.get("ml.example.com/v1", "TrainingRun")
+    assert rule is not None and rule.pod_label == "ml.example.com/run"
+    assert rule.end({"status": {"outcome": "Done"}}) == ("Done", "Succeeded")
+    assert rule.end({"status": {"conditions": [{"type": "Crashed", "status": "True"}]}}) == (
+        "Crashed",
+        "Failed",
+    )
+    assert rule.end({"status": {"outcome": "Running"}}) is None
+    assert kinds.get("ray.io/v1", "RayJob") is not None  # the shipped ones stay
+
+
+def test_default_rbac_grants_no_job_kind_beyond_the_shipped_table() -> None:
+    granted = _rules(one(manifests(), "ClusterRole"))
+    readonly = {key for key, verbs in granted.items() if verbs == {"get", "list", "watch"}}
+    assert readonly == set(JOB_KIND_RULES)
+
+
+def test_an_extra_kind_replacing_a_shipped_one_is_granted_once() -> None:
+    volcano = {
+        "group": "batch.volcano.sh",
+        "version": "v1alpha1",
+        "kind": "Job",
+        "plural": "jobs",
+        "ended": [{"field": "status.state.phase", "values": ["Completed"], "outcome": "Succeeded"}],
+    }
+    docs = manifests({"jobKinds": {"extra": [volcano]}})
+    assert _rules(one(docs, "ClusterRole")) == {**CLUSTER_RULES, **NAMESPACED_RULES}
+    job_ref = _job_ref_schema(one(docs, "CustomResourceDefinition"))
+    assert job_ref["properties"]["kind"]["enum"].count("Job") == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {**CUSTOM_KIND, "plural": "Training Runs"},
+        {**CUSTOM_KIND, "ended": []},
+        {**CUSTOM_KIND, "surprise": 1},
+    ],
+)
+def test_malformed_job_kinds_are_refused_by_the_schema(bad: dict[str, Any]) -> None:
+    with pytest.raises(Exception, match="jobKinds"):
+        render({"jobKinds": {"extra": [bad]}})

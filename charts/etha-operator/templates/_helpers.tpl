@@ -224,3 +224,19 @@ seccompProfile:
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The configured job kinds as a JSON list: the shipped table (files/jobkinds.json) with
+     jobKinds.extra added; an extra entry replaces a shipped one of the same apiVersion
+     and kind (as the operator does). */}}
+{{- define "etha-operator.jobKinds" -}}
+{{- $byKey := dict }}
+{{- $order := list }}
+{{- range $k := concat (.Files.Get "files/jobkinds.json" | fromJsonArray) (.Values.jobKinds.extra | default list) }}
+{{- $key := printf "%s/%s/%s" $k.group $k.version $k.kind }}
+{{- if not (hasKey $byKey $key) }}{{ $order = append $order $key }}{{ end }}
+{{- $_ := set $byKey $key $k }}
+{{- end }}
+{{- $out := list }}
+{{- range $key := $order }}{{ $out = append $out (get $byKey $key) }}{{ end }}
+{{- toJson $out }}
+{{- end }}

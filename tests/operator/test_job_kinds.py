@@ -1,0 +1,537 @@
+"""Job kinds beyond batch/v1 Job, end to end: real operator (gateway mode, real gateway,
+real etcd), the emulator serving each kind's CRD, and the operator's webhook server.
+
+Per kind: KVNamespace -> Ready -> a pod injected -> a worker writes keys -> the job's
+status written the way its own controller writes it -> keys deleted, the count in status.
+Plus the job's deletion, Keep and Revoke; a kind whose CRD is installed only later; a
+custom kind from ETHA_OPERATOR_JOB_KINDS; and ``etha.io/kvnamespace: auto``.
+
+Its own module: its own emulator (with the CRDs), etcd, gateway and operator.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import jsonpatch
+import pytest
+
+from tests.operator.helpers import (
+    API,
+    PLURAL,
+    count_keys,
+    event_reasons,
+    gateway_etcd_user,
+    secret_env,
+    store_from_secret,
+    wait_phase,
+)
+from tests.operator.test_webhook import review
+from tests.support.etcd_server import EtcdCluster
+from tests.support.gateway import GatewayProcess
+from tests.support.kube_emulator import EmulatorServer, job_crd
+from tests.support.operator_runner import OperatorProcess, wait_for
+from tests.support.ports import free_port, wait_port
+from tests.support.tls import TLSFiles, make_tls
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _conditions(*pairs: tuple[str, str, str]) -> dict[str, Any]:
+    return {
+        "conditions": [
+            {"type": t, "status": s, "reason": r, "message": r, "lastTransitionTime": _now()}
+            for t, s, r in pairs
+        ]
+    }
+
+
+@dataclass(frozen=True)
+class Kind:
+    api_version: str
+    kind: str
+    plural: str
+    #: The label its controller sets on the job's pods (value: the job's name).
+    pod_label: str
+    #: The status its controller writes when the job succeeds.
+    succeeded: Callable[[], dict[str, Any]]
+
+    @property
+    def group(self) -> str:
+        return self.api_version.split("/")[0]
+
+    @property
+    def version(self) -> str:
+        return self.api_version.split("/")[1]
+
+
+KINDS = {
+    # kubernetes pkg/controller/job/job_controller.go: condition Complete=True
+    # (k8s.io/api batch/v1 JobComplete).
+    "Job": Kind(
+        "batch/v1",
+        "Job",
+        "jobs",
+        "batch.kubernetes.io/job-name",
+        lambda: {
+            **_conditions(
+                ("SuccessCriteriaMet", "True", "CompletionsReached"),
+                ("Complete", "True", "CompletionsReached"),
+            ),
+            "succeeded": 1,
+        },
+    ),
+    # kubernetes-sigs/jobset api/jobset/v1alpha2/jobset_types.go: JobSetCompleted =
+    # "Completed" (pkg/controllers/jobset_controller.go sets it, reason AllJobsCompleted,
+    # with status.terminalState Completed).
+    "JobSet": Kind(
+        "jobset.x-k8s.io/v1alpha2",
+        "JobSet",
+        "jobsets",
+        "jobset.sigs.k8s.io/jobset-name",
+        lambda: {
+            **_conditions(("Completed", "True", "AllJobsCompleted")),
+            "terminalState": "Completed",
+        },
+    ),
+    # kubeflow/trainer pkg/apis/trainer/v1alpha1/trainjob_types.go: TrainJobComplete =
+    # "Complete" (copied from the JobSet's Completed condition, reason JobsCompleted).
+    "TrainJob": Kind(
+        "trainer.kubeflow.org/v1alpha1",
+        "TrainJob",
+        "trainjobs",
+        "jobset.sigs.k8s.io/jobset-name",
+        lambda: _conditions(("Complete", "True", "JobsCompleted")),
+    ),
+    # kubeflow/training-operator pkg/apis/kubeflow.org/v1/common_types.go: JobSucceeded =
+    # "Succeeded"; the PyTorchJob controller writes Created, Running=False, Succeeded=True.
+    "PyTorchJob": Kind(
+        "kubeflow.org/v1",
+        "PyTorchJob",
+        "pytorchjobs",
+        "training.kubeflow.org/job-name",
+        lambda: _conditions(
+            ("Created", "True", "PyTorchJobCreated"),
+            ("Running", "False", "PyTorchJobSucceeded"),
+            ("Succeeded", "True", "PyTorchJobSucceeded"),
+        ),
+    ),
+    # kubeflow/mpi-operator pkg/apis/kubeflow/v2beta1/types.go: JobSucceeded = "Succeeded".
+    "MPIJob": Kind(
+        "kubeflow.org/v2beta1",
+        "MPIJob",
+        "mpijobs",
+        "training.kubeflow.org/job-name",
+        lambda: _conditions(
+            ("Created", "True", "MPIJobCreated"),
+            ("Running", "False", "MPIJobSucceeded"),
+            ("Succeeded", "True", "MPIJobSucceeded"),
+        ),
+    ),
+    # ray-project/kuberay ray-operator/apis/ray/v1/rayjob_types.go:
+    # JobDeploymentStatusComplete = "Complete" in status.jobDeploymentStatus (jobStatus is
+    # Ray's own SUCCEEDED).
+    "RayJob": Kind(
+        "ray.io/v1",
+        "RayJob",
+        "rayjobs",
+        "ray.io/originated-from-cr-name",
+        lambda: {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
+    ),
+    # volcano-sh/apis pkg/apis/batch/v1alpha1/job.go: JobState.Phase, Completed.
+    "VolcanoJob": Kind(
+        "batch.volcano.sh/v1alpha1",
+        "Job",
+        "jobs",
+        "volcano.sh/job-name",
+        lambda: {"state": {"phase": "Completed", "lastTransitionTime": _now()}, "succeeded": 2},
+    ),
+}
+
+#: A kind given through ETHA_OPERATOR_JOB_KINDS; its CRD is installed only by a test.
+CUSTOM_KIND = {
+    "group": "ml.example.com",
+    "version": "v1",
+    "kind": "TrainingRun",
+    "plural": "trainingruns",
+    "podLabel": "ml.example.com/run",
+    "ended": [
+        {"field": "status.outcome", "values": ["Done"], "outcome": "Succeeded"},
+        {"field": "status.outcome", "values": ["Crashed"], "outcome": "Failed"},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def kube() -> Iterator[EmulatorServer]:
+    with EmulatorServer() as server:
+        for kind in KINDS.values():
+            if kind.kind != "Job" or kind.group != "batch":
+                server.add_crd(job_crd(kind.group, kind.version, kind.kind, kind.plural))
+        yield server
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-job-kinds"), auth=True)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    etcd: EtcdCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    user, password = gateway_etcd_user(etcd)
+    proc = GatewayProcess(
+        etcd.endpoints, tmp_path_factory.mktemp("gateway"), username=user, password=password
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    return make_tls(tmp_path_factory.mktemp("webhook-tls"))
+
+
+@pytest.fixture(scope="module")
+def webhook_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def operator(
+    operator_factory: Callable[..., OperatorProcess],
+    gateway: GatewayProcess,
+    tls: TLSFiles,
+    webhook_port: int,
+) -> Iterator[OperatorProcess]:
+    proc = operator_factory(
+        gateway=[f"http://{gateway.endpoint}"],
+        ETHA_OPERATOR_WEBHOOK_PORT=str(webhook_port),
+        ETHA_OPERATOR_WEBHOOK_CERT_FILE=str(tls.server_cert),
+        ETHA_OPERATOR_WEBHOOK_KEY_FILE=str(tls.server_key),
+        ETHA_OPERATOR_JOB_KINDS=json.dumps([CUSTOM_KIND]),
+        ETHA_OPERATOR_DISCOVERY_INTERVAL="1",
+        ETHA_OPERATOR_JOB_CHECK_INTERVAL="2",
+    ).start()
+    wait_port("127.0.0.1", webhook_port, timeout=30)
+    yield proc
+    proc.stop()
+
+
+def make_job(kind: Kind, name: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": kind.api_version,
+        "kind": kind.kind,
+        "metadata": {"name": name, "annotations": annotations or {}},
+        "spec": {},
+    }
+
+
+def kvns_for(kind: Kind, name: str, job: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": API,
+        "kind": "KVNamespace",
+        "metadata": {"name": name},
+        "spec": {
+            "jobRef": {"apiVersion": kind.api_version, "kind": kind.kind, "name": job},
+            **spec,
+        },
+    }
+
+
+def worker_pod(labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "worker-", "labels": labels},
+        "spec": {"containers": [{"name": "main", "image": "python:3.11-slim"}]},
+    }
+
+
+def injected(
+    tls: TLSFiles, port: int, pod: dict[str, Any], namespace: str, secret: str
+) -> dict[str, Any]:
+    """The pod as the webhook patches it, once it injects ``secret`` without warnings."""
+
+    def probe() -> dict[str, Any] | None:
+        answer = review(tls, port, pod, namespace)
+        if not answer.get("allowed") or not answer.get("patch") or answer.get("warnings"):
+            return None
+        patched: dict[str, Any] = jsonpatch.apply_patch(
+            pod, json.loads(base64.b64decode(answer["patch"]))
+        )
+        return patched
+
+    patched: dict[str, Any] = wait_for(probe, timeout=60, what=f"injection of {secret}")
+    assert patched["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": secret}}]
+    return patched
+
+
+def write_keys(kube: EmulatorServer, namespace: str, secret: str, count: int) -> None:
+    with store_from_secret(kube, namespace, secret) as store:
+        for i in range(count):
+            store.set(f"rank:{i}/ready", "1")
+
+
+@pytest.mark.parametrize("label", list(KINDS))
+def test_each_kind_is_cleaned_at_its_end(
+    kube: EmulatorServer,
+    etcd: EtcdCluster,
+    operator: OperatorProcess,
+    tls: TLSFiles,
+    webhook_port: int,
+    k8s_ns: str,
+    label: str,
+) -> None:
+    kind = KINDS[label]
+    kube.create(kind.api_version, kind.plural, make_job(kind, "train"), k8s_ns)
+    kube.create(API, PLURAL, kvns_for(kind, "kv", "train"), k8s_ns)
+    status = wait_phase(kube, k8s_ns, "kv", "Ready")["status"]
+    assert (
+        status["jobUID"]
+        == kube.get(kind.api_version, kind.plural, "train", k8s_ns)["metadata"]["uid"]
+    )
+    injected(tls, webhook_port, worker_pod({"etha.io/kvnamespace": "kv"}), k8s_ns, "kv-etha-kv")
+    write_keys(kube, k8s_ns, "kv-etha-kv", 3)
+    assert count_keys(etcd, status["keyPrefix"]) == 3
+
+    # Still running: a status without the end rule's values changes nothing.
+    kube.patch(
+        kind.api_version,
+        kind.plural,
+        "train",
+        {"status": _conditions(("Running", "True", "Running"))},
+        k8s_ns,
+        subresource="status",
+    )
+    kube.patch(
+        kind.api_version,
+        kind.plural,
+        "train",
+        {"status": kind.succeeded()},
+        k8s_ns,
+        subresource="status",
+    )
+    done = wait_phase(kube, k8s_ns, "kv", "Cleaned")["status"]
+    assert done["keysDeleted"] == 3
+    assert done["jobEndReason"] in ("Complete", "Completed", "Succeeded")
+    assert count_keys(etcd, status["keyPrefix"]) == 0
+    assert "KeysDeleted" in event_reasons(kube, k8s_ns, "kv")
+
+
+@pytest.mark.parametrize("label", ["JobSet", "RayJob"])
+def test_deleting_the_job_is_its_end(
+    kube: EmulatorServer, etcd: EtcdCluster, operator: OperatorProcess, k8s_ns: str, label: str
+) -> None:
+    kind = KINDS[label]
+    kube.create(kind.api_version, kind.plural, make_job(kind, "gone"), k8s_ns)
+    kube.create(API, PLURAL, kvns_for(kind, "kv", "gone"), k8s_ns)
+    status = wait_phase(kube, k8s_ns, "kv", "Ready")["status"]
+    write_keys(kube, k8s_ns, "kv-etha-kv", 2)
+    kube.delete(kind.api_version, kind.plural, "gone", k8s_ns)
+    done = wait_phase(kube, k8s_ns, "kv", "Cleaned")["status"]
+    assert done["jobEndReason"] == "Deleted" and done["keysDeleted"] == 2
+    assert count_keys(etcd, status["keyPrefix"]) == 0
+
+
+def test_keep_and_revoke_on_a_failed_pytorchjob_and_a_terminated_volcano_job(
+    kube: EmulatorServer, etcd: EtcdCluster, operator: OperatorProcess, k8s_ns: str
+) -> None:
+    torch, volcano = KINDS["PyTorchJob"], KINDS["VolcanoJob"]
+    kube.create(torch.api_version, torch.plural, make_job(torch, "keep"), k8s_ns)
+    kube.create(volcano.api_version, volcano.plural, make_job(volcano, "revoke"), k8s_ns)
+    kube.create(API, PLURAL, kvns_for(torch, "keep", "keep", onJobEnd="Keep"), k8s_ns)
+    kube.create(API, PLURAL, kvns_for(volcano, "revoke", "revoke", onJobEnd="Revoke"), k8s_ns)
+    kept = wait_phase(kube, k8s_ns, "keep", "Ready")["status"]
+    revoked = wait_phase(kube, k8s_ns, "revoke", "Ready")["status"]
+    write_keys(kube, k8s_ns, "keep-etha-kv", 2)
+    write_keys(kube, k8s_ns, "revoke-etha-kv", 2)
+    # training-operator: JobFailed = "Failed" (pkg/apis/kubeflow.org/v1/common_types.go).
+    kube.patch(
+        torch.api_version,
+        torch.plural,
+        "keep",
+        {"status": _conditions(("Failed", "True", "PyTorchJobFailed"))},
+        k8s_ns,
+        subresource="status",
+    )
+    # volcano-sh/apis batch/v1alpha1 job.go: Terminated is a terminal JobPhase.
+    kube.patch(
+        volcano.api_version,
+        volcano.plural,
+        "revoke",
+        {"status": {"state": {"phase": "Terminated"}}},
+        k8s_ns,
+        subresource="status",
+    )
+    ended = wait_phase(kube, k8s_ns, "keep", "JobEnded")["status"]
+    assert ended["jobEndReason"] == "Failed"
+    assert count_keys(etcd, kept["keyPrefix"]) == 2  # Keep: nothing deleted
+    gone = wait_phase(kube, k8s_ns, "revoke", "Revoked")["status"]
+    assert gone["jobEndReason"] == "Terminated" and gone["keysDeleted"] == 2
+    assert count_keys(etcd, revoked["keyPrefix"]) == 0
+    assert kube.find("v1", "secrets", "revoke-etha-kv", k8s_ns) is None
+
+
+def test_a_kind_installed_later_becomes_ready_without_restart(
+    kube: EmulatorServer,
+    etcd: EtcdCluster,
+    operator: OperatorProcess,
+    tls: TLSFiles,
+    webhook_port: int,
+    k8s_ns: str,
+) -> None:
+    """The custom kind from ETHA_OPERATOR_JOB_KINDS: no CRD first, then its CRD."""
+    api_version = f"{CUSTOM_KIND['group']}/{CUSTOM_KIND['version']}"
+    body = {
+        "apiVersion": API,
+        "kind": "KVNamespace",
+        "metadata": {"name": "later"},
+        "spec": {"jobRef": {"apiVersion": api_version, "kind": "TrainingRun", "name": "run"}},
+    }
+    kube.create(API, PLURAL, body, k8s_ns)
+    pending = wait_phase(kube, k8s_ns, "later", "Pending")["status"]
+    [ready] = [c for c in pending["conditions"] if c["type"] == "Ready"]
+    assert ready["status"] == "False" and ready["reason"] == "JobKindNotServed"
+    assert "ml.example.com/v1 TrainingRun" in pending["message"]
+    wait_for(
+        lambda: "JobKindNotServed" in event_reasons(kube, k8s_ns, "later"),
+        timeout=30,
+        what="the JobKindNotServed event",
+    )
+    assert operator.process is not None
+    pid = operator.process.pid
+
+    kube.add_crd(job_crd("ml.example.com", "v1", "TrainingRun", "trainingruns"))
+    kube.create(
+        api_version,
+        "trainingruns",
+        {"metadata": {"name": "run"}, "spec": {}},
+        k8s_ns,
+    )
+    status = wait_phase(kube, k8s_ns, "later", "Ready", timeout=90)["status"]
+    assert operator.process is not None and operator.process.pid == pid  # no restart
+    assert operator.process.poll() is None
+    write_keys(kube, k8s_ns, "later-etha-kv", 4)
+    # The custom rule: status.outcome Done ends it (the kind's watch started with its CRD).
+    kube.patch(
+        api_version, "trainingruns", "run", {"status": {"outcome": "Done"}}, k8s_ns, "status"
+    )
+    done = wait_phase(kube, k8s_ns, "later", "Cleaned", timeout=90)["status"]
+    assert done["jobEndReason"] == "Done" and done["keysDeleted"] == 4
+    assert count_keys(etcd, status["keyPrefix"]) == 0
+
+
+# -- etha.io/kvnamespace: auto ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("label", ["JobSet", "TrainJob"])
+def test_auto_annotation_gives_a_kvnamespace_injection_and_clean_up(
+    kube: EmulatorServer,
+    etcd: EtcdCluster,
+    operator: OperatorProcess,
+    tls: TLSFiles,
+    webhook_port: int,
+    k8s_ns: str,
+    label: str,
+) -> None:
+    kind = KINDS[label]
+    job = kube.create(
+        kind.api_version,
+        kind.plural,
+        make_job(kind, "llm", {"etha.io/kvnamespace": "auto"}),
+        k8s_ns,
+    )
+    status = wait_phase(kube, k8s_ns, "llm", "Ready")["status"]
+    kvns = kube.get(API, PLURAL, "llm", k8s_ns)
+    assert kvns["spec"]["jobRef"] == {
+        "apiVersion": kind.api_version,
+        "kind": kind.kind,
+        "name": "llm",
+    }
+    [owner] = kvns["metadata"]["ownerReferences"]
+    assert owner["uid"] == job["metadata"]["uid"]
+    assert (owner["kind"], owner["apiVersion"], owner["name"]) == (
+        kind.kind,
+        kind.api_version,
+        "llm",
+    )
+
+    # A pod as the kind's controller makes it: its label only, nothing written by the user.
+    pod = worker_pod({kind.pod_label: "llm", "jobset.sigs.k8s.io/replicatedjob-name": "node"})
+    injected(tls, webhook_port, pod, k8s_ns, "llm-etha-kv")
+    # A pod of another job in the same namespace is left alone.
+    other = review(tls, webhook_port, worker_pod({kind.pod_label: "other"}), k8s_ns)
+    assert other["allowed"] is True and "patch" not in other
+
+    write_keys(kube, k8s_ns, "llm-etha-kv", 2)
+    kube.patch(kind.api_version, kind.plural, "llm", {"status": kind.succeeded()}, k8s_ns, "status")
+    done = wait_phase(kube, k8s_ns, "llm", "Cleaned")["status"]
+    assert done["keysDeleted"] == 2
+    assert count_keys(etcd, status["keyPrefix"]) == 0
+
+    # Deleting the job: the garbage collector removes the KVNamespace (its finalizer runs).
+    kube.delete(kind.api_version, kind.plural, "llm", k8s_ns)
+    kube.collect_garbage()
+    wait_for(
+        lambda: kube.find(API, PLURAL, "llm", k8s_ns) is None,
+        timeout=60,
+        what="the auto KVNamespace to be collected with its job",
+    )
+
+
+def test_auto_kvnamespaces_of_same_named_jobs_stay_apart(
+    kube: EmulatorServer,
+    etcd: EtcdCluster,
+    operator: OperatorProcess,
+    tls: TLSFiles,
+    webhook_port: int,
+) -> None:
+    kind = KINDS["JobSet"]
+    spaces = ("team-a-same", "team-b-same")
+    statuses = {}
+    for ns in spaces:
+        kube.create(
+            kind.api_version,
+            kind.plural,
+            make_job(kind, "same", {"etha.io/kvnamespace": "auto"}),
+            ns,
+        )
+    for ns in spaces:
+        statuses[ns] = wait_phase(kube, ns, "same", "Ready")["status"]
+    assert statuses[spaces[0]]["keyPrefix"] != statuses[spaces[1]]["keyPrefix"]
+    assert statuses[spaces[0]]["etcdUser"] != statuses[spaces[1]]["etcdUser"]
+    for ns in spaces:
+        injected(tls, webhook_port, worker_pod({kind.pod_label: "same"}), ns, "same-etha-kv")
+    write_keys(kube, spaces[0], "same-etha-kv", 1)
+    write_keys(kube, spaces[1], "same-etha-kv", 3)
+    # One store's credentials cannot see the other's keys.
+    a_env = secret_env(kube, spaces[0], "same-etha-kv")
+    with store_from_secret(kube, spaces[0], "same-etha-kv") as store:
+        assert store.get("rank:2/ready") is None
+    assert a_env["ETHA_KV_NAMESPACE"] == statuses[spaces[0]]["keyPrefix"]
+    # Ending one job cleans only its own keys.
+    kube.patch(
+        kind.api_version, kind.plural, "same", {"status": kind.succeeded()}, spaces[0], "status"
+    )
+    assert wait_phase(kube, spaces[0], "same", "Cleaned")["status"]["keysDeleted"] == 1
+    assert count_keys(etcd, statuses[spaces[1]]["keyPrefix"]) == 3
+    assert kube.get(API, PLURAL, "same", spaces[1])["status"]["phase"] == "Ready"
