@@ -394,6 +394,7 @@ class _TenantWatch:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
             except _Compacted:
+                log.info("tenant %s: wait watch revision compacted; reloading", self.username)
                 self.loaded = False
                 continue
             except Exception as exc:  # the stream broke: reconnect, never leave waiters
@@ -408,6 +409,11 @@ class _TenantWatch:
                             await upstream.login(upstream.metadata)
                     elif code is grpc.StatusCode.UNAVAILABLE:
                         upstream.note_stream_failure()
+                elif "permission denied" in str(exc):
+                    # etcd checks a watch with the stream's token: after an etcd restart
+                    # the gateway's token is unknown there (the gateway user may read all).
+                    with contextlib.suppress(Exception):
+                        await upstream.login(upstream.metadata)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
             finally:
@@ -449,6 +455,8 @@ class _TenantWatch:
         self.loaded = True
         for group in self.groups.values():
             group.load(mirror)
+            if group.fresh and group.done():  # after a reload: waiters already caught up
+                self._answer(group)
         # The read is linearizable: it covers every waiter that arrived before it was sent.
         self._freshen([w for w in self.parked if w.seq < seq])
         for waiter in self.parked:

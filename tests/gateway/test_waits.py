@@ -389,3 +389,51 @@ def test_same_results_and_errors_as_the_watch_path(
     finally:
         direct.close(cleanup=False)
         client.close()
+
+
+def test_compaction_while_the_gateway_was_cut_off_reloads_its_view(tmp_path: Path) -> None:
+    """The gateway's watch cannot resume (its revision was compacted while etcd restarted
+    and the gateway was stopped): it reads the range again, and the pending wait ends
+    with the keys written meanwhile."""
+    import signal
+
+    from tests.support.gateway import register_tenant
+
+    cluster = EtcdCluster(tmp_path / "etcd", auth=True)
+    cluster.start()
+    root = EtcdClient(cluster.endpoints, username=ROOT_USER, password=cluster.root_password)
+    gateway = None
+    try:
+        gateway = start_gateway(cluster, tmp_path / "gw")
+        username, secret, prefix = register_tenant(root)
+        creds = TenantCreds(username, secret, prefix)
+        store = open_store([gateway.endpoint], creds, timeout=30)
+        store.set("c/0/ready", "1")
+        waiter = started(lambda: store.wait_for_keys("c/*/ready", 3, timeout=60))
+        deadline = time.monotonic() + 10
+        while waits_pending(gateway) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gateway.process is not None
+        gateway.process.send_signal(signal.SIGSTOP)
+        try:
+            for i in (1, 2):
+                root.put(f"{prefix}/default/c/{i}/ready".encode(), b"1")
+            for i in range(20):
+                root.put(f"{prefix}/default/noise".encode(), str(i).encode())
+            revision = root.range(b"x").header.revision
+            root.call("KV", "Compact", etcdrpc.CompactionRequest(revision=revision, physical=True))
+            member = cluster.nodes[0]
+            member.stop()  # the gateway's stream breaks; its token is gone with etcd's memory
+            member.start()
+            cluster.wait_healthy()
+        finally:
+            gateway.process.send_signal(signal.SIGCONT)
+        assert finished(waiter, 60) == [f"c/{i}/ready" for i in range(3)]
+        assert "compacted; reloading" in gateway.log_tail(200)
+        for creds_store in creds.opened:
+            creds_store.close(cleanup=False)
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        root.close()
+        cluster.cleanup()
