@@ -123,8 +123,6 @@ class Counters:
     def __init__(self, ctx: GatewayContext) -> None:
         self.ctx = ctx
         self._keys: dict[bytes, _Key] = {}
-        #: transactions sent (for tests and benchmarks: etcd's own counters are the truth)
-        self.txns = 0
 
     async def add(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         """The ``Coordination.Add`` handler."""
@@ -205,7 +203,6 @@ class Counters:
             request = etcdrpc.TxnRequest(
                 compare=[_compare(key, base)], success=[put], failure=[read]
             )
-            self.txns += 1
             try:
                 response = await upstream.call("KV", "Txn", request)
             except grpc.aio.AioRpcError as exc:
@@ -235,7 +232,6 @@ class Counters:
         read = etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key))
         fence = etcdrpc.TxnRequest(compare=[_compare(key, base)], success=[put], failure=[read])
         for _ in range(10):
-            self.txns += 1
             try:
                 response = await self.ctx.upstream.call("KV", "Txn", fence)
             except grpc.aio.AioRpcError as exc:

@@ -256,9 +256,7 @@ class _TenantWatch:
         self.answered_rounds = 0
         self.call: Any = None
         self.task: asyncio.Task[None] | None = None
-        self.ready = asyncio.Event()
         self.write_lock = asyncio.Lock()
-        self.failure: BaseException | None = None
 
     # -- waiters -------------------------------------------------------------------------
 
@@ -398,7 +396,6 @@ class _TenantWatch:
                 self.loaded = False
                 continue
             except Exception as exc:  # the stream broke: reconnect, never leave waiters
-                self.failure = exc
                 log.info("tenant %s: wait stream ended: %s", self.username, exc)
                 if isinstance(exc, grpc.aio.AioRpcError):
                     code = exc.code()
@@ -462,7 +459,6 @@ class _TenantWatch:
         for waiter in self.parked:
             if waiter.batch < 0:
                 self.unsent[waiter] = None
-        self.ready.set()
 
     async def _stream(self) -> None:
         upstream = self.waits.ctx.upstream
