@@ -210,7 +210,28 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
                 exc,
             )
 
+    auto_job_indices: list[str] = []
     for rule in cfg.job_kinds:
+        if rule.pod_label:
+            index_id = f"auto-jobs.{rule.plural}.{rule.group}"
+            auto_job_indices.append(index_id)
+
+            @kopf.index(
+                rule.group,
+                rule.version,
+                rule.plural,
+                id=index_id,
+                annotations={model.AUTO_ANNOTATION: model.AUTO_VALUE},
+                param=rule,
+                registry=registry,
+            )
+            def auto_jobs(
+                namespace: str | None, name: str, param: Any = None, **_: Any
+            ) -> dict[Any, Any]:
+                """(namespace, pod label key, job name) of jobs annotated auto: their pods
+                are injected even before the job's KVNamespace is seen."""
+                return {(namespace, param.pod_label, name): True}
+
         # kopf watches CRDs: a kind whose CRD is installed later is watched from then on.
         @kopf.on.event(
             rule.group,
@@ -237,11 +258,10 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
             if namespace is None:
                 return
             job = _plain(body)
-            if (
-                kwargs.get("type") != "DELETED"
-                and wants_auto(job)
-                and (namespace, name) not in existing
-            ):
+            event = kwargs.get("type")
+            made: kopf.Index[Any, str] = kwargs["auto_kvnamespaces"]
+            known = (namespace, name) in existing and (namespace, param.pod_label, name) in made
+            if event != "DELETED" and wants_auto(job) and not known:
                 try:
                     problem = ensure_auto(reconciler.kube, job, param)
                 except TemporaryFailure as exc:
@@ -249,7 +269,8 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
                         "%s %s/%s: auto KVNamespace: %s", param.kind, namespace, name, exc
                     )
                     problem = None
-                if problem is not None:
+                # Once per job appearance (not at every status change of a running job).
+                if problem is not None and event in (None, "ADDED"):
                     _post_event(job, type="Warning", reason="KVNamespaceConflict", message=problem)
             for kvns in kvnamespaces_by_job.get((namespace, param.key, name), []):
                 current = reconciler.kube.get_kvnamespace(namespace, kvns)
@@ -295,9 +316,12 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
                     return info
                 return None
 
-            def auto(label: str, job: str) -> str | None:
-                for found in autos.get((namespace, label, job), []):
-                    return found
+            def auto(label: str, job: str) -> tuple[str, bool] | None:
+                key = (namespace, label, job)
+                for found in autos.get(key, []):
+                    return found, True
+                if any(key in kwargs[index] for index in auto_job_indices):
+                    return job, False
                 return None
 
             try:

@@ -54,8 +54,9 @@ class AdmissionDenied(Exception):
 
 
 Lookup = Callable[[str], KVNamespaceInfo | None]
-#: (pod label key, its value) -> the auto KVNamespace made for that job, or None.
-AutoLookup = Callable[[str, str], str | None]
+#: (pod label key, its value) -> (KVNamespace name, whether that KVNamespace already
+#: exists as the one made for the job) when the pod belongs to an ``auto`` job, else None.
+AutoLookup = Callable[[str, str], tuple[str, bool] | None]
 
 
 def auto_key(body: Mapping[str, Any], pod_label: str | None) -> tuple[str, str] | None:
@@ -93,16 +94,27 @@ def mutate_pod(
     """
     labels = (pod.get("metadata") or {}).get("labels") or {}
     name = labels.get(model.POD_LABEL)
+    automatic: tuple[str, bool] | None = None
     if name is None and auto is not None:
         for key in pod_labels:
             value = labels.get(key)
-            if isinstance(value, str) and (found := auto(key, value)) is not None:
-                name = found
+            if isinstance(value, str) and (automatic := auto(key, value)) is not None:
+                name = automatic[0]
                 break
     if name is None:
         return Mutation()
     where = f"namespace {namespace!r}" if namespace else "the pod's namespace"
     info = lookup(name)
+    if automatic is not None and not automatic[1]:
+        if info is not None:
+            raise AdmissionDenied(
+                f"the pod belongs to job {name!r} (etha.io/kvnamespace: auto), but KVNamespace"
+                f" {name!r} in {where} is not the one made for that job: rename the job, or"
+                " delete that KVNamespace"
+            )
+        # The job's KVNamespace is being created: the Secret's name is known already, and
+        # the kubelet holds the containers (CreateContainerConfigError) until it exists.
+        info = KVNamespaceInfo(name=name, phase=None, secret_name=model.secret_name(name))
     if info is None:
         raise AdmissionDenied(
             f"the pod is labelled {model.POD_LABEL}={name} but there is no KVNamespace"

@@ -535,3 +535,75 @@ def test_auto_kvnamespaces_of_same_named_jobs_stay_apart(
     assert wait_phase(kube, spaces[0], "same", "Cleaned")["status"]["keysDeleted"] == 1
     assert count_keys(etcd, statuses[spaces[1]]["keyPrefix"]) == 3
     assert kube.get(API, PLURAL, "same", spaces[1])["status"]["phase"] == "Ready"
+
+
+def test_a_pod_arriving_before_its_auto_kvnamespace_waits_for_the_secret(
+    kube: EmulatorServer,
+    operator: OperatorProcess,
+    tls: TLSFiles,
+    webhook_port: int,
+    k8s_ns: str,
+) -> None:
+    kind = KINDS["JobSet"]
+    pod = worker_pod({kind.pod_label: "early"})
+    with kube.hold("POST", "kvnamespaces", name="early") as hold:
+        kube.create(
+            kind.api_version,
+            kind.plural,
+            make_job(kind, "early", {"etha.io/kvnamespace": "auto"}),
+            k8s_ns,
+        )
+        assert hold.reached.wait(60), "the operator never created the KVNamespace"
+        assert kube.find(API, PLURAL, "early", k8s_ns) is None
+
+        # The job is known to be auto: the pod gets the (future) Secret and a warning.
+        def answered() -> dict[str, Any] | None:
+            answer = review(tls, webhook_port, pod, k8s_ns)
+            return answer if answer.get("patch") else None
+
+        answer = wait_for(answered, timeout=60, what="injection before the KVNamespace exists")
+        assert answer["allowed"] is True
+        assert any("start once Secret 'early-etha-kv' exists" in w for w in answer["warnings"])
+        patched = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(answer["patch"])))
+        assert patched["spec"]["containers"][0]["envFrom"] == [
+            {"secretRef": {"name": "early-etha-kv"}}
+        ]
+        assert kube.find("v1", "secrets", "early-etha-kv", k8s_ns) is None
+        hold.release()
+    # It resolves by itself: the KVNamespace is made, and with it the Secret.
+    wait_phase(kube, k8s_ns, "early", "Ready")
+    assert secret_env(kube, k8s_ns, "early-etha-kv")["ETHA_KV_NAMESPACE"]
+
+
+def test_an_auto_job_never_gets_a_hand_made_kvnamespace_of_its_name(
+    kube: EmulatorServer,
+    operator: OperatorProcess,
+    tls: TLSFiles,
+    webhook_port: int,
+    k8s_ns: str,
+) -> None:
+    """A KVNamespace named like the job but made for something else is not taken over."""
+    kind = KINDS["JobSet"]
+    kube.create(API, PLURAL, kvns_for(KINDS["Job"], "taken", "some-batch-job"), k8s_ns)
+    wait_phase(kube, k8s_ns, "taken", "Ready")
+    kube.create(
+        kind.api_version,
+        kind.plural,
+        make_job(kind, "taken", {"etha.io/kvnamespace": "auto"}),
+        k8s_ns,
+    )
+    wait_for(
+        lambda: "KVNamespaceConflict" in event_reasons(kube, k8s_ns, "taken"),
+        timeout=60,
+        what="the KVNamespaceConflict event on the job",
+    )
+    kvns = kube.get(API, PLURAL, "taken", k8s_ns)
+    assert kvns["spec"]["jobRef"]["kind"] == "Job"  # unchanged
+    assert not kvns["metadata"].get("ownerReferences")
+
+    def denied() -> dict[str, Any] | None:
+        answer = review(tls, webhook_port, worker_pod({kind.pod_label: "taken"}), k8s_ns)
+        return answer if answer.get("allowed") is False else None
+
+    answer = wait_for(denied, timeout=60, what="the pod of the auto job to be refused")
+    assert "not the one made for that job" in answer["status"]["message"]
