@@ -250,17 +250,20 @@ def deployment(workdir: Path) -> Iterator[tuple[Any, dict[str, Side]]]:
         }
         with (
             _gateway(cluster, workdir) as gateway_side,
-            _floor(cluster, sides["direct"]) as floor_side,
+            _floor(cluster, sides["direct"], "floor") as floor_side,
+            _floor(cluster, sides["direct"], "floor-sync") as floor_sync_side,
         ):
             if gateway_side is not None:
                 sides["gateway"] = gateway_side
             sides["floor"] = floor_side
+            sides["floor-sync"] = floor_sync_side
             yield cluster, sides
 
 
 @contextlib.contextmanager
-def _floor(cluster: Any, direct: Side) -> Iterator[Side]:
-    """The pass-through proxy of ``bench/proto_passthrough.py`` with direct's credentials."""
+def _floor(cluster: Any, direct: Side, name: str) -> Iterator[Side]:
+    """The pass-through proxy of ``bench/proto_passthrough.py`` with direct's credentials
+    (``floor``: grpc.aio; ``floor-sync``: grpc's thread-pool server)."""
     import signal
     import subprocess
     import sys
@@ -274,6 +277,7 @@ def _floor(cluster: Any, direct: Side) -> Iterator[Side]:
             sys.executable,
             "-m",
             "bench.proto_passthrough",
+            *(["--sync"] if name == "floor-sync" else []),
             f"127.0.0.1:{port}",
             cluster.endpoints[0],
         ],
@@ -284,7 +288,7 @@ def _floor(cluster: Any, direct: Side) -> Iterator[Side]:
     try:
         wait_port("127.0.0.1", port, timeout=30)
         yield Side(
-            "floor",
+            name,
             (f"127.0.0.1:{port}",),
             direct.username,
             direct.password,
@@ -505,13 +509,14 @@ def bench_ops(sides: dict[str, Side], quick: bool) -> dict[str, Figure]:
                         ratio_rounds=_ratio_spread(per_round, "gateway", "direct"),
                         note="single op, this process, interleaved with direct",
                     )
-                if "floor" in stores:
-                    figures[f"gateway.op.{op}.{size_name}.floor"] = _fig(
-                        pooled["floor"],
-                        baseline=base,
-                        ratio_rounds=_ratio_spread(per_round, "floor", "direct"),
-                        note="through a bare Python pass-through proxy (proto_passthrough)",
-                    )
+                for floor in ("floor", "floor-sync"):
+                    if floor in stores:
+                        figures[f"gateway.op.{op}.{size_name}.{floor}"] = _fig(
+                            pooled[floor],
+                            baseline=base,
+                            ratio_rounds=_ratio_spread(per_round, floor, "direct"),
+                            note=f"through bench/proto_passthrough.py ({floor})",
+                        )
     finally:
         for store in stores.values():
             store.close(cleanup=False)
@@ -577,13 +582,14 @@ def bench_cpu(sides: dict[str, Side], etcd_url: str, quick: bool) -> dict[str, F
                     etcd_requests_per_call=rounded["gateway"],
                     note="etcd CPU per request arriving through the gateway",
                 )
-            if "floor" in stores:
-                figures[f"gateway.cpu.{what}.floor.proxy"] = figure(
-                    samples["floor"]["front"],
-                    unit="us",
-                    scale=1e6,
-                    note="pass-through proxy process CPU per request",
-                )
+            for floor in ("floor", "floor-sync"):
+                if floor in stores:
+                    figures[f"gateway.cpu.{what}.{floor}.proxy"] = figure(
+                        samples[floor]["front"],
+                        unit="us",
+                        scale=1e6,
+                        note=f"pass-through proxy process CPU per request ({floor})",
+                    )
             log(f"gateway cpu {what}: {reps} x {calls} calls per side")
     finally:
         for store in stores.values():
@@ -924,23 +930,26 @@ def markdown(result: dict[str, Any]) -> str:
     if any(k.endswith(".floor") for k in figs):
         lines += [
             "The floor of a Python gateway: the same ops through `bench/proto_passthrough.py`"
-            " (grpc.aio, forwards raw bytes, checks nothing), in the same rounds:",
+            " (forwards raw bytes, checks nothing) on grpc.aio (as the gateway) and on grpc's"
+            " thread-pool server (`--sync`), in the same rounds (ratios to direct, per-round"
+            " IQR in brackets):",
             "",
-            "| op | direct p50 | pass-through p50 | ratio p50 (per-round IQR) | real gateway p50 |"
-            " its ratio |",
-            "|---|---|---|---|---|---|",
+            "| op | direct p50 | pass-through, grpc.aio | pass-through, sync | real gateway |",
+            "|---|---|---|---|---|",
         ]
+
+        def cell(f_: Figure | None) -> str:
+            rr = (f_ or {}).get("ratio_rounds") or {}
+            spread_ = f", {rr['p25']:.2f}-{rr['p75']:.2f}" if rr else ""
+            return f"{_p(f_, 'p50')} ms ({_x(f_)}{spread_})"
+
         for op in ("get", "set"):
             for size in SIZES:
-                d_ = figs.get(f"gateway.op.{op}.{size}.direct")
-                f_ = figs.get(f"gateway.op.{op}.{size}.floor")
-                g_ = figs.get(f"gateway.op.{op}.{size}.gateway")
-                rr = (f_ or {}).get("ratio_rounds") or {}
                 lines.append(
-                    f"| `{op}` {size} | {_p(d_, 'p50')} ms | {_p(f_, 'p50')} ms"
-                    f" | {_x(f_)}"
-                    + (f" ({rr['p25']:.2f}-{rr['p75']:.2f})" if rr else "")
-                    + f" | {_p(g_, 'p50')} ms | {_x(g_, 'ratio_p50')} |"
+                    f"| `{op}` {size} | {_p(figs.get(f'gateway.op.{op}.{size}.direct'), 'p50')} ms"
+                    f" | {cell(figs.get(f'gateway.op.{op}.{size}.floor'))}"
+                    f" | {cell(figs.get(f'gateway.op.{op}.{size}.floor-sync'))}"
+                    f" | {cell(figs.get(f'gateway.op.{op}.{size}.gateway'))} |"
                 )
         lines.append("")
     d, g = figs.get("gateway.login.sustained.direct"), figs.get("gateway.login.sustained.gateway")
@@ -969,7 +978,7 @@ def markdown(result: dict[str, Any]) -> str:
         f" | {fmt((g or {}).get('server_logins_per_core_s'))} | | |",
         "",
         "| CPU per request (us, median of batches) | direct: etcd | gateway: gateway process"
-        " | gateway: etcd | pass-through proxy process |",
+        " | gateway: etcd | pass-through proxy process: grpc.aio / sync |",
         "|---|---|---|---|---|",
     ]
     for what in ("get", "set"):
@@ -977,7 +986,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| `{what}` 100B | {_p(figs.get(f'gateway.cpu.{what}.direct.etcd'), 'median')}"
             f" | {_p(figs.get(f'gateway.cpu.{what}.gateway.gateway'), 'median')}"
             f" | {_p(figs.get(f'gateway.cpu.{what}.gateway.etcd'), 'median')}"
-            f" | {_p(figs.get(f'gateway.cpu.{what}.floor.proxy'), 'median')} |"
+            f" | {_p(figs.get(f'gateway.cpu.{what}.floor.proxy'), 'median')}"
+            f" / {_p(figs.get(f'gateway.cpu.{what}.floor-sync.proxy'), 'median')} |"
         )
     for name in sorted(k for k in figs if k.startswith("gateway.barrier.")):
         cpu = figs[name].get("cpu_ms_per_barrier")
