@@ -699,9 +699,11 @@ def _webhook_secret(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _webhook(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The webhook of labelled pods (the others are for auto jobs' pods)."""
     config = one(docs, "MutatingWebhookConfiguration")
     hooks: list[dict[str, Any]] = config["webhooks"]
-    assert len(hooks) == 1
+    assert hooks[0]["name"] == "pods.kvnamespaces.etha.io"
+    assert all(h["name"].startswith("auto-") for h in hooks[1:])
     return hooks[0]
 
 
@@ -1433,3 +1435,25 @@ def test_an_extra_kind_replacing_a_shipped_one_is_granted_once() -> None:
 def test_malformed_job_kinds_are_refused_by_the_schema(bad: dict[str, Any]) -> None:
     with pytest.raises(Exception, match="jobKinds"):
         render({"jobKinds": {"extra": [bad]}})
+
+
+def test_auto_webhooks_select_each_job_kinds_pod_label_and_never_block() -> None:
+    def auto_hooks(values: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        config = one(manifests(values), "MutatingWebhookConfiguration")
+        found = {}
+        for hook in config["webhooks"][1:]:
+            exprs = hook["objectSelector"]["matchExpressions"]
+            assert exprs[1] == {"key": "etha.io/kvnamespace", "operator": "DoesNotExist"}
+            assert exprs[0]["operator"] == "Exists"
+            found[exprs[0]["key"]] = hook
+        return found
+
+    hooks = auto_hooks()
+    from etha_operator.jobkinds import SHIPPED
+
+    assert set(hooks) == {k.pod_label for k in SHIPPED if k.pod_label}
+    assert {h["failurePolicy"] for h in hooks.values()} == {"Ignore"}
+    assert {h["clientConfig"]["service"]["path"] for h in hooks.values()} == {"/mutate-pods"}
+    custom = auto_hooks({"jobKinds": {"extra": [CUSTOM_KIND]}})
+    assert set(custom) == set(hooks) | {"ml.example.com/run"}
+    assert auto_hooks({"webhook": {"auto": {"enabled": False}}}) == {}
