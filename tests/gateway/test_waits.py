@@ -410,9 +410,10 @@ def test_compaction_while_the_gateway_was_cut_off_reloads_its_view(tmp_path: Pat
         store = open_store([gateway.endpoint], creds, timeout=30)
         store.set("c/0/ready", "1")
         waiter = started(lambda: store.wait_for_keys("c/*/ready", 3, timeout=60))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 20
         while waits_pending(gateway) < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert waits_pending(gateway) == 1, "the wait should be on the gateway"
         assert gateway.process is not None
         gateway.process.send_signal(signal.SIGSTOP)
         try:
@@ -429,7 +430,7 @@ def test_compaction_while_the_gateway_was_cut_off_reloads_its_view(tmp_path: Pat
         finally:
             gateway.process.send_signal(signal.SIGCONT)
         assert finished(waiter, 60) == [f"c/{i}/ready" for i in range(3)]
-        assert "compacted; reloading" in gateway.log_tail(200)
+        assert "compacted; reloading" in gateway.log_tail(200), gateway.log_tail(40)
         for creds_store in creds.opened:
             creds_store.close(cleanup=False)
     finally:
