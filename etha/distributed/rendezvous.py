@@ -12,7 +12,8 @@ URL form::
   keys of an earlier attempt with the same id are still there until the operator deletes
   the namespace.
 * ``rank`` and ``world_size`` come from the URL (torch adds them when they are passed
-  to ``init_process_group``), else from ``RANK`` and ``WORLD_SIZE``.
+  to ``init_process_group``), else from ``RANK`` and ``WORLD_SIZE``, else (a Kubeflow
+  TrainJob's pod, one process per pod) from ``PET_NODE_RANK`` and ``PET_NNODES``.
 * ``component`` defaults to ``c10d``.
 * The etcd connection comes from :func:`etha.kvstore.parse_env` (the ``ETHA_KV_*``
   variables), so it works unchanged in a pod the operator injected.
@@ -76,6 +77,22 @@ def _name(raw: str, what: str) -> str:
         raise _error(str(exc)) from None
 
 
+def _node_env(env: Mapping[str, str], name: str) -> str | None:
+    """``PET_NODE_RANK``/``PET_NNODES`` (what a Kubeflow TrainJob gives its pods for
+    torchrun) as the process rank/world size: only with one process per pod."""
+    value = env.get(name)
+    if not value:
+        return None
+    per_node = env.get("PET_NPROC_PER_NODE") or "1"
+    if per_node != "1":
+        raise _error(
+            f"RANK is not set and {name} counts pods of {per_node} processes"
+            f" (PET_NPROC_PER_NODE={per_node}): start the processes with torchrun, which"
+            " sets RANK and WORLD_SIZE for each"
+        )
+    return value
+
+
 def parse_url(url: str, environ: Mapping[str, str] | None = None) -> RendezvousSpec:
     """Parse an ``etha://`` URL; missing rank/world size/run id come from ``environ``.
 
@@ -108,10 +125,10 @@ def parse_url(url: str, environ: Mapping[str, str] | None = None) -> RendezvousS
     # torch writes world_size=-1 into the URL when it does not know the size.
     raw_rank = query.get("rank")
     if raw_rank is None or raw_rank == "-1":
-        raw_rank = env.get("RANK")
+        raw_rank = env.get("RANK") or _node_env(env, "PET_NODE_RANK")
     raw_world = query.get("world_size")
     if raw_world is None or raw_world == "-1":
-        raw_world = env.get("WORLD_SIZE")
+        raw_world = env.get("WORLD_SIZE") or _node_env(env, "PET_NNODES")
     if not raw_rank:
         raise _error("rank parameter missing: pass rank= to init_process_group or set RANK")
     if not raw_world:
