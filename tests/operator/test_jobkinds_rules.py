@@ -204,3 +204,28 @@ def test_explicit_label_wins_over_the_kind_label() -> None:
         LABELS,
     )
     assert mutation.ops[0]["value"] == [{"secretRef": {"name": "mine-etha-kv"}}]
+
+
+def test_every_shipped_kind_has_an_example_the_operator_accepts() -> None:
+    """examples/jobs/: one manifest per kind, auto-annotated or with a valid KVNamespace."""
+    import pathlib
+
+    import yaml
+
+    root = pathlib.Path(__file__).resolve().parents[2] / "examples" / "jobs"
+    seen = set()
+    for path in sorted(root.glob("*.yaml")):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        for doc in docs:
+            if doc["kind"] == "KVNamespace":
+                spec = model.parse_spec(doc["spec"])
+                assert any(
+                    (d["apiVersion"], d["kind"], d["metadata"]["name"])
+                    == (spec.job.api_version, spec.job.kind, spec.job.name)
+                    for d in docs
+                ), path
+                continue
+            rule = KINDS.get(doc["apiVersion"], doc["kind"])
+            assert rule is not None, f"{path}: {doc['apiVersion']} {doc['kind']}"
+            seen.add(rule.key)
+    assert seen == {k.key for k in SHIPPED}
