@@ -151,3 +151,37 @@ def test_discovery_reports_core_v1_and_the_crd(kube: EmulatorServer) -> None:
     assert resource["shortNames"] == ["kvns"] and resource["namespaced"] is True
     assert any(r["name"] == "kvnamespaces/status" for r in crd["resources"])
     assert call(kube, "GET", "/api/v1/namespaces")[0] == 200
+
+
+def test_garbage_collection_removes_objects_whose_owners_are_all_gone(
+    kube: EmulatorServer,
+) -> None:
+    """collect_garbage(): an object created after its owner was deleted (the cascade on
+    delete cannot see it) is collected; one with a live owner stays."""
+    owner = kube.create("v1", "configmaps", {"metadata": {"name": "owner"}}, "gc")
+    gone = {"apiVersion": "v1", "kind": "ConfigMap", "name": "old", "uid": "0" * 36}
+    live = {**gone, "name": "owner", "uid": owner["metadata"]["uid"]}
+    kube.create(
+        "v1", "configmaps", {"metadata": {"name": "orphan", "ownerReferences": [gone]}}, "gc"
+    )
+    kube.create(
+        "v1", "configmaps", {"metadata": {"name": "child", "ownerReferences": [live]}}, "gc"
+    )
+    kube.create(
+        "v1", "configmaps", {"metadata": {"name": "both", "ownerReferences": [gone, live]}}, "gc"
+    )
+    assert kube.collect_garbage() == [("configmaps", "gc", "orphan")]
+    names = {c["metadata"]["name"] for c in kube.list("v1", "configmaps", "gc")}
+    assert names == {"owner", "child", "both"}
+
+
+def test_a_crd_installed_while_running_is_served(kube: EmulatorServer) -> None:
+    from tests.support.kube_emulator import job_crd
+
+    path = "/apis/ml.example.com/v1/namespaces/ns1/widgets"
+    assert call(kube, "GET", path)[0] == 404
+    kube.add_crd(job_crd("ml.example.com", "v1", "Widget", "widgets"))
+    status, _ = call(kube, "POST", path, {"metadata": {"name": "w"}})
+    assert status == 201
+    status, found = call(kube, "GET", "/apis/ml.example.com/v1")
+    assert status == 200 and "widgets" in {r["name"] for r in found["resources"]}
