@@ -253,7 +253,9 @@ def test_expired_token_is_renewed_transparently(
         time.sleep(3.0)  # the token has expired
         store.set("k", "2")
         assert store.get("k") == b"2"
-        assert 'etha_gateway_logins_total{outcome="ok"} 2.0' in gw.metrics()
+        # At least one log-in after the first (a slow machine may expire a token twice).
+        logins = re.search(r'etha_gateway_logins_total\{outcome="ok"\} ([0-9.]+)', gw.metrics())
+        assert logins is not None and float(logins.group(1)) >= 2
         store.close()
     finally:
         gw.stop()
