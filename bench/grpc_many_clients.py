@@ -1,10 +1,12 @@
 """Reproduce the CANCELLED calls of ``bench_scale`` above ~2,000 clients without etha.
 
-A grpc.aio echo server (one process) and N grpc.aio clients (one channel each, in 8
-processes); every client makes one call to connect, then all call at once. On the
-project's machine (grpcio 1.85.3, 2 cores) N = 1,024 passes and N = 2,048 fails: some
-calls end ``CANCELLED`` with debug string ``CANCELLED:CANCELLED`` (made on the client side,
-no status from the server), already during the connect calls::
+A grpc.aio echo server (one process, grpc's default options) and N grpc.aio clients
+(one channel each, in 8 processes); every client makes one call to connect, then all
+call at once. On the project's machine (grpcio 1.85.3, 2 cores) N = 1,024 passes and
+N = 2,048 fails: some calls end ``CANCELLED`` (debug string ``CANCELLED:CANCELLED``, no
+status from the server). grpc core cancels calls that wait too long for the server
+application to take them (``grpc.server.max_pending_requests``, 1,000, and its hard
+limit, 3,000); the gateway raises both (etha/gateway/server.py)::
 
     .venv/bin/python -m bench.grpc_many_clients 1024   # 8 lines "[0]": no failure
     .venv/bin/python -m bench.grpc_many_clients 2048   # CANCELLED in several processes
