@@ -32,12 +32,14 @@ from tests.operator.helpers import (
     wait_phase,
 )
 from tests.operator.test_webhook import review
+from tests.reliability.conftest import ApiRecorder
 from tests.support.etcd_server import EtcdCluster
 from tests.support.gateway import GatewayProcess
 from tests.support.kube_emulator import EmulatorServer, job_crd
 from tests.support.operator_runner import OperatorProcess, wait_for
 from tests.support.ports import free_port, wait_port
 from tests.support.tls import TLSFiles, make_tls
+from tests.test_chart import manifests
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -181,6 +183,12 @@ def kube() -> Iterator[EmulatorServer]:
 
 
 @pytest.fixture(scope="module")
+def recorder(kube: EmulatorServer) -> ApiRecorder:
+    """Every Kubernetes API request of the module (installed before the operator starts)."""
+    return ApiRecorder(kube)
+
+
+@pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-job-kinds"), auth=True)
     cluster.start()
@@ -218,6 +226,7 @@ def webhook_port() -> int:
 @pytest.fixture(scope="module")
 def operator(
     operator_factory: Callable[..., OperatorProcess],
+    recorder: ApiRecorder,
     gateway: GatewayProcess,
     tls: TLSFiles,
     webhook_port: int,
@@ -607,3 +616,32 @@ def test_an_auto_job_never_gets_a_hand_made_kvnamespace_of_its_name(
 
     answer = wait_for(denied, timeout=60, what="the pod of the auto job to be refused")
     assert "not the one made for that job" in answer["status"]["message"]
+
+
+def test_the_chart_grants_every_call_the_operator_made_for_these_kinds(
+    operator: OperatorProcess, recorder: ApiRecorder
+) -> None:
+    """Least privilege over the whole module (every kind, auto mode, a custom kind): the
+    chart with the same jobKinds.extra grants each verb used, and nothing on job kinds
+    beyond read."""
+    granted: dict[tuple[str, str], set[str]] = {}
+    for role in (
+        d for d in manifests({"jobKinds": {"extra": [CUSTOM_KIND]}}) if d["kind"] == "ClusterRole"
+    ):
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    granted.setdefault((group, resource), set()).update(rule["verbs"])
+    used = recorder.verbs()
+    assert used, "nothing recorded"
+    missing = {
+        f"{group or 'core'}/{resource}": sorted(verbs - granted.get((group, resource), set()))
+        for (_, group, resource), verbs in used.items()
+        if verbs - granted.get((group, resource), set())
+    }
+    assert not missing, f"the chart does not grant {missing}"
+    kinds = {(k.group, k.plural) for k in KINDS.values()} | {("ml.example.com", "trainingruns")}
+    for key in kinds:
+        assert granted[key] == {"get", "list", "watch"}, key
+    used_kinds = {(g, r) for (_, g, r) in used} & kinds
+    assert len(used_kinds) >= 2, used_kinds  # the job kinds really were called
