@@ -14,13 +14,16 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jsonpatch
 import pytest
 
+from tests.distributed_helpers import REPO, procs, tail
 from tests.operator.helpers import (
     API,
     PLURAL,
@@ -616,6 +619,88 @@ def test_an_auto_job_never_gets_a_hand_made_kvnamespace_of_its_name(
 
     answer = wait_for(denied, timeout=60, what="the pod of the auto job to be refused")
     assert "not the one made for that job" in answer["status"]["message"]
+
+
+TORCH_WORKER = """
+import json, sys
+from datetime import timedelta
+import torch
+import torch.distributed as dist
+import etha.distributed  # registers etha://
+
+dist.init_process_group("gloo", init_method="etha:///finetune-1", timeout=timedelta(seconds=90))
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+with open(sys.argv[1], "w") as f:
+    json.dump({"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": t.item()}, f)
+dist.destroy_process_group()
+"""
+
+
+def test_trainjob_pods_rendezvous_with_what_the_kind_and_the_secret_give(
+    kube: EmulatorServer,
+    etcd: EtcdCluster,
+    operator: OperatorProcess,
+    tls: TLSFiles,
+    webhook_port: int,
+    k8s_ns: str,
+    tmp_path: Path,
+) -> None:
+    """Two TrainJob nodes: the injected Secret plus the PET_* variables the Trainer's torch
+    runtime sets (no RANK, no WORLD_SIZE, nothing hand-written) are enough for etha://,
+    through the gateway."""
+    kind = KINDS["TrainJob"]
+    kube.create(
+        kind.api_version,
+        kind.plural,
+        make_job(kind, "finetune", {"etha.io/kvnamespace": "auto"}),
+        k8s_ns,
+    )
+    status = wait_phase(kube, k8s_ns, "finetune", "Ready")["status"]
+    pod = worker_pod({kind.pod_label: "finetune"})
+    secret = injected(tls, webhook_port, pod, k8s_ns, "finetune-etha-kv")["spec"]["containers"][0][
+        "envFrom"
+    ][0]["secretRef"]["name"]
+    script = tmp_path / "worker.py"
+    script.write_text(TORCH_WORKER)
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ETHA_KV_", "PET_")) and k not in ("RANK", "WORLD_SIZE")
+    }
+    base.update(secret_env(kube, k8s_ns, secret))
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), base.get("PYTHONPATH")]))
+    base["GLOO_SOCKET_IFNAME"] = "lo"
+    with procs() as p:
+        logs = [tmp_path / f"node{r}.log" for r in range(2)]
+        workers = [
+            p.python(
+                script,
+                [str(tmp_path / f"out{r}.json")],
+                {
+                    **base,
+                    # kubeflow/trainer pkg/constants/constants.go, TorchEnv*:
+                    "PET_NNODES": "2",
+                    "PET_NPROC_PER_NODE": "1",
+                    "PET_NODE_RANK": str(r),
+                    "PET_MASTER_ADDR": "finetune-node-0-0.finetune",
+                    "PET_MASTER_PORT": "29400",
+                },
+                logs[r],
+            )
+            for r in range(2)
+        ]
+        codes = p.wait_all(workers, timeout=150)
+        assert codes == [0, 0], "\n---\n".join(tail(log) for log in logs)
+    results = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(2)]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["world"] == 2 and r["sum"] == 3.0 for r in results)
+    assert count_keys(etcd, status["keyPrefix"]) > 0  # the rendezvous used the job's store
+    kube.patch(
+        kind.api_version, kind.plural, "finetune", {"status": kind.succeeded()}, k8s_ns, "status"
+    )
+    assert wait_phase(kube, k8s_ns, "finetune", "Cleaned")["status"]["keysDeleted"] > 0
+    assert count_keys(etcd, status["keyPrefix"]) == 0
 
 
 def test_the_chart_grants_every_call_the_operator_made_for_these_kinds(
