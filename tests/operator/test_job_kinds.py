@@ -15,6 +15,7 @@ import base64
 import datetime
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -701,6 +702,83 @@ def test_trainjob_pods_rendezvous_with_what_the_kind_and_the_secret_give(
     )
     assert wait_phase(kube, k8s_ns, "finetune", "Cleaned")["status"]["keysDeleted"] > 0
     assert count_keys(etcd, status["keyPrefix"]) == 0
+
+
+TORCHRUN_WORKER = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")  # env://: what torchrun gives its workers
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+out = {"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": t.item()}
+with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump(out, f)
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_with_the_etha_backend_needs_only_the_trainjob_command(
+    kube: EmulatorServer,
+    etcd: EtcdCluster,
+    operator: OperatorProcess,
+    k8s_ns: str,
+    tmp_path: Path,
+) -> None:
+    """examples/jobs/trainjob.yaml's command, `torchrun --rdzv-backend=etha train.py`, on
+    two nodes: torchrun takes the node count from PET_NNODES, etha the store from the
+    Secret; no --nnodes, no --rdzv-endpoint, no --rdzv-id."""
+    kind = KINDS["TrainJob"]
+    kube.create(
+        kind.api_version,
+        kind.plural,
+        make_job(kind, "elastic", {"etha.io/kvnamespace": "auto"}),
+        k8s_ns,
+    )
+    status = wait_phase(kube, k8s_ns, "elastic", "Ready")["status"]
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_WORKER)
+    out = tmp_path / "out"
+    out.mkdir()
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ETHA_KV_", "PET_")) and k not in ("RANK", "WORLD_SIZE")
+    }
+    base.update(secret_env(kube, k8s_ns, "elastic-etha-kv"))
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), base.get("PYTHONPATH")]))
+    base["GLOO_SOCKET_IFNAME"] = "lo"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--rdzv-backend=etha",
+        # Only because both "nodes" share this machine's loopback:
+        "--local-addr=127.0.0.1",
+        str(script), str(out),
+    ]  # fmt: skip
+    with procs() as p:
+        logs = [tmp_path / f"node{r}.log" for r in range(2)]
+        nodes = [
+            p.start(
+                cmd,
+                {
+                    **base,
+                    "PET_NNODES": "2",
+                    "PET_NPROC_PER_NODE": "1",
+                    "PET_NODE_RANK": str(r),
+                    "PET_MASTER_ADDR": "elastic-node-0-0.elastic",
+                    "PET_MASTER_PORT": "29400",
+                },
+                logs[r],
+            )
+            for r in range(2)
+        ]
+        codes = p.wait_all(nodes, timeout=180)
+        assert codes == [0, 0], "\n---\n".join(tail(log, 60) for log in logs)
+    results = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
+    assert [r["rank"] for r in results] == [0, 1]
+    assert all(r["world"] == 2 and r["sum"] == 3.0 for r in results)
+    # The rendezvous state lived in the job's own prefix.
+    assert count_keys(etcd, status["keyPrefix"]) > 0
 
 
 def test_the_chart_grants_every_call_the_operator_made_for_these_kinds(
