@@ -259,9 +259,13 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
                 return
             job = _plain(body)
             event = kwargs.get("type")
-            made: kopf.Index[Any, str] = kwargs["auto_kvnamespaces"]
-            known = (namespace, name) in existing and (namespace, param.pod_label, name) in made
-            if event != "DELETED" and wants_auto(job) and not known:
+            # From the index, no API call: is the KVNamespace of this name the one made for
+            # this job? Then nothing to do; another one: report it once per appearance.
+            infos = list(existing.get((namespace, name), []))
+            made_for = f"{param.api_version}/{param.kind}/{name}"
+            known = any(info.created_for == made_for for info in infos)
+            appeared = event in (None, "ADDED")
+            if event != "DELETED" and wants_auto(job) and not known and (appeared or not infos):
                 try:
                     problem = ensure_auto(reconciler.kube, job, param)
                 except TemporaryFailure as exc:
@@ -270,7 +274,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
                     )
                     problem = None
                 # Once per job appearance (not at every status change of a running job).
-                if problem is not None and event in (None, "ADDED"):
+                if problem is not None and appeared:
                     _post_event(job, type="Warning", reason="KVNamespaceConflict", message=problem)
             for kvns in kvnamespaces_by_job.get((namespace, param.key, name), []):
                 current = reconciler.kube.get_kvnamespace(namespace, kvns)

@@ -39,6 +39,8 @@ class KVNamespaceInfo:
     phase: str | None
     secret_name: str
     message: str | None = None
+    #: ``<apiVersion>/<kind>/<name>`` of the job it was made for (auto mode), else None.
+    created_for: str | None = None
 
 
 @dataclass
@@ -76,6 +78,9 @@ def info_from_body(body: Mapping[str, Any]) -> KVNamespaceInfo:
         phase=status.get("phase"),
         secret_name=status.get("secretName") or model.secret_name(name),
         message=status.get("message"),
+        created_for=((body.get("metadata") or {}).get("annotations") or {}).get(
+            model.CREATED_FOR_ANNOTATION
+        ),
     )
 
 
