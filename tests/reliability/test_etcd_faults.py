@@ -13,10 +13,11 @@ import time
 
 import pytest
 
+from etha.kvstore.etcd_client import EtcdClient
 from tests.etcd_helpers import root_client
 from tests.reliability.conftest import make_prefix_user, wait_healthy_with_auth
 from tests.support.chaos import EtcdWorkload, FaultLog, WorkloadReport, full_scale, record, scaled
-from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_server import ROOT_USER, EtcdCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500 if full_scale() else 400)]
 
@@ -25,6 +26,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500 if full_scale() else 40
 PAUSE_S = 3.0
 DOWN_S = 2.0
 SETTLE_S = 2.0
+
+
+def member_values(cluster: EtcdCluster, key: bytes) -> dict[str, str]:
+    """``key``'s value as each member holds it (serializable reads: no leader involved)."""
+    values: dict[str, str] = {}
+    for node in cluster.nodes:
+        with EtcdClient(
+            [f"{cluster.scheme}://{node.endpoint}"],
+            username=ROOT_USER,
+            password=cluster.root_password,
+            timeout=10.0,
+        ) as member:
+            kvs = member.range(key, serializable=True).kvs
+            values[node.endpoint] = kvs[0].value.decode() if kvs else "<missing>"
+    return values
 
 
 def _check(report: WorkloadReport) -> None:
@@ -206,6 +222,7 @@ def test_counters_stay_exact_through_leader_kills(trio: EtcdCluster) -> None:
         assert not any(t.is_alive() for t in threads), "an adder hung"
         key = f"{user.namespace}/torch/counters/total".encode()
         total = int(root.range(key).kvs[0].value)
+        per_member = member_values(trio, key)
     figures = {
         "workers": workers,
         "leader_sigkills": kills,
@@ -215,7 +232,18 @@ def test_counters_stay_exact_through_leader_kills(trio: EtcdCluster) -> None:
         "over_counted_by": max(0, total - sum(acked) - sum(failed)),
         "under_counted_by": max(0, sum(acked) - total),
     }
+    figures["value_per_member"] = per_member
     record("etcd_counter_under_leader_kills", figures)
     print(figures)
+    if len(set(per_member.values())) > 1:
+        # etcd 3.5.0-3.5.2 may apply a committed entry twice or not at all on a member
+        # SIGKILLed mid-apply (its consistent index was not saved atomically with the data;
+        # etcd-io/etcd#13766, fixed in 3.5.3). The members then disagree and no client can
+        # be exact on top of them. The only etcd these tests have is 3.5.1: say so instead
+        # of blaming the counter.
+        pytest.xfail(
+            f"etcd's members disagree on the counter ({per_member}): etcd 3.5.1's crash"
+            " inconsistency (etcd-io/etcd#13766), not etha's add"
+        )
     assert sum(acked) <= total, "an acknowledged add was lost"
     assert total <= sum(acked) + sum(failed), f"adds were applied twice: {figures}"
