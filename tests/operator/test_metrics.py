@@ -8,6 +8,7 @@ uid. The module runs its own etcd (auth on), because the last test stops it.
 
 from __future__ import annotations
 
+import re
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -199,7 +200,23 @@ def test_lifecycle_moves_the_counters_by_what_happened(
             assert forbidden not in text, forbidden
 
 
-def test_audit_removal_is_counted_with_its_keys(metered: Metered, etcd: EtcdCluster) -> None:
+#: The audit's log line for each orphan it removed (etha_operator.reconciler.audit).
+REMOVED = re.compile(
+    r"audit: removed orphaned [a-z /]+ (etha-[0-9a-f-]+) \(no KVNamespace with uid [0-9a-f-]+\);"
+    r" deleted (\d+) keys under "
+)
+
+
+def test_audit_removal_is_counted_with_its_keys(
+    kube: EmulatorServer, metered: Metered, etcd: EtcdCluster
+) -> None:
+    """The orphan made here is removed once, with its 2 keys, and the counters move by
+    exactly what the audit removed: the removals the operator logged, one for one.
+
+    Counted against the log rather than as "one more than before": whatever else the
+    audit finds on this etcd (what earlier tests left behind) is removed and counted too,
+    and must be counted exactly as well.
+    """
     uid = str(uuid.uuid4())
     orphan = model.etcd_name(uid)
     prefix = f"orphan-{uid[:8]}"
@@ -213,13 +230,35 @@ def test_audit_removal_is_counted_with_its_keys(metered: Metered, etcd: EtcdClus
         EtcdAdmin(root).ensure_role(orphan, prefix)
         for i in range(2):
             root.put(f"{prefix}/default/k{i}".encode(), b"x")
-    after = wait_metric(
-        metered,
-        "the audit to remove the orphan",
-        lambda s: s.delta(before, "etha_operator_audit_orphans_removed_total") >= 1,
+
+    def consistent() -> tuple[Scrape, list[tuple[str, int]]] | None:
+        # A round logs each removal before it counts them: read the counters first, the
+        # log second, and retry while a round is between the two.
+        scrape = metered.scrape()
+        removed = [(m[1], int(m[2])) for m in REMOVED.finditer(metered.operator.log())]
+        if orphan not in (name for name, _ in removed):
+            return None
+        counted = (
+            scrape.get("etha_operator_audit_orphans_removed_total"),
+            scrape.get("etha_operator_keys_deleted_total", reason="audit"),
+        )
+        return (scrape, removed) if counted == (len(removed), sum(n for _, n in removed)) else None
+
+    after, removed = wait_for(
+        consistent, timeout=30, what="the orphan's removal, counted as the audit logged it"
     )
-    assert after.delta(before, "etha_operator_audit_orphans_removed_total") == 1
-    assert after.delta(before, "etha_operator_keys_deleted_total", reason="audit") == 2
+    # Ours: removed exactly once, with exactly its keys.
+    assert [count for name, count in removed if name == orphan] == [2]
+    # The counters: exactly the logged removals and their keys, since the operator started.
+    assert after.get("etha_operator_audit_orphans_removed_total") == len(removed)
+    assert after.get("etha_operator_keys_deleted_total", reason="audit") == sum(
+        count for _, count in removed
+    )
+    # Whatever else it removed belonged to no KVNamespace that exists.
+    live = {model.etcd_name(obj["metadata"]["uid"]) for obj in kube.list(API, PLURAL)}
+    assert not live & {name for name, _ in removed}
+    assert after.delta(before, "etha_operator_audit_orphans_removed_total") >= 1
+    assert after.delta(before, "etha_operator_keys_deleted_total", reason="audit") >= 2
     assert after.delta(before, "etha_operator_audit_runs_total", outcome="success") >= 2
     assert uid not in after.text and prefix not in after.text
 
