@@ -12,12 +12,10 @@ Its own module: its own emulator (with the CRDs), etcd, gateway and operator.
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from tests.operator.test_webhook import review
 from tests.reliability.conftest import ApiRecorder
 from tests.support.etcd_server import EtcdCluster
 from tests.support.gateway import GatewayProcess
+from tests.support.job_kinds import KINDS, Kind, conditions, install_job_crds, make_job
 from tests.support.kube_emulator import EmulatorServer, job_crd
 from tests.support.operator_runner import OperatorProcess, wait_for
 from tests.support.ports import free_port, wait_port
@@ -47,121 +46,6 @@ from tests.test_chart import manifests
 
 pytestmark = pytest.mark.timeout(300)
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _conditions(*pairs: tuple[str, str, str]) -> dict[str, Any]:
-    return {
-        "conditions": [
-            {"type": t, "status": s, "reason": r, "message": r, "lastTransitionTime": _now()}
-            for t, s, r in pairs
-        ]
-    }
-
-
-@dataclass(frozen=True)
-class Kind:
-    api_version: str
-    kind: str
-    plural: str
-    #: The label its controller sets on the job's pods (value: the job's name).
-    pod_label: str
-    #: The status its controller writes when the job succeeds.
-    succeeded: Callable[[], dict[str, Any]]
-
-    @property
-    def group(self) -> str:
-        return self.api_version.split("/")[0]
-
-    @property
-    def version(self) -> str:
-        return self.api_version.split("/")[1]
-
-
-KINDS = {
-    # kubernetes pkg/controller/job/job_controller.go: condition Complete=True
-    # (k8s.io/api batch/v1 JobComplete).
-    "Job": Kind(
-        "batch/v1",
-        "Job",
-        "jobs",
-        "batch.kubernetes.io/job-name",
-        lambda: {
-            **_conditions(
-                ("SuccessCriteriaMet", "True", "CompletionsReached"),
-                ("Complete", "True", "CompletionsReached"),
-            ),
-            "succeeded": 1,
-        },
-    ),
-    # kubernetes-sigs/jobset api/jobset/v1alpha2/jobset_types.go: JobSetCompleted =
-    # "Completed" (pkg/controllers/jobset_controller.go sets it, reason AllJobsCompleted,
-    # with status.terminalState Completed).
-    "JobSet": Kind(
-        "jobset.x-k8s.io/v1alpha2",
-        "JobSet",
-        "jobsets",
-        "jobset.sigs.k8s.io/jobset-name",
-        lambda: {
-            **_conditions(("Completed", "True", "AllJobsCompleted")),
-            "terminalState": "Completed",
-        },
-    ),
-    # kubeflow/trainer pkg/apis/trainer/v1alpha1/trainjob_types.go: TrainJobComplete =
-    # "Complete" (copied from the JobSet's Completed condition, reason JobsCompleted).
-    "TrainJob": Kind(
-        "trainer.kubeflow.org/v1alpha1",
-        "TrainJob",
-        "trainjobs",
-        "jobset.sigs.k8s.io/jobset-name",
-        lambda: _conditions(("Complete", "True", "JobsCompleted")),
-    ),
-    # kubeflow/training-operator pkg/apis/kubeflow.org/v1/common_types.go: JobSucceeded =
-    # "Succeeded"; the PyTorchJob controller writes Created, Running=False, Succeeded=True.
-    "PyTorchJob": Kind(
-        "kubeflow.org/v1",
-        "PyTorchJob",
-        "pytorchjobs",
-        "training.kubeflow.org/job-name",
-        lambda: _conditions(
-            ("Created", "True", "PyTorchJobCreated"),
-            ("Running", "False", "PyTorchJobSucceeded"),
-            ("Succeeded", "True", "PyTorchJobSucceeded"),
-        ),
-    ),
-    # kubeflow/mpi-operator pkg/apis/kubeflow/v2beta1/types.go: JobSucceeded = "Succeeded".
-    "MPIJob": Kind(
-        "kubeflow.org/v2beta1",
-        "MPIJob",
-        "mpijobs",
-        "training.kubeflow.org/job-name",
-        lambda: _conditions(
-            ("Created", "True", "MPIJobCreated"),
-            ("Running", "False", "MPIJobSucceeded"),
-            ("Succeeded", "True", "MPIJobSucceeded"),
-        ),
-    ),
-    # ray-project/kuberay ray-operator/apis/ray/v1/rayjob_types.go:
-    # JobDeploymentStatusComplete = "Complete" in status.jobDeploymentStatus (jobStatus is
-    # Ray's own SUCCEEDED).
-    "RayJob": Kind(
-        "ray.io/v1",
-        "RayJob",
-        "rayjobs",
-        "ray.io/originated-from-cr-name",
-        lambda: {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
-    ),
-    # volcano-sh/apis pkg/apis/batch/v1alpha1/job.go: JobState.Phase, Completed.
-    "VolcanoJob": Kind(
-        "batch.volcano.sh/v1alpha1",
-        "Job",
-        "jobs",
-        "volcano.sh/job-name",
-        lambda: {"state": {"phase": "Completed", "lastTransitionTime": _now()}, "succeeded": 2},
-    ),
-}
 
 #: A kind given through ETHA_OPERATOR_JOB_KINDS; its CRD is installed only by a test.
 CUSTOM_KIND = {
@@ -180,9 +64,7 @@ CUSTOM_KIND = {
 @pytest.fixture(scope="module")
 def kube() -> Iterator[EmulatorServer]:
     with EmulatorServer() as server:
-        for kind in KINDS.values():
-            if kind.kind != "Job" or kind.group != "batch":
-                server.add_crd(job_crd(kind.group, kind.version, kind.kind, kind.plural))
+        install_job_crds(server)
         yield server
 
 
@@ -247,15 +129,6 @@ def operator(
     wait_port("127.0.0.1", webhook_port, timeout=30)
     yield proc
     proc.stop()
-
-
-def make_job(kind: Kind, name: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    return {
-        "apiVersion": kind.api_version,
-        "kind": kind.kind,
-        "metadata": {"name": name, "annotations": annotations or {}},
-        "spec": {},
-    }
 
 
 def kvns_for(kind: Kind, name: str, job: str, **spec: Any) -> dict[str, Any]:
@@ -331,7 +204,7 @@ def test_each_kind_is_cleaned_at_its_end(
         kind.api_version,
         kind.plural,
         "train",
-        {"status": _conditions(("Running", "True", "Running"))},
+        {"status": conditions(("Running", "True", "Running"))},
         k8s_ns,
         subresource="status",
     )
@@ -382,7 +255,7 @@ def test_keep_and_revoke_on_a_failed_pytorchjob_and_a_terminated_volcano_job(
         torch.api_version,
         torch.plural,
         "keep",
-        {"status": _conditions(("Failed", "True", "PyTorchJobFailed"))},
+        {"status": conditions(("Failed", "True", "PyTorchJobFailed"))},
         k8s_ns,
         subresource="status",
     )

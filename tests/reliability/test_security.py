@@ -2,7 +2,10 @@
 
 One lifecycle drives every code path that touches a credential: provisioning of two
 KVNamespaces, a pod admission, a password rotation (a Secret whose password no longer
-logs in), job ends under the Delete and Revoke policies, the audit, deletion. Then:
+logs in), job ends under the Delete and Revoke policies, the audit, deletion. Every
+shipped job kind's CRD is served, and one job of each kind beyond batch/v1 Job is
+annotated ``etha.io/kvnamespace: auto``: its KVNamespace is made by the operator, a pod
+recognised by the kind's label is injected, the job succeeds and is deleted. Then:
 
 * no password (root's, any worker's, old or new, plain or base64) and no private key
   appears in the operator's log, any Event, or ANY status the operator ever wrote (every
@@ -47,6 +50,7 @@ from tests.operator.helpers import (
 from tests.reliability.conftest import ApiRecorder
 from tests.support.chaos import record
 from tests.support.etcd_server import EtcdCluster
+from tests.support.job_kinds import AUTO, KINDS, install_job_crds, make_job
 from tests.support.kube_emulator import EmulatorServer
 from tests.support.operator_runner import OperatorProcess, wait_for
 from tests.support.ports import free_port, wait_port
@@ -126,11 +130,18 @@ def _secret_material(tls: TLSFiles, etcd: EtcdCluster, passwords: set[str]) -> d
 def test_full_lifecycle_leaks_nothing_and_uses_exactly_the_granted_verbs(
     etcd: EtcdCluster, tls: TLSFiles, tmp_path: Path, mode: str
 ) -> None:
+    from etha_operator.jobkinds import SHIPPED
+
+    # One auto job per kind beyond batch/v1 Job (alpha and beta reference batch Jobs), so
+    # the chart's read grant on each kind is used: watched (list, watch) and read (get).
+    assert {(k.api_version, k.kind) for k in KINDS.values()} == {k.key for k in SHIPPED}
+    autos = {f"auto-{label.lower()}": kind for label, kind in KINDS.items() if not kind.builtin}
     passwords: set[str] = set()
     with EmulatorServer() as kube:
         recorder = ApiRecorder(kube)
         # Namespaced, kopf serves only namespaces it sees listed by the API.
         kube.create("v1", "namespaces", {"metadata": {"name": NS}})
+        install_job_crds(kube)  # the controllers of every shipped kind are installed
         webhook_port, metrics_port = free_port(), free_port()
         operator = OperatorProcess(
             kubeconfig=kube.write_kubeconfig(tmp_path / "kubeconfig"),
@@ -156,6 +167,27 @@ def test_full_lifecycle_leaks_nothing_and_uses_exactly_the_granted_verbs(
             env_a = secret_env(kube, NS, "alpha-etha-kv")
             env_b = secret_env(kube, NS, "beta-etha-kv")
             passwords |= {env_a["ETHA_KV_PASSWORD"], env_b["ETHA_KV_PASSWORD"]}
+
+            # Auto mode: the operator creates each job's KVNamespace (and its Secret).
+            for name, kind in autos.items():
+                kube.create(kind.api_version, kind.plural, make_job(kind, name, AUTO), NS)
+            for name, kind in autos.items():
+                made = wait_phase(kube, NS, name, "Ready")
+                assert made["spec"]["jobRef"] == {
+                    "apiVersion": kind.api_version,
+                    "kind": kind.kind,
+                    "name": name,
+                }
+                passwords.add(secret_env(kube, NS, f"{name}-etha-kv")["ETHA_KV_PASSWORD"])
+            # A pod of the auto JobSet, known by its controller's label alone, is injected.
+            jobset = next(n for n, k in autos.items() if k.kind == "JobSet")
+            response = _admission_review(tls, webhook_port, {KINDS["JobSet"].pod_label: jobset})
+            assert response["allowed"] is True and response.get("patch")
+            patch = base64.b64decode(response["patch"]).decode()
+            assert f"{jobset}-etha-kv" in patch
+            passwords.add(patch)  # scanned, never shown
+            with store_from_secret(kube, NS, f"{jobset}-etha-kv") as store:
+                store.set("auto-only", "1")
 
             response = _admission_review(tls, webhook_port, {"etha.io/kvnamespace": "alpha"})
             assert response["allowed"] is True and response.get("patch")
@@ -187,6 +219,18 @@ def test_full_lifecycle_leaks_nothing_and_uses_exactly_the_granted_verbs(
             )
             passwords.add(secret_env(kube, NS, "alpha-etha-kv")["ETHA_KV_PASSWORD"])
 
+            # Each auto job succeeds (its status as its controller writes it): keys
+            # deleted; then the job is deleted and its KVNamespace with it (ownerReference).
+            for name, kind in autos.items():
+                kube.patch(
+                    kind.api_version, kind.plural, name, {"status": kind.succeeded()}, NS, "status"
+                )
+            cleaned = {name: wait_phase(kube, NS, name, "Cleaned")["status"] for name in autos}
+            assert cleaned[jobset]["keysDeleted"] == 1
+            for name, kind in autos.items():
+                kube.delete(kind.api_version, kind.plural, name, NS)
+            kube.collect_garbage()
+
             finish_job(kube, NS, "beta")
             wait_phase(kube, NS, "beta", "Revoked")
             finish_job(kube, NS, "alpha")
@@ -195,7 +239,7 @@ def test_full_lifecycle_leaks_nothing_and_uses_exactly_the_granted_verbs(
             for name in ("alpha", "beta"):
                 kube.delete(API, PLURAL, name, NS)
             wait_for(
-                lambda: not kube.list(API, PLURAL, NS), timeout=60, what="both KVNamespaces gone"
+                lambda: not kube.list(API, PLURAL, NS), timeout=60, what="every KVNamespace gone"
             )
             time.sleep(3)  # one more audit round over the now-empty cluster
             assert kube.emulator is not None
@@ -221,7 +265,7 @@ def test_full_lifecycle_leaks_nothing_and_uses_exactly_the_granted_verbs(
     assert "DEBUG" in log and len(statuses) >= 10 and events
     assert "etha_operator_keys_deleted_total" in metrics
     # Metric labels name handlers, methods and phases, never a tenant's keys or objects.
-    for tenant_text in ("rank:", "beta-only", alpha["keyPrefix"], beta["keyPrefix"]):
+    for tenant_text in ("rank:", "beta-only", "auto-only", alpha["keyPrefix"], beta["keyPrefix"]):
         assert tenant_text not in metrics, f"{tenant_text!r} found in the metrics"
     secrets_ = _secret_material(tls, etcd, passwords)
     for where, text in seen.items():
