@@ -23,8 +23,9 @@ from etha.kvstore.errors import (
     PermissionDeniedError,
     StoreClosedError,
 )
-from etha.kvstore.etcd import EtcdKVStore, _PatternView
+from etha.kvstore.etcd import EtcdKVStore
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
+from etha.kvstore.etcdv3.wait import PatternView as _PatternView
 from tests.etcd_helpers import grant_prefix_user, root_client, wait_threads_gone
 from tests.support.etcd_server import ROOT_USER, EtcdCluster
 from tests.support.threads import Waiter

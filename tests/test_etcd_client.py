@@ -21,8 +21,10 @@ from etha.kvstore.errors import (
     StoreClosedError,
     UnavailableError,
 )
-from etha.kvstore.etcd_client import EtcdClient, _is_conditional, _never_sent, prefix_range_end
+from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from etha.kvstore.etcd_watch import DELETE, PUT, WatchCompacted
+from etha.kvstore.etcdv3.transport import _never_sent
+from etha.kvstore.etcdv3.transport import is_conditional as _is_conditional
 from tests.etcd_helpers import grant_prefix_user, root_client, wait_threads_gone
 from tests.support.etcd_server import ROOT_USER, EtcdCluster
 from tests.support.ports import free_port

@@ -122,7 +122,7 @@ def test_three_members_survive_the_loss_of_the_first_endpoint(
         time.sleep(0.5)
         store.set("rank:0/ready", "1")
         first = trio.nodes[0]
-        assert store.client._connection().endpoint.port == first.client_port
+        assert store.client.connection().endpoint.port == first.client_port
         first.stop()
         # Writes and reads continue through the remaining members.
         store.set("rank:1/ready", "1")
@@ -164,11 +164,11 @@ def test_a_hung_member_is_left_for_the_next_one(trio: EtcdCluster, namespace: st
         barrier.start()
         time.sleep(0.5)
         store.set("rank:0/ready", "1")
-        assert store.client._connection().endpoint.port == first.client_port
+        assert store.client.connection().endpoint.port == first.client_port
         first.pause()
         # A read is retried on the next member within the call's own timeout.
         assert store.get("before") == b"1"
-        assert store.client._connection().endpoint.port != first.client_port
+        assert store.client.connection().endpoint.port != first.client_port
         store.set("rank:1/ready", "1")
         # The barrier's watch stream left the hung member too (a progress request went
         # unanswered), so the second arrival reaches it well within its timeout.
@@ -205,14 +205,14 @@ def test_a_compare_and_swap_is_not_re_sent_to_another_member_after_a_deadline(
             )],
             success=[etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=b"1"))],
         )  # fmt: skip
-        assert store.client._connection().endpoint.port == first.client_port
+        assert store.client.connection().endpoint.port == first.client_port
         first.pause()
         # The CAS may have reached the hung member: it times out rather than being
         # re-sent elsewhere (which could apply it twice)...
         with pytest.raises(KVTimeoutError):
             store.client.txn(cas, timeout=2.0)
         # ...and the calls after it go to the next member.
-        assert store.client._connection().endpoint.port != first.client_port
+        assert store.client.connection().endpoint.port != first.client_port
         assert store.get("counter") == b"0"
     finally:
         first.resume()

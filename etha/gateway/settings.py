@@ -20,6 +20,7 @@ from etha.kvstore.config import (
     env_value,
     parse_endpoints,
     parse_port,
+    tls_wanted,
 )
 from etha.kvstore.errors import ConfigurationError
 
@@ -163,8 +164,8 @@ def parse_settings(environ: Mapping[str, str] | None = None) -> GatewaySettings:
         raise ConfigurationError(
             f"{missing} is not set: {ETCD_CERT_FILE} and {ETCD_KEY_FILE} go together"
         )
-    etcd_tls = bool(scheme_tls) or bool(ca_file or cert_file)
-    if scheme_tls is False and (ca_file or cert_file):
+    etcd_tls = tls_wanted(scheme_tls, ca_file, cert_file=cert_file)
+    if scheme_tls is False and tls_wanted(None, ca_file, cert_file=cert_file):
         raise ConfigurationError(
             f"{ETCD_ENDPOINTS} uses http:// but etcd TLS files are set; use https://"
         )

@@ -8,13 +8,22 @@ inverse of :func:`parse_env`, so both sides share one definition.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import urlsplit
 
+from etha import _env
+
+# The environment rules shared with the gateway's and the operator's settings (one set
+# of rules and messages for every variable) live in etha._env; these are their public
+# names.
+from etha._env import Endpoint as Endpoint
+from etha._env import env_file as env_file
+from etha._env import env_seconds as env_seconds
+from etha._env import env_value as env_value
+from etha._env import parse_port as parse_port
+from etha._env import tls_wanted as tls_wanted
 from etha.kvstore.errors import ConfigurationError, InvalidKeyError
 from etha.kvstore.keys import validate_name
 
@@ -62,18 +71,6 @@ DEFAULT_COMPONENT = "default"
 DEFAULT_TIMEOUT = 10.0
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One etcd client endpoint."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -151,19 +148,6 @@ def _format_float(value: float) -> str:
     return str(int(value)) if value == int(value) else repr(value)
 
 
-# env_value, env_seconds, parse_port and env_file also parse the operator's
-# ETHA_OPERATOR_* settings: one set of rules and messages for every variable.
-
-
-def env_value(env: Mapping[str, str], name: str) -> str | None:
-    """The variable's value with surrounding blanks removed; unset and empty are None."""
-    value = env.get(name)
-    if value is None:
-        return None
-    value = value.strip()
-    return value or None
-
-
 def _require(env: Mapping[str, str], name: str, why: str) -> str:
     value = env_value(env, name)
     if value is None:
@@ -176,37 +160,6 @@ def _parse_name(env: Mapping[str, str], name: str, value: str) -> str:
         return validate_name(value, name)
     except InvalidKeyError as exc:
         raise ConfigurationError(str(exc)) from None
-
-
-def env_seconds(
-    env: Mapping[str, str], name: str, default: float, *, allow_zero: bool = False
-) -> float:
-    """A duration in seconds: ``default`` when unset; finite, positive (or zero if allowed).
-
-    :raises ConfigurationError: naming the variable
-    """
-    raw = env_value(env, name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        limit = "zero or more" if allow_zero else "a positive number of"
-        raise ConfigurationError(f"{name}={raw!r} must be {limit} seconds")
-    return value
-
-
-def parse_port(name: str, raw: str) -> int:
-    """``raw`` (the value of variable ``name``) as a TCP port, 1-65535."""
-    try:
-        port = int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise ConfigurationError(f"{name}={raw!r} is not a port number between 1 and 65535")
-    return port
 
 
 def _parse_bool(name: str, raw: str) -> bool:
@@ -224,41 +177,7 @@ def parse_endpoints(raw: str, name: str = ENDPOINTS) -> tuple[tuple[Endpoint, ..
     :returns: the endpoints, and True/False when a scheme asked for TLS or plaintext
         (None when no endpoint named a scheme)
     """
-    endpoints: list[Endpoint] = []
-    schemes: set[str] = set()
-    for item in raw.split(","):
-        item = item.strip()
-        if not item:
-            raise ConfigurationError(f"{name}={raw!r} has an empty endpoint")
-        url = item if "://" in item else f"//{item}"
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigurationError(f"{name}: endpoint {item!r} is invalid ({exc})") from None
-        if parts.scheme:
-            if parts.scheme not in ("http", "https"):
-                raise ConfigurationError(
-                    f"{name}: endpoint {item!r} has scheme {parts.scheme!r}; use http or https"
-                )
-            schemes.add(parts.scheme)
-        if not parts.hostname or port is None or parts.path not in ("", "/"):
-            raise ConfigurationError(
-                f"{name}: endpoint {item!r} must look like [https://]host:port"
-            )
-        endpoints.append(Endpoint(parts.hostname, port))
-    if len(schemes) > 1:
-        raise ConfigurationError(f"{name}={raw!r} mixes http:// and https:// endpoints")
-    tls = None if not schemes else schemes == {"https"}
-    return tuple(endpoints), tls
-
-
-def env_file(env: Mapping[str, str], name: str, hint: str = "") -> str | None:
-    """The path in variable ``name`` (None when unset); it must be an existing file."""
-    path = env_value(env, name)
-    if path is not None and not os.path.isfile(path):
-        raise ConfigurationError(f"{name}={path!r}: no such file{f' ({hint})' if hint else ''}")
-    return path
+    return _env.parse_endpoints(raw, name)
 
 
 def parse_env(environ: Mapping[str, str] | None = None) -> StoreConfig:
@@ -307,8 +226,7 @@ def _parse_etcd(
     if (cert_file is None) != (key_file is None):
         missing = KEY_FILE if key_file is None else CERT_FILE
         raise ConfigurationError(f"{missing} is not set: {CERT_FILE} and {KEY_FILE} go together")
-    wants_tls = bool(ca_file or ca_pem or cert_file)
-    if scheme_tls is False and wants_tls:
+    if scheme_tls is False and tls_wanted(None, ca_file, ca_pem, cert_file):
         raise ConfigurationError(
             f"{ENDPOINTS} uses http:// but TLS files are set; use https:// endpoints"
         )
@@ -318,7 +236,7 @@ def _parse_etcd(
         endpoints=endpoints,
         username=username,
         password=password,
-        tls=bool(scheme_tls) or wants_tls,
+        tls=tls_wanted(scheme_tls, ca_file, ca_pem, cert_file),
         ca_file=ca_file,
         ca_pem=ca_pem,
         cert_file=cert_file,

@@ -62,17 +62,27 @@ class QuotaExceededError(KVStoreError):
         self.quota = quota
 
 
+class NotFoundError(KVStoreError, LookupError):
+    """The server has no such object (an etcd user, role or lease); nothing was changed."""
+
+
+class AlreadyExistsError(KVStoreError):
+    """The object to create (an etcd user or role) already exists; nothing was changed."""
+
+
 class StoreClosedError(KVStoreError):
     """The store was used after :meth:`KVStore.close`."""
 
 
 __all__ = [
+    "AlreadyExistsError",
     "ConfigurationError",
     "InvalidArgumentError",
     "InvalidKeyError",
     "InvalidValueError",
     "KVStoreError",
     "KVTimeoutError",
+    "NotFoundError",
     "PermissionDeniedError",
     "QuotaExceededError",
     "StoreClosedError",
