@@ -20,7 +20,12 @@ from pyetcd.etcdrpc import auth_pb2, rpc_pb2
 
 from etha.gateway.tenancy import TENANTS_PREFIX, TenantRecord, tenant_key
 from etha.kvstore.config import Endpoint
-from etha.kvstore.errors import ConfigurationError, KVStoreError
+from etha.kvstore.errors import (
+    AlreadyExistsError,
+    ConfigurationError,
+    KVStoreError,
+    NotFoundError,
+)
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from etha.kvstore.keys import namespace_prefix
 from etha_operator import model
@@ -52,11 +57,11 @@ def prefix_grant(prefix: str) -> Grant:
 
 
 def _missing(exc: KVStoreError) -> bool:
-    return "not found" in str(exc)
+    return isinstance(exc, NotFoundError)
 
 
 def _exists(exc: KVStoreError) -> bool:
-    return "already exists" in str(exc)
+    return isinstance(exc, AlreadyExistsError)
 
 
 class EtcdAdmin:
