@@ -1457,3 +1457,93 @@ def test_auto_webhooks_select_each_job_kinds_pod_label_and_never_block() -> None
     custom = auto_hooks({"jobKinds": {"extra": [CUSTOM_KIND]}})
     assert set(custom) == set(hooks) | {"ml.example.com/run"}
     assert auto_hooks({"webhook": {"auto": {"enabled": False}}}) == {}
+
+
+def _operator_job_kinds(docs: list[dict[str, Any]]) -> Any:
+    """The job kinds the operator follows, given the rendered Deployment's environment."""
+    from etha_operator.settings import load_settings
+
+    container = operator_deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+    env = {
+        e["name"]: e["value"]
+        for e in container["env"]
+        if "value" in e and not e["name"].endswith("_FILE")  # files live in the pod
+    }
+    env.setdefault("ETHA_OPERATOR_ETCD_PASSWORD", "x")
+    env["ETHA_OPERATOR_GATEWAY_ENDPOINTS"] = "http://etha-gateway:2379"
+    return load_settings(env).job_kinds
+
+
+def test_shipped_kinds_default_to_all_of_them() -> None:
+    from etha_operator.jobkinds import SHIPPED
+
+    names = [k.resource for k in SHIPPED]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["jobKinds"]["shipped"] == names
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["jobKinds"]["properties"]["shipped"]["items"]["enum"] == names
+    docs = manifests()
+    env = _env(operator_deployment(docs)["spec"]["template"]["spec"]["containers"][0])
+    assert "ETHA_OPERATOR_SHIPPED_JOB_KINDS" not in env  # the operator's default: all
+    assert [k.key for k in _operator_job_kinds(docs)] == [k.key for k in SHIPPED]
+
+
+@pytest.mark.parametrize("watch", [None, ["team-a"]])
+def test_restricting_the_shipped_kinds_narrows_rbac_crd_webhook_and_operator(
+    watch: list[str] | None,
+) -> None:
+    """Least privilege: jobs.batch and jobsets only. No grant on the other kinds (in any
+    Role), the CRD refuses them, no auto webhook for their pod labels, and the operator
+    follows exactly these two."""
+    values: dict[str, Any] = {"jobKinds": {"shipped": ["jobsets.jobset.x-k8s.io", "jobs.batch"]}}
+    if watch:
+        values["watchNamespaces"] = watch
+    docs = manifests(values)
+    granted: dict[tuple[str, str], set[str]] = {}
+    for role in [*by_kind(docs, "ClusterRole"), *by_kind(docs, "Role")]:
+        for key, verbs in _rules(role).items():
+            granted.setdefault(key, set()).update(verbs)
+    others = set(JOB_KIND_RULES) - {("batch", "jobs"), ("jobset.x-k8s.io", "jobsets")}
+    assert not others & set(granted), others & set(granted)
+    assert granted[("batch", "jobs")] == granted[("jobset.x-k8s.io", "jobsets")]
+    assert granted[("batch", "jobs")] == {"get", "list", "watch"}
+
+    job_ref = _job_ref_schema(one(docs, "CustomResourceDefinition"))
+    assert job_ref["properties"]["apiVersion"]["enum"] == ["batch/v1", "jobset.x-k8s.io/v1alpha2"]
+    assert job_ref["properties"]["kind"]["enum"] == ["Job", "JobSet"]
+    [pair_rule] = [r for r in job_ref["x-kubernetes-validations"] if "self.kind" in r["rule"]]
+    assert pair_rule["rule"] == (
+        "(self.apiVersion == 'batch/v1' && self.kind == 'Job') || "
+        "(self.apiVersion == 'jobset.x-k8s.io/v1alpha2' && self.kind == 'JobSet')"
+    )
+
+    config = one(docs, "MutatingWebhookConfiguration")
+    labels = {h["objectSelector"]["matchExpressions"][0]["key"] for h in config["webhooks"][1:]}
+    assert labels == {"batch.kubernetes.io/job-name", "jobset.sigs.k8s.io/jobset-name"}
+
+    kinds = _operator_job_kinds(docs)
+    assert [k.key for k in kinds] == [("batch/v1", "Job"), ("jobset.x-k8s.io/v1alpha2", "JobSet")]
+
+
+def test_no_shipped_kind_and_a_custom_one_grants_only_the_custom_one() -> None:
+    docs = manifests({"jobKinds": {"shipped": [], "extra": [CUSTOM_KIND]}})
+    readonly = {
+        key
+        for key, verbs in _rules(one(docs, "ClusterRole")).items()
+        if verbs == {"get", "list", "watch"}
+    }
+    assert readonly == {("ml.example.com", "trainingruns")}
+    assert [k.kind for k in _operator_job_kinds(docs)] == ["TrainingRun"]
+
+
+@pytest.mark.parametrize(
+    ("shipped", "message"),
+    [
+        (["rayjobs"], "jobKinds"),  # not a <plural>.<group> of a shipped kind
+        (["jobs.batch", "jobs.batch"], "jobKinds"),  # twice
+        ([], "no job kinds"),
+    ],
+)
+def test_bad_shipped_kinds_are_refused(shipped: list[str], message: str) -> None:
+    with pytest.raises(Exception, match=message):
+        render({"jobKinds": {"shipped": shipped}})

@@ -10,7 +10,10 @@ failure (``outcome``). The job's deletion is always an end, whatever the kind.
 :data:`SHIPPED` is the built-in table; docs/operator.md quotes each rule's source (the
 controller's API types). ``ETHA_OPERATOR_JOB_KINDS`` (JSON, a list of objects in the same
 shape) adds kinds or replaces a shipped kind of the same apiVersion and kind, so a cluster
-can follow a new kind without a release. This module is plain Python: no kopf, no client.
+can follow a new kind without a release. ``ETHA_OPERATOR_SHIPPED_JOB_KINDS`` (JSON, a list
+of resource names ``<plural>.<group>``) keeps only the named shipped kinds, so a cluster
+without, say, Ray or Volcano grants and watches nothing of theirs. This module is plain
+Python: no kopf, no client.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from etha.kvstore.errors import ConfigurationError
 Outcome = Literal["Succeeded", "Failed"]
 OUTCOMES: tuple[Outcome, ...] = ("Succeeded", "Failed")
 JOB_KINDS_ENV = "ETHA_OPERATOR_JOB_KINDS"
+SHIPPED_JOB_KINDS_ENV = "ETHA_OPERATOR_SHIPPED_JOB_KINDS"
 
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _VERSION = re.compile(r"v[0-9]+((alpha|beta)[0-9]+)?")
@@ -98,6 +102,11 @@ class JobKind:
     @property
     def key(self) -> tuple[str, str]:
         return self.api_version, self.kind
+
+    @property
+    def resource(self) -> str:
+        """``<plural>.<group>`` (the name of its CRD), how the shipped kinds are chosen."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
 
     def end(self, job: Mapping[str, Any]) -> tuple[str, Outcome] | None:
         """(reason, outcome) if ``job``'s status says it ended, else None (first rule wins)."""
@@ -286,6 +295,33 @@ def parse_extra(text: str | None, name: str = JOB_KINDS_ENV) -> tuple[JobKind, .
     return tuple(parse_kind(entry, f"{name}[{i}]") for i, entry in enumerate(data))
 
 
+def select_shipped(text: str | None, name: str = SHIPPED_JOB_KINDS_ENV) -> tuple[JobKind, ...]:
+    """The shipped kinds named in the setting ``name`` (a JSON list of resource names,
+    ``["jobs.batch", "jobsets.jobset.x-k8s.io"]``), in the shipped order; unset or empty:
+    all of them; ``[]``: none.
+
+    :raises JobKindError: not a JSON list of strings, or a name no shipped kind has
+    """
+    if text is None or not text.strip():
+        return SHIPPED
+    known = [k.resource for k in SHIPPED]
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise JobKindError(
+            f"{name} is not valid JSON ({exc}); give a JSON list of {', '.join(known)}"
+        ) from None
+    if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
+        raise JobKindError(f"{name} must be a JSON list of names among {', '.join(known)}")
+    unknown = [n for n in data if n not in known]
+    if unknown:
+        raise JobKindError(
+            f"{name} names {unknown}, which no shipped job kind is; shipped:"
+            f" {', '.join(known)} (add other kinds through {JOB_KINDS_ENV})"
+        )
+    return tuple(k for k in SHIPPED if k.resource in data)
+
+
 def merge(base: Iterable[JobKind], extra: Iterable[JobKind]) -> tuple[JobKind, ...]:
     """``base`` with ``extra`` added; an extra kind replaces a base one of the same key."""
     table: dict[tuple[str, str], JobKind] = {k.key: k for k in base}
@@ -302,8 +338,19 @@ class JobKinds:
         self._by_key = {k.key: k for k in self.kinds}
 
     @classmethod
-    def from_setting(cls, text: str | None) -> JobKinds:
-        return cls(merge(SHIPPED, parse_extra(text)))
+    def from_setting(cls, text: str | None, shipped: str | None = None) -> JobKinds:
+        """The shipped kinds chosen by ``shipped`` (:func:`select_shipped`) with the kinds
+        of ``text`` (:func:`parse_extra`) added.
+
+        :raises JobKindError: either setting is malformed, or together they leave no kind
+        """
+        kinds = merge(select_shipped(shipped), parse_extra(text))
+        if not kinds:
+            raise JobKindError(
+                f"no job kinds: {SHIPPED_JOB_KINDS_ENV} is [] and {JOB_KINDS_ENV} adds none;"
+                " enable a shipped kind or add one"
+            )
+        return cls(kinds)
 
     def get(self, api_version: object, kind: object) -> JobKind | None:
         return self._by_key.get((api_version, kind))  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ from etha.kvstore.config import (
     parse_port,
 )
 from etha.kvstore.errors import ConfigurationError
-from etha_operator.jobkinds import JOB_KINDS_ENV, JobKinds
+from etha_operator.jobkinds import JOB_KINDS_ENV, SHIPPED_JOB_KINDS_ENV, JobKinds
 
 PREFIX = "ETHA_OPERATOR_"
 ETCD_ENDPOINTS = "ETHA_OPERATOR_ETCD_ENDPOINTS"
@@ -59,6 +59,8 @@ GATEWAY_CA_PEM = "ETHA_OPERATOR_GATEWAY_CA_PEM"
 ALLOW_UNSAFE_DIRECT = "ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT"
 #: JSON list of job kinds added to (or replacing) the shipped ones (etha_operator.jobkinds).
 JOB_KINDS = JOB_KINDS_ENV
+#: JSON list of the shipped job kinds to follow (<plural>.<group>); unset: all of them.
+SHIPPED_JOB_KINDS = SHIPPED_JOB_KINDS_ENV
 #: Seconds a discovery answer ("is this job kind served?") is reused.
 DISCOVERY_INTERVAL = "ETHA_OPERATOR_DISCOVERY_INTERVAL"
 
@@ -276,6 +278,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         gateway_tls=gateway[1],
         gateway_ca=gateway[2],
         allow_unsafe_direct=_bool(env, ALLOW_UNSAFE_DIRECT),
-        job_kinds=JobKinds.from_setting(env_value(env, JOB_KINDS)),
+        job_kinds=JobKinds.from_setting(
+            env_value(env, JOB_KINDS), env_value(env, SHIPPED_JOB_KINDS)
+        ),
         discovery_interval=env_seconds(env, DISCOVERY_INTERVAL, 10.0, allow_zero=True),
     )

@@ -4,6 +4,7 @@ parsing of ETHA_OPERATOR_JOB_KINDS (clear errors), and the webhook's auto decisi
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -152,6 +153,45 @@ def test_the_setting_adds_and_replaces_kinds() -> None:
         model.parse_spec(
             {"jobRef": {"apiVersion": "ml.example.com/v1", "kind": "TrainingRun", "name": "r"}}
         )
+
+
+def test_the_shipped_setting_keeps_only_the_named_shipped_kinds() -> None:
+    kept = JobKinds.from_setting(None, json.dumps(["rayjobs.ray.io", "jobs.batch"]))
+    assert [k.key for k in kept] == [("batch/v1", "Job"), ("ray.io/v1", "RayJob")]  # shipped order
+    assert kept.get("batch.volcano.sh/v1alpha1", "Job") is None
+    with pytest.raises(
+        model.SpecError, match=re.escape("supported: batch/v1 Job, ray.io/v1 RayJob (")
+    ):
+        model.parse_spec(
+            {"jobRef": {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": "p"}},
+            kept,
+        )
+    # Unset or blank: every shipped kind; none of them plus an extra kind: only that one.
+    assert [k.key for k in JobKinds.from_setting(None, " ")] == [k.key for k in SHIPPED]
+    only = JobKinds.from_setting(json.dumps([CUSTOM]), "[]")
+    assert [k.kind for k in only] == ["TrainingRun"]
+
+
+@pytest.mark.parametrize(
+    ("shipped", "extra", "names"),
+    [
+        ('["rayjobs"]', None, "['rayjobs'], which no shipped job kind is"),
+        ('"jobs.batch"', None, "must be a JSON list"),
+        ("[jobs.batch]", None, "is not valid JSON"),
+        ("[]", None, "no job kinds"),
+    ],
+)
+def test_bad_shipped_settings_name_the_problem_and_the_fix(
+    shipped: str, extra: str | None, names: str
+) -> None:
+    with pytest.raises(JobKindError) as info:
+        JobKinds.from_setting(extra, shipped)
+    assert names in str(info.value)
+    assert "ETHA_OPERATOR_SHIPPED_JOB_KINDS" in str(info.value)
+    # The fix: every shipped name is listed (or the way to enable one).
+    assert "jobsets.jobset.x-k8s.io" in str(info.value) or "enable a shipped kind" in str(
+        info.value
+    )
 
 
 # -- the webhook's auto decisions --------------------------------------------------------------

@@ -225,18 +225,39 @@ seccompProfile:
 {{- end }}
 {{- end }}
 
-{{/* The configured job kinds as a JSON list: the shipped table (files/jobkinds.json) with
-     jobKinds.extra added; an extra entry replaces a shipped one of the same apiVersion
-     and kind (as the operator does). */}}
+{{/* The shipped job kinds jobKinds.shipped enables, as a JSON list of table entries in
+     the shipped order; a name that is no shipped kind's <plural>.<group> fails. */}}
+{{- define "etha-operator.shippedJobKinds" -}}
+{{- $all := .Files.Get "files/jobkinds.json" | fromJsonArray }}
+{{- $known := list }}
+{{- range $k := $all }}{{ $known = append $known (printf "%s.%s" $k.plural $k.group) }}{{ end }}
+{{- range $n := .Values.jobKinds.shipped }}
+{{- if not (has $n $known) }}
+{{- fail (printf "jobKinds.shipped: %q is not a shipped job kind; shipped: %s (add other kinds through jobKinds.extra)" $n (join ", " $known)) }}
+{{- end }}
+{{- end }}
+{{- $out := list }}
+{{- range $k := $all }}
+{{- if has (printf "%s.%s" $k.plural $k.group) $.Values.jobKinds.shipped }}{{ $out = append $out $k }}{{ end }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/* The configured job kinds as a JSON list: the shipped kinds jobKinds.shipped enables
+     (files/jobkinds.json) with jobKinds.extra added; an extra entry replaces a shipped
+     one of the same apiVersion and kind (as the operator does). */}}
 {{- define "etha-operator.jobKinds" -}}
 {{- $byKey := dict }}
 {{- $order := list }}
-{{- range $k := concat (.Files.Get "files/jobkinds.json" | fromJsonArray) (.Values.jobKinds.extra | default list) }}
+{{- range $k := concat (include "etha-operator.shippedJobKinds" . | fromJsonArray) (.Values.jobKinds.extra | default list) }}
 {{- $key := printf "%s/%s/%s" $k.group $k.version $k.kind }}
 {{- if not (hasKey $byKey $key) }}{{ $order = append $order $key }}{{ end }}
 {{- $_ := set $byKey $key $k }}
 {{- end }}
 {{- $out := list }}
 {{- range $key := $order }}{{ $out = append $out (get $byKey $key) }}{{ end }}
+{{- if not $out }}
+{{- fail "no job kinds: jobKinds.shipped is empty and jobKinds.extra adds none; enable a shipped kind or add one" }}
+{{- end }}
 {{- toJson $out }}
 {{- end }}
