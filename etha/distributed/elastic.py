@@ -28,7 +28,6 @@ from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
-from pyetcd import etcdrpc
 from torch.distributed.elastic.rendezvous import (
     RendezvousConnectionError,
     RendezvousError,
@@ -51,11 +50,14 @@ from etha.kvstore.errors import (
     KVStoreError,
     PermissionDeniedError,
 )
-from etha.kvstore.etcd_client import EtcdClient
+from etha.kvstore.etcdv3.client import EtcdClient
 from etha.kvstore.keys import validate_name
 
 BACKEND_NAME = "etha"
-DEFAULT_COMPONENT = "torchelastic"
+#: The component of torchrun's rendezvous state and agents' store (``--rdzv-conf component``).
+ELASTIC_COMPONENT = "torchelastic"
+#: The former name of :data:`ELASTIC_COMPONENT` (kept for imports).
+DEFAULT_COMPONENT = ELASTIC_COMPONENT
 DEFAULT_READ_TIMEOUT = 60
 
 
@@ -107,42 +109,27 @@ class EthaRendezvousBackend(RendezvousBackend):  # type: ignore[misc]
         :returns: ``(state, token, True)`` when written; else the current state, its
             token and False (None if the key vanished meanwhile)
         """
-        if token is None:
-            compare = etcdrpc.Compare(
-                result=etcdrpc.Compare.EQUAL,
-                target=etcdrpc.Compare.CREATE,
-                key=self._key,
-                create_revision=0,
-            )
-        else:
+        revision: int | None = None
+        if token is not None:
             try:
                 revision = int(token)
             except (TypeError, ValueError):
                 # Not a token of this backend: it cannot match the current state.
                 current = self.get_state()
                 return None if current is None else (*current, False)
-            compare = etcdrpc.Compare(
-                result=etcdrpc.Compare.EQUAL,
-                target=etcdrpc.Compare.MOD,
-                key=self._key,
-                mod_revision=revision,
-            )
-        request = etcdrpc.TxnRequest(
-            compare=[compare],
-            success=[etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=self._key, value=state))],
-            failure=[etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=self._key))],
-        )
         try:
-            response = self._client.txn(request, timeout=self._timeout)
+            outcome = self._client.compare_and_put(
+                self._key, state, revision, timeout=self._timeout
+            )
         except KVStoreError as exc:
             raise _backend_error(f"updating {self.key!r}", exc) from exc
-        if response.succeeded:
+        if outcome.succeeded:
             # The put of a successful transaction is at the transaction's revision.
-            return state, int(response.header.revision), True
-        kvs = response.responses[0].response_range.kvs
-        if not kvs:
+            return state, outcome.revision, True
+        kv = outcome.current
+        if kv is None:
             return None
-        return bytes(kvs[0].value), int(kvs[0].mod_revision), False
+        return bytes(kv.value), int(kv.mod_revision), False
 
 
 def _config(params: RendezvousParameters) -> EtcdConfig:
@@ -172,7 +159,7 @@ def create_backend(params: RendezvousParameters) -> tuple[EthaRendezvousBackend,
     """The state backend and the agents' store for ``params`` (torchrun's arguments)."""
     config = _config(params)
     run_id = _name(params.run_id, "run id (--rdzv-id)")
-    component = _name(params.get("component", DEFAULT_COMPONENT), "component")
+    component = _name(params.get("component", ELASTIC_COMPONENT), "component")
     read_timeout = params.get_as_int("read_timeout", DEFAULT_READ_TIMEOUT)
     if read_timeout is None or read_timeout <= 0:
         raise ConfigurationError("--rdzv-conf read_timeout must be a positive number of seconds")
@@ -275,7 +262,7 @@ def torchrun_handler() -> Callable[[RendezvousParameters], Any]:
 
 __all__ = [
     "BACKEND_NAME",
-    "DEFAULT_COMPONENT",
+    "ELASTIC_COMPONENT",
     "EthaRendezvousBackend",
     "EthaRendezvousHandler",
     "create_backend",

@@ -38,7 +38,10 @@ from etha.kvstore.errors import ConfigurationError, InvalidKeyError
 from etha.kvstore.keys import validate_name
 
 SCHEME = "etha"
-DEFAULT_COMPONENT = "c10d"
+#: The component of an ``etha://`` rendezvous (``?component=`` overrides it).
+RENDEZVOUS_COMPONENT = "c10d"
+#: The former name of :data:`RENDEZVOUS_COMPONENT` (kept for imports).
+DEFAULT_COMPONENT = RENDEZVOUS_COMPONENT
 DEFAULT_RUN_ID = "default"
 _QUERY_KEYS = frozenset({"rank", "world_size", "component"})
 
@@ -57,7 +60,7 @@ class RendezvousSpec:
     rank: int
     world_size: int
     run_id: str
-    component: str = DEFAULT_COMPONENT
+    component: str = RENDEZVOUS_COMPONENT
 
 
 def _int(raw: str, what: str, minimum: int) -> int:
@@ -139,7 +142,7 @@ def parse_url(url: str, environ: Mapping[str, str] | None = None) -> RendezvousS
     world_size = _int(raw_world, "world_size", 1)
     if rank >= world_size:
         raise _error(f"rank {rank} is not below world_size {world_size}")
-    component = _name(query.get("component") or DEFAULT_COMPONENT, "component")
+    component = _name(query.get("component") or RENDEZVOUS_COMPONENT, "component")
     return RendezvousSpec(rank=rank, world_size=world_size, run_id=run_id, component=component)
 
 
@@ -186,8 +189,8 @@ def register() -> None:
 
 
 __all__ = [
-    "DEFAULT_COMPONENT",
     "DEFAULT_RUN_ID",
+    "RENDEZVOUS_COMPONENT",
     "SCHEME",
     "RendezvousSpec",
     "etha_rendezvous_handler",

@@ -55,13 +55,23 @@ from etha.kvstore.errors import (
     KVStoreError,
     UnavailableError,
 )
-from etha.kvstore.etcd import gateway_add
-from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
+from etha.kvstore.etcdv3.client import (
+    MAX_TXN_OPS,
+    EtcdClient,
+    delete_op,
+    prefix_range_end,
+    present,
+    put_op,
+)
+from etha.kvstore.etcdv3.store import gateway_add
+from etha.kvstore.etcdv3.wait import REREAD, Reread, View, wait
+from etha.kvstore.etcdv3.watch import PUT
 from etha.kvstore.keys import validate_key, validate_name
 
-#: etcd's default ``--max-txn-ops``.
-MAX_TXN_OPS = 128
-DEFAULT_COMPONENT = "torch"
+#: The component an :class:`EthaStore` uses by default (``{namespace}/torch/...``).
+STORE_COMPONENT = "torch"
+#: The former name of :data:`STORE_COMPONENT` (kept for imports).
+DEFAULT_COMPONENT = STORE_COMPONENT
 #: torch's own default store timeout (c10d ``kDefaultTimeout``). ``ETHA_KV_TIMEOUT`` is the
 #: deadline of one etcd request, not of a wait for another rank.
 DEFAULT_TIMEOUT = timedelta(seconds=300)
@@ -71,6 +81,9 @@ CHUNK_BYTES = 1024 * 1024
 #: The largest value the store accepts: 128 chunks. Every replacement of a value also
 #: stays in etcd's history until compaction, so far larger values belong elsewhere.
 MAX_VALUE_BYTES = 128 * CHUNK_BYTES
+#: Bytes of an etcd request left for keys, compares and framing when sizing chunks and
+#: multi_set batches (the client's check_size is the one check; this only plans below it).
+_REQUEST_HEADROOM = 65536
 #: The smallest chunk (when the client's max_request_bytes is configured very low); it
 #: keeps the chunk count, and the 5-digit chunk index, bounded.
 _MIN_CHUNK_BYTES = 4096
@@ -82,7 +95,6 @@ _CHUNKED_MARK = b"\x00etha-chunked-v1\x00"
 _CHUNKS_PER_READ = 4
 #: multi_set re-sends a transaction whose chunks a concurrent writer removed this often.
 _MULTI_SET_ATTEMPTS = 5
-_GREATER = etcdrpc.Compare.GREATER
 #: The shortest deadline given to one etcd request (a wait with almost no time left
 #: still gets one read).
 _MIN_REQUEST_TIMEOUT = 0.05
@@ -94,8 +106,6 @@ _BACKOFF_AFTER = 2
 _BACKOFF_BASE = 0.0005
 _BACKOFF_CAP = 0.02
 _EQUAL = etcdrpc.Compare.EQUAL
-_MOD = etcdrpc.Compare.MOD
-_CREATE = etcdrpc.Compare.CREATE
 _VALUE = etcdrpc.Compare.VALUE
 
 
@@ -151,15 +161,8 @@ class _Stale(Exception):
     """A chunked value could not be read at its revision (compacted meanwhile): re-read."""
 
 
-def _delete_op(key: bytes, range_end: bytes | None = None) -> Any:
-    request = etcdrpc.DeleteRangeRequest(key=key)
-    if range_end is not None:
-        request.range_end = range_end
-    return etcdrpc.RequestOp(request_delete_range=request)
-
-
-def _put_op(key: bytes, value: bytes) -> Any:
-    return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=value))
+_delete_op = delete_op
+_put_op = put_op
 
 
 def _parse_manifest(stored: bytes) -> tuple[bytes, int, int] | None:
@@ -286,7 +289,7 @@ class EthaStore(_C10dStore):
         self,
         config: EtcdConfig | None = None,
         *,
-        component: str = DEFAULT_COMPONENT,
+        component: str = STORE_COMPONENT,
         scope: str | None = None,
         timeout: timedelta | float | None = None,
         client: EtcdClient | None = None,
@@ -335,7 +338,7 @@ class EthaStore(_C10dStore):
             self._finalizer = None
         # One chunk and its key must fit in one etcd request.
         self._chunk_bytes = min(
-            CHUNK_BYTES, max(_MIN_CHUNK_BYTES, self._client.max_request_bytes - 65536)
+            CHUNK_BYTES, max(_MIN_CHUNK_BYTES, self._client.max_request_bytes - _REQUEST_HEADROOM)
         )
 
     def __del__(self) -> None:
@@ -469,7 +472,7 @@ class EthaStore(_C10dStore):
 
     def _batches(self, values: dict[bytes, bytes]) -> Iterator[dict[bytes, bytes]]:
         """``values`` in groups that fit one transaction (ops and request bytes)."""
-        budget = self._client.max_request_bytes - 65536
+        budget = self._client.max_request_bytes - _REQUEST_HEADROOM
         batch: dict[bytes, bytes] = {}
         ops = size = 0
         for full, data in values.items():
@@ -607,19 +610,14 @@ class EthaStore(_C10dStore):
                     # TCPStore: a missing key with a non-empty expectation is not created,
                     # and the expected value is returned.
                     return expected
-                response = self._client.txn(
-                    etcdrpc.TxnRequest(
-                        compare=[
-                            etcdrpc.Compare(
-                                result=_EQUAL, target=_CREATE, key=full, create_revision=0
-                            )
-                        ],
-                        success=success,
-                        failure=[read],
-                    ),
+                created = self._client.compare_and_put(
+                    full,
+                    desired,
+                    None,
+                    also=self._cleanup_ops(full, None),
                     timeout=self._request_timeout(),
                 )
-                if response.succeeded:
+                if created.succeeded:
                     return desired
                 # Created concurrently: compare against the new value.
         except KVStoreError as exc:
@@ -688,7 +686,6 @@ class EthaStore(_C10dStore):
         """
         full = self._key(key)
         action = f"update of {key!r}"
-        read = etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=full))
         try:
             response = self._client.range(full, timeout=self._request_timeout())
             kv = response.kvs[0] if response.kvs else None
@@ -705,31 +702,22 @@ class EthaStore(_C10dStore):
                 new_value, result = update(current)
                 if new_value is None:
                     return result
-                if kv is None:
-                    compare = etcdrpc.Compare(
-                        result=_EQUAL, target=_CREATE, key=full, create_revision=0
-                    )
-                else:
-                    compare = etcdrpc.Compare(
-                        result=_EQUAL, target=_MOD, key=full, mod_revision=kv.mod_revision
-                    )
                 stored, generation = self._store(full, new_value, action)
                 # As in set(): no clean-up if the transaction fails without an answer.
-                txn = self._client.txn(
-                    etcdrpc.TxnRequest(
-                        compare=[compare, *self._chunks_compare(full, generation)],
-                        success=[_put_op(full, stored), *self._cleanup_ops(full, generation)],
-                        failure=[read],
-                    ),
+                outcome = self._client.compare_and_put(
+                    full,
+                    stored,
+                    None if kv is None else int(kv.mod_revision),
+                    compare=self._chunks_compare(full, generation),
+                    also=self._cleanup_ops(full, generation),
                     timeout=self._request_timeout(),
                 )
-                if txn.succeeded:
+                if outcome.succeeded:
                     return result
                 self._drop_generation(full, generation)
-                # Lost the race: the failure branch already read the winner's value.
-                kvs = txn.responses[0].response_range.kvs
-                kv = kvs[0] if kvs else None
-                revision = int(txn.header.revision)
+                # Lost the race: the transaction already read the winner's value.
+                kv = outcome.current
+                revision = outcome.revision
                 losses += 1
                 if losses >= _BACKOFF_AFTER:
                     # Contended key: a short random backoff lets one writer through
@@ -788,8 +776,7 @@ class EthaStore(_C10dStore):
     def _chunks_compare(self, full: bytes, generation: bytes | None) -> list[Any]:
         if generation is None:
             return []
-        first = self._chunk_key(full, generation, 0)
-        return [etcdrpc.Compare(result=_GREATER, target=_CREATE, key=first, create_revision=0)]
+        return [present(self._chunk_key(full, generation, 0))]
 
     def _cleanup_ops(self, full: bytes, keep: bytes | None) -> list[Any]:
         """Deletes of the key's chunks, except generation ``keep``."""
@@ -898,9 +885,9 @@ class EthaStore(_C10dStore):
 
     def _timeout_error(self, timeout: float, missing: Iterable[bytes]) -> dist.DistStoreError:
         names = ", ".join(sorted(self._name(k) for k in missing))
-        hub = self._client._hub
         # A wait that ran out while etcd was unreachable should say so.
-        state = "" if hub is None or hub.connected else f"; {hub.describe()}"
+        trouble = self._client.watch_trouble()
+        state = "" if trouble is None else f"; {trouble}"
         return dist.DistStoreError(
             f"wait timeout after {round(timeout * 1000)}ms, keys: {names}"
             f" (etha store prefix {self._prefix_str!r}{state})"
@@ -926,27 +913,62 @@ class EthaStore(_C10dStore):
         self, keys: list[bytes], timeout: float, deadline: float, resolve: bool
     ) -> dict[bytes, bytes]:
         wanted = set(keys)
-        while True:
+
+        def read() -> tuple[dict[bytes, bytes] | None, View[dict[bytes, bytes]], int]:
             values, revision = self._read(wanted, self._request_timeout(deadline), resolve=resolve)
-            missing = wanted - values.keys()
-            if not missing:
-                return values
-            if time.monotonic() >= deadline:
-                raise self._timeout_error(timeout, missing)
-            if len(missing) == 1:
-                start, end = next(iter(missing)), None
+            view = _ValuesView(wanted, values, resolve)
+            return (values if view.complete() else None), view, revision
+
+        def timed_out(view: View[dict[bytes, bytes]], _stream: str | None) -> Exception:
+            assert isinstance(view, _ValuesView)
+            return self._timeout_error(timeout, view.missing())
+
+        return wait(self._client, read, deadline, timed_out)
+
+
+class _ValuesView(View[dict[bytes, bytes]]):
+    """The values of ``wanted`` keys; done when every one exists.
+
+    A chunked value that arrives by watch is its manifest: the wait then reads again
+    (:data:`REREAD`), so that its chunks are read at the revision of the manifest.
+    """
+
+    def __init__(self, wanted: set[bytes], values: dict[bytes, bytes], resolve: bool) -> None:
+        self.wanted = wanted
+        self.values = values
+        self.resolve = resolve
+        missing = wanted - values.keys()
+        if len(missing) <= 1:
+            self.key, self.range_end = (next(iter(missing)) if missing else b""), None
+        else:
+            self.key = _common(missing)
+            self.range_end = prefix_range_end(self.key)
+
+    def complete(self) -> bool:
+        return len(self.values) == len(self.wanted)
+
+    def missing(self) -> set[bytes]:
+        # A copy: the hub's reader thread may be applying events meanwhile.
+        return self.wanted - self.values.copy().keys()
+
+    def apply(self, events: Iterable[Any]) -> dict[bytes, bytes] | Reread | None:
+        values, wanted = self.values, self.wanted
+        for event in events:
+            name = bytes(event.kv.key)
+            if name not in wanted:
+                continue
+            if event.type == PUT:
+                values[name] = bytes(event.kv.value)
             else:
-                start = _common(missing)
-                end = prefix_range_end(start)
-            outcome = _watch_until(self._client, start, end, revision + 1, wanted, values, deadline)
-            if outcome is None:
-                raise self._timeout_error(timeout, wanted - values.keys())
-            arrived_chunked = resolve and any(v.startswith(_CHUNKED_MARK) for v in values.values())
-            if outcome and not arrived_chunked:
-                return values
-            # A chunked value arrived as its manifest: read again, so that its chunks are
-            # read at the revision of the manifest. (False: the watch was compacted or
-            # restarted; read again and re-watch.)
+                values.pop(name, None)
+        if len(values) != len(wanted):
+            return None
+        if self.resolve and any(v.startswith(_CHUNKED_MARK) for v in values.values()):
+            return REREAD
+        return values
+
+    def seen(self) -> str:
+        return f"{len(self.values)} of {len(self.wanted)} keys"
 
 
 def _common(keys: Iterable[bytes]) -> bytes:
@@ -958,45 +980,4 @@ def _common(keys: Iterable[bytes]) -> bytes:
     return first[:n]
 
 
-def _watch_until(
-    client: EtcdClient,
-    key: bytes,
-    range_end: bytes | None,
-    start_revision: int,
-    wanted: set[bytes],
-    values: dict[bytes, bytes],
-    deadline: float,
-) -> bool | None:
-    """Apply watch events to ``values`` until every wanted key is present.
-
-    :returns: True when complete, None on timeout, False when the caller must re-read
-    """
-    from etha.kvstore.etcd_watch import DELETE, WatchCompacted
-
-    watcher = client.watch_hub.watch(key, range_end, start_revision)
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                events = watcher.get(remaining)
-            except WatchCompacted:
-                return False
-            if events is None:
-                return None
-            for event in events:
-                name = bytes(event.kv.key)
-                if name not in wanted:
-                    continue
-                if event.type == DELETE:
-                    values.pop(name, None)
-                else:
-                    values[name] = bytes(event.kv.value)
-            if len(values) == len(wanted):
-                return True
-    finally:
-        watcher.cancel()
-
-
-__all__ = ["DEFAULT_COMPONENT", "MAX_TXN_OPS", "EthaStore"]
+__all__ = ["MAX_TXN_OPS", "STORE_COMPONENT", "EthaStore"]
