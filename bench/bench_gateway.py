@@ -309,8 +309,8 @@ def _gateway(cluster: Any, workdir: Path) -> Iterator[Side | None]:
         log(f"gateway: not available in this tree ({exc}); measuring the direct baseline only")
         yield None
         return
-    from tests.etcd_helpers import root_client
     from tests.support.etcd_server import ROOT_USER
+    from tests.support.etcd_users import root_client
 
     etcd_proc = cluster.nodes[0].process
     assert etcd_proc is not None

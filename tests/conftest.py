@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_server import EtcdCluster, etcd_cluster
 
 # Reverse DNS stalls TCPStore connects for seconds on hosts without working reverse DNS.
 os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:1")
@@ -22,23 +22,15 @@ os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:1")
 @pytest.fixture(scope="session")
 def etcd_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """One etcd member with auth enabled; root's password is ``cluster.root_password``."""
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-auth"), auth=True)
-    cluster.start()
-    try:
+    with etcd_cluster(tmp_path_factory.mktemp("etcd-auth"), auth=True) as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 @pytest.fixture(scope="session")
 def etcd_plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """One etcd member without auth."""
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-plain"))
-    cluster.start()
-    try:
+    with etcd_cluster(tmp_path_factory.mktemp("etcd-plain")) as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 @pytest.fixture

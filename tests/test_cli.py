@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from etha.kvstore.etcd_client import EtcdClient
-from tests.etcd_helpers import grant_prefix_user, root_client
-from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.etcd_server import ROOT_USER, EtcdCluster, etcd_cluster
+from tests.support.etcd_users import grant_prefix_user, root_client
 from tests.support.gateway import GatewayProcess, register_tenant
 from tests.support.ports import free_port
 from tests.support.processes import end_process
@@ -337,12 +337,8 @@ def test_doctor_diagnoses_https_against_a_plaintext_server(tenant: Tenant, tmp_p
 def etcd_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EtcdCluster, Path]]:
     workdir = tmp_path_factory.mktemp("etcd-tls-cli")
     tls = make_tls(workdir / "tls")
-    cluster = EtcdCluster(workdir / "etcd", tls=tls)
-    cluster.start()
-    try:
+    with etcd_cluster(workdir / "etcd", tls=tls) as cluster:
         yield cluster, tls.ca_cert
-    finally:
-        cluster.cleanup()
 
 
 def _tls_env(cluster: EtcdCluster, **extra: str) -> dict[str, str]:

@@ -20,8 +20,9 @@ from etha.distributed.rendezvous import RendezvousSpec, parse_url
 from etha.distributed.store import EthaStore
 from etha.kvstore.config import EtcdConfig
 from etha.kvstore.errors import ConfigurationError
-from tests.distributed_helpers import all_keys, child_env, namespace_config, procs, read_key, tail
 from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_users import all_keys, namespace_config, read_key
+from tests.support.workers import child_env, procs, tail
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -23,9 +23,10 @@ import torch.distributed as dist
 
 from etha.distributed.store import EthaStore
 from etha.kvstore.config import EtcdConfig, parse_endpoints
-from tests.distributed_helpers import all_keys, child_env, namespace_config, procs, read_key, tail
 from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_users import all_keys, namespace_config, read_key
 from tests.support.ports import free_port
+from tests.support.workers import child_env, procs, tail
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -757,7 +758,7 @@ def test_chunks_read_at_a_compacted_revision_are_read_again(
     from pyetcd import etcdrpc
 
     from etha.distributed.store import _Stale
-    from tests.distributed_helpers import root_client
+    from tests.support.etcd_users import root_client
 
     old, new = _pattern(2 * MiB, 13), _pattern(2 * MiB, 14)
     store.set("compacted", old)
@@ -781,8 +782,8 @@ def gateway_config(
     etcd_auth: EtcdCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EtcdConfig]:
     """A tenant (no quotas set) behind one real gateway process, as an EtcdConfig."""
-    from tests.distributed_helpers import root_client
     from tests.support.etcd_server import ROOT_USER
+    from tests.support.etcd_users import root_client
     from tests.support.gateway import GatewayProcess, register_tenant
 
     gateway = GatewayProcess(

@@ -26,9 +26,9 @@ from etha.kvstore.errors import (
 from etha.kvstore.etcd import EtcdKVStore
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from etha.kvstore.etcdv3.wait import PatternView as _PatternView
-from tests.etcd_helpers import grant_prefix_user, root_client, wait_threads_gone
-from tests.support.etcd_server import ROOT_USER, EtcdCluster
-from tests.support.threads import Waiter
+from tests.support.etcd_server import ROOT_USER, EtcdCluster, etcd_cluster
+from tests.support.etcd_users import grant_prefix_user, root_client
+from tests.support.threads import Waiter, wait_threads_gone
 from tests.support.tls import TLSFiles, make_tls
 
 pytestmark = pytest.mark.timeout(120)
@@ -311,8 +311,7 @@ def test_user_is_refused_outside_its_namespace(
 
 def test_wait_after_token_expiry_on_an_idle_stream(tmp_path: Path, namespace: str) -> None:
     """Both the unary calls and the (idle) watch stream survive the token's expiry."""
-    cluster = EtcdCluster(tmp_path / "ttl", auth=True, auth_token_ttl=2)
-    with cluster:
+    with etcd_cluster(tmp_path / "ttl", auth=True, auth_token_ttl=2) as cluster:
         with root_client(cluster) as root:
             grant_prefix_user(root, "worker", "pw", f"{namespace}/".encode())
         with open_store(cluster, namespace, username="worker", password="pw") as s:
@@ -338,15 +337,13 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
 def etcd_mtls_auth(
     tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles
 ) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(
-        tmp_path_factory.mktemp("etcd-mtls-backend"), auth=True, tls=tls_files,
+    with etcd_cluster(
+        tmp_path_factory.mktemp("etcd-mtls-backend"),
+        auth=True,
+        tls=tls_files,
         client_cert_auth=True,
-    )  # fmt: skip
-    cluster.start()
-    try:
+    ) as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 def test_store_over_mtls_with_cert_user(

@@ -25,9 +25,10 @@ from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from etha.kvstore.etcd_watch import DELETE, PUT, WatchCompacted
 from etha.kvstore.etcdv3.transport import _never_sent
 from etha.kvstore.etcdv3.transport import is_conditional as _is_conditional
-from tests.etcd_helpers import grant_prefix_user, root_client, wait_threads_gone
-from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.etcd_server import ROOT_USER, EtcdCluster, etcd_cluster
+from tests.support.etcd_users import grant_prefix_user, root_client
 from tests.support.ports import free_port
+from tests.support.threads import wait_threads_gone
 from tests.support.tls import TLSFiles, make_tls
 
 pytestmark = pytest.mark.timeout(120)
@@ -122,8 +123,10 @@ def test_oversize_request_rejected_before_sending(etcd_plain: EtcdCluster) -> No
 
 def test_server_side_size_limit_maps_to_invalid_value(tmp_path: Path) -> None:
     # The server's limit is lower than the client's idea of it: the server refuses.
-    cluster = EtcdCluster(tmp_path / "small", extra_args=("--max-request-bytes=100000",))
-    with cluster, EtcdClient(cluster.endpoints) as client:
+    with (
+        etcd_cluster(tmp_path / "small", extra_args=("--max-request-bytes=100000",)) as cluster,
+        EtcdClient(cluster.endpoints) as client,
+    ):
         with pytest.raises(InvalidValueError, match="too large"):
             client.put(b"big", b"x" * 200_000)
         assert client.range(b"big").count == 0
@@ -201,8 +204,10 @@ def test_fails_over_from_a_dead_first_endpoint(etcd_plain: EtcdCluster) -> None:
 
 
 def test_token_is_renewed_after_expiry(tmp_path: Path) -> None:
-    cluster = EtcdCluster(tmp_path / "ttl", auth=True, auth_token_ttl=2)
-    with cluster, root_client(cluster) as client:
+    with (
+        etcd_cluster(tmp_path / "ttl", auth=True, auth_token_ttl=2) as cluster,
+        root_client(cluster) as client,
+    ):
         client.put(b"k", b"1")
         first = client._metadata
         time.sleep(3.5)  # idle past the token's TTL
@@ -253,26 +258,18 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
 def etcd_tls(
     tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles
 ) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-tls"), auth=True, tls=tls_files)
-    cluster.start()
-    try:
+    with etcd_cluster(tmp_path_factory.mktemp("etcd-tls"), auth=True, tls=tls_files) as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 @pytest.fixture(scope="module")
 def etcd_mtls(
     tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles
 ) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(
+    with etcd_cluster(
         tmp_path_factory.mktemp("etcd-mtls"), auth=True, tls=tls_files, client_cert_auth=True
-    )
-    cluster.start()
-    try:
+    ) as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 def test_tls_with_ca_file_and_password(etcd_tls: EtcdCluster, tls_files: TLSFiles) -> None:
@@ -400,8 +397,10 @@ def test_watch_from_compacted_revision_signals_compaction(etcd_plain: EtcdCluste
 
 
 def test_watch_survives_a_server_restart(tmp_path: Path) -> None:
-    cluster = EtcdCluster(tmp_path / "restart")
-    with cluster, EtcdClient(cluster.endpoints, timeout=5) as client:
+    with (
+        etcd_cluster(tmp_path / "restart") as cluster,
+        EtcdClient(cluster.endpoints, timeout=5) as client,
+    ):
         start = client.put(b"k", b"before").header.revision
         watcher = client.watch_hub.watch(b"k", None, start + 1)
         client.put(b"k", b"1")
@@ -431,8 +430,7 @@ def test_close_joins_the_watch_thread(etcd_plain: EtcdCluster) -> None:
 def test_watch_on_a_stream_whose_token_expired(tmp_path: Path) -> None:
     """etcd checks a new watch with the token the stream was opened with; once that token
     expired it answers "permission denied". The hub must log in again, not fail."""
-    cluster = EtcdCluster(tmp_path / "ttl-watch", auth=True, auth_token_ttl=2)
-    with cluster:
+    with etcd_cluster(tmp_path / "ttl-watch", auth=True, auth_token_ttl=2) as cluster:
         with root_client(cluster) as root:
             grant_prefix_user(root, "worker", "pw", b"w/")
         with EtcdClient(cluster.endpoints, username="worker", password="pw") as client:

@@ -11,31 +11,22 @@ import pytest
 
 from etha.kvstore.errors import KVStoreError
 from etha.kvstore.etcd import EtcdKVStore
-from tests.etcd_helpers import wait_threads_gone
-from tests.support.etcd_server import EtcdCluster
-from tests.support.threads import Waiter
+from tests.support.etcd_server import EtcdCluster, etcd_cluster
+from tests.support.threads import Waiter, wait_threads_gone
 
 pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture
 def single(tmp_path: Path) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path / "single", auth=True)
-    cluster.start()
-    try:
+    with etcd_cluster(tmp_path / "single", auth=True) as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 @pytest.fixture
 def trio(tmp_path: Path) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path / "trio", members=3, auth=True)
-    cluster.start(timeout=60)
-    try:
+    with etcd_cluster(tmp_path / "trio", members=3, auth=True, start_timeout=60) as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 def wait_healthy_with_auth(cluster: EtcdCluster, timeout: float = 30.0) -> None:

@@ -29,16 +29,9 @@ from etha.distributed.elastic import (
 from etha.distributed.store import EthaStore
 from etha.kvstore.config import EtcdConfig
 from etha.kvstore.etcd_client import EtcdClient
-from tests.distributed_helpers import (
-    all_keys,
-    child_env,
-    namespace_config,
-    procs,
-    read_key,
-    root_client,
-    tail,
-)
 from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_users import all_keys, namespace_config, read_key, root_client
+from tests.support.workers import child_env, procs, tail
 
 pytestmark = pytest.mark.timeout(240)
 

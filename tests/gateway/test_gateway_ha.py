@@ -14,7 +14,7 @@ from pyetcd import etcdrpc
 from etha.kvstore import KVStoreError, PermissionDeniedError
 from etha.kvstore.etcd_client import EtcdClient
 from tests.gateway.conftest import TenantCreds, open_store, start_gateway, tenant_client
-from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.etcd_server import ROOT_USER, EtcdCluster, etcd_cluster
 from tests.support.gateway import GatewayProcess, register_tenant, revoke_tenant, write_token_keys
 
 pytestmark = pytest.mark.timeout(180)
@@ -78,8 +78,7 @@ def test_revocations_made_while_cut_off_from_etcd_apply_after_reconnecting(
 ) -> None:
     """The registry's watch breaks; meanwhile a record is deleted and etcd compacted past
     the watch. On reconnect the registry reads everything again: the tenant is revoked."""
-    cluster = EtcdCluster(tmp_path / "etcd", members=3, auth=True)
-    with cluster:
+    with etcd_cluster(tmp_path / "etcd", members=3, auth=True) as cluster:
         root = EtcdClient(cluster.endpoints, username=ROOT_USER, password=cluster.root_password)
         member = cluster.nodes[0]
         gw = GatewayProcess(

@@ -14,7 +14,7 @@ from pyetcd import etcdrpc
 from etha.kvstore import QuotaExceededError
 from etha.kvstore.etcd_client import EtcdClient
 from tests.gateway.conftest import TenantCreds, open_store, start_gateway, tenant_client
-from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.etcd_server import ROOT_USER, etcd_cluster
 from tests.support.gateway import GatewayProcess, register_tenant
 
 pytestmark = pytest.mark.timeout(180)
@@ -157,10 +157,9 @@ def _alarms(root: EtcdClient) -> list[int]:
 
 def test_etcd_space_high_water_refuses_writes_before_nospace(tmp_path: Path) -> None:
     quota = 4 * 1024 * 1024
-    cluster = EtcdCluster(
+    with etcd_cluster(
         tmp_path / "small-etcd", auth=True, extra_args=(f"--quota-backend-bytes={quota}",)
-    )
-    with cluster:
+    ) as cluster:
         root = EtcdClient(cluster.endpoints, username=ROOT_USER, password=cluster.root_password)
         gw = start_gateway(
             cluster,

@@ -25,7 +25,7 @@ from etha.kvstore import KVTimeoutError, PermissionDeniedError
 from etha.kvstore.etcd import note_no_coordination
 from etha.kvstore.etcd_client import EtcdClient
 from tests.gateway.conftest import TenantCreds, open_store, start_gateway, tenant_client
-from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_server import EtcdCluster, etcd_cluster
 from tests.support.gateway import GatewayProcess, register_tenant, revoke_tenant
 
 pytestmark = pytest.mark.timeout(120)
@@ -355,8 +355,7 @@ def test_health_endpoints(gateway: GatewayProcess) -> None:
 
 def test_gateway_keeps_its_own_etcd_token_fresh(tmp_path: Path, tenant: Factory) -> None:
     """etcd expires the gateway's token (TTL 2 s) while it idles; new watches still work."""
-    cluster = EtcdCluster(tmp_path / "etcd", auth=True, auth_token_ttl=2)
-    with cluster:
+    with etcd_cluster(tmp_path / "etcd", auth=True, auth_token_ttl=2) as cluster:
         root = EtcdClient(cluster.endpoints, username="root", password=cluster.root_password)
         gw = start_gateway(cluster, tmp_path / "gw")
         try:

@@ -17,7 +17,7 @@ from etha.kvstore.errors import ConfigurationError
 from etha.kvstore.etcd import EtcdKVStore
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from tests.gateway.conftest import TenantCreds, open_store
-from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_server import EtcdCluster, etcd_cluster
 from tests.support.gateway import GatewayProcess, register_tenant, write_token_keys
 from tests.support.tls import make_tls
 
@@ -166,8 +166,7 @@ def test_gateway_runs_as_a_least_privilege_etcd_user(
 
 def test_gateway_reaches_etcd_over_tls(tmp_path: Path) -> None:
     tls = make_tls(tmp_path / "tls")
-    cluster = EtcdCluster(tmp_path / "etcd", auth=True, tls=tls)
-    with cluster:
+    with etcd_cluster(tmp_path / "etcd", auth=True, tls=tls) as cluster:
         root = EtcdClient(
             cluster.urls, username="root", password=cluster.root_password, ca_file=str(tls.ca_cert)
         )

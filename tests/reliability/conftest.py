@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from etha.kvstore.etcd_client import EtcdClient
-from tests.etcd_helpers import grant_prefix_user, root_client
-from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_server import EtcdCluster, etcd_cluster
+from tests.support.etcd_users import grant_prefix_user, root_client
 from tests.support.kube_emulator import EmulatorServer, _parse_path
 
 
@@ -54,12 +54,8 @@ def make_prefix_user(root: EtcdClient, namespace: str | None = None) -> PrefixUs
 @pytest.fixture
 def trio(tmp_path: Path) -> Iterator[EtcdCluster]:
     """A fresh 3-member etcd cluster with auth on (faults would disturb a shared one)."""
-    cluster = EtcdCluster(tmp_path / "trio", members=3, auth=True)
-    cluster.start(timeout=90)
-    try:
+    with etcd_cluster(tmp_path / "trio", members=3, auth=True, start_timeout=90) as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 @pytest.fixture

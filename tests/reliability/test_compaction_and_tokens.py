@@ -27,10 +27,10 @@ from pyetcd import etcdrpc
 from etha.kvstore.etcd import EtcdKVStore
 from etha.kvstore.etcd_client import EtcdClient
 from etha.kvstore.etcd_watch import WatchCompacted
-from tests.etcd_helpers import root_client
 from tests.reliability.conftest import PrefixUser, make_prefix_user
 from tests.support.chaos import record, scaled
-from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_server import EtcdCluster, etcd_cluster
+from tests.support.etcd_users import root_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -38,12 +38,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
     # Private: compaction and short tokens would disturb tests sharing a server.
-    c = EtcdCluster(tmp_path / "etcd", auth=True, auth_token_ttl=2)
-    c.start()
-    try:
+    with etcd_cluster(tmp_path / "etcd", auth=True, auth_token_ttl=2) as c:
         yield c
-    finally:
-        c.cleanup()
 
 
 def _client(cluster: EtcdCluster, user: PrefixUser) -> EtcdClient:

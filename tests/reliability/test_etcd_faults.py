@@ -14,10 +14,10 @@ import time
 import pytest
 
 from etha.kvstore.etcd_client import EtcdClient
-from tests.etcd_helpers import root_client
 from tests.reliability.conftest import make_prefix_user, wait_healthy_with_auth
 from tests.support.chaos import EtcdWorkload, FaultLog, WorkloadReport, full_scale, record, scaled
 from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.etcd_users import root_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500 if full_scale() else 400)]
 

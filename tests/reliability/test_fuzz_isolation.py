@@ -36,10 +36,10 @@ from etha.kvstore.errors import (
 from etha.kvstore.etcd import EtcdKVStore
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from etha.kvstore.keys import compile_pattern
-from tests.etcd_helpers import root_client
 from tests.reliability.conftest import PrefixUser, make_prefix_user
 from tests.support.chaos import record, scaled
 from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.etcd_users import root_client
 from tests.support.gateway import GatewayProcess, register_tenant
 
 pytestmark = pytest.mark.timeout(600)

@@ -30,10 +30,10 @@ import pytest
 
 from etha.kvstore.errors import KVStoreError
 from etha.kvstore.etcd_client import EtcdClient
-from tests.etcd_helpers import root_client
 from tests.reliability.conftest import wait_healthy_with_auth
 from tests.support.chaos import EtcdWorkload, FaultLog, full_scale, record, scaled, wait_until
 from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.etcd_users import root_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200 if full_scale() else 420)]
 

@@ -41,7 +41,7 @@ from tests.operator.helpers import (
     store_from_secret,
 )
 from tests.support.chaos import full_scale, record, scaled
-from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_server import EtcdCluster, etcd_cluster
 from tests.support.kube_emulator import EmulatorServer
 from tests.support.operator_runner import OperatorProcess
 
@@ -70,12 +70,8 @@ class Tracked:
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """A private etcd: the orphan check must see every etha-* user, and only ours."""
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-crash"), auth=True)
-    cluster.start()
-    try:
+    with etcd_cluster(tmp_path_factory.mktemp("etcd-crash"), auth=True) as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 @pytest.fixture(scope="module")

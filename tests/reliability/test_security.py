@@ -49,7 +49,7 @@ from tests.operator.helpers import (
 )
 from tests.reliability.conftest import ApiRecorder
 from tests.support.chaos import record
-from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_server import EtcdCluster, etcd_cluster
 from tests.support.job_kinds import AUTO, KINDS, install_job_crds, make_job
 from tests.support.kube_emulator import EmulatorServer
 from tests.support.operator_runner import OperatorProcess, wait_for
@@ -64,12 +64,8 @@ NS = "sec"
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-sec"), auth=True)
-    cluster.start()
-    try:
+    with etcd_cluster(tmp_path_factory.mktemp("etcd-sec"), auth=True) as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 Used by the tests, the demo and the benchmarks. Every process started here is stopped
 by :meth:`EtcdCluster.stop` (the fixtures call it), including after a failed start.
+:func:`etcd_cluster` is the one way tests start a cluster of their own: it stops the
+members and removes their files however the block ends.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,4 +278,39 @@ class EtcdCluster:
         return self.start() if not self.nodes else self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        """Stop every member and remove the cluster's files (like :meth:`cleanup`)."""
+        self.cleanup()
+
+
+@contextmanager
+def etcd_cluster(
+    workdir: Path,
+    *,
+    members: int = 1,
+    auth: bool = False,
+    tls: TLSFiles | None = None,
+    client_cert_auth: bool = False,
+    auth_token_ttl: int | None = None,
+    extra_args: tuple[str, ...] = (),
+    start_timeout: float = 30.0,
+) -> Iterator[EtcdCluster]:
+    """A started :class:`EtcdCluster` in ``workdir``; stopped and removed on exit.
+
+    The fixture factory of every test that needs a cluster of its own (members, auth,
+    TLS, short tokens, server flags): ``with etcd_cluster(tmp_path / "etcd", auth=True)
+    as cluster: yield cluster``.
+    """
+    cluster = EtcdCluster(
+        workdir,
+        members=members,
+        auth=auth,
+        tls=tls,
+        client_cert_auth=client_cert_auth,
+        auth_token_ttl=auth_token_ttl,
+        extra_args=extra_args,
+    )
+    cluster.start(timeout=start_timeout)
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()

@@ -24,3 +24,13 @@ class Waiter(threading.Thread):
         except BaseException as exc:
             self.error = exc
         self.elapsed = time.monotonic() - started
+
+
+def wait_threads_gone(before: set[threading.Thread], grace: float = 5.0) -> list[str]:
+    """Names of threads started since ``before`` that are still alive after ``grace`` s."""
+    deadline = time.monotonic() + grace
+    while True:
+        extra = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not extra or time.monotonic() > deadline:
+            return [t.name for t in extra]
+        time.sleep(0.05)
