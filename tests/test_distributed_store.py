@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from etha.distributed.store import EthaStore
 from etha.kvstore.config import EtcdConfig, parse_endpoints
-from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_server import EtcdCluster, etcd_cluster
 from tests.support.etcd_users import all_keys, namespace_config, read_key
 from tests.support.ports import free_port
 from tests.support.workers import child_env, procs, tail
@@ -501,9 +501,7 @@ def test_add_from_8_processes_is_exact(ns_a: EtcdConfig, tmp_path: Path) -> None
 def test_etcd_down_surfaces_as_dist_store_error_without_hanging(tmp_path: Path) -> None:
     from etha.kvstore.config import parse_endpoints
 
-    cluster = EtcdCluster(tmp_path / "etcd")
-    cluster.start()
-    try:
+    with etcd_cluster(tmp_path / "etcd") as cluster:
         endpoints, _ = parse_endpoints(",".join(cluster.endpoints))
         config = EtcdConfig(namespace="down", endpoints=endpoints, timeout=2.0)
         store = EthaStore(config, timeout=timedelta(seconds=2))
@@ -518,8 +516,6 @@ def test_etcd_down_surfaces_as_dist_store_error_without_hanging(tmp_path: Path) 
                 action()
             assert time.monotonic() - started < 10
         store.close()
-    finally:
-        cluster.cleanup()
 
 
 def _read_calls(cluster: EtcdCluster) -> float:
