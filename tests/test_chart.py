@@ -632,7 +632,7 @@ def test_namespaced_rbac_grants_the_contract_per_watched_namespace() -> None:
 
 
 def test_every_rbac_rule_is_commented() -> None:
-    """Each rule's reason is written next to it in the template (issue 4)."""
+    """Each rule's reason is written next to it in the template: why each grant exists."""
     lines = (CHART / "templates" / "rbac.yaml").read_text().splitlines()
     for i, line in enumerate(lines):
         if line.strip().startswith("- apiGroups:"):

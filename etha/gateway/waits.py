@@ -22,7 +22,7 @@ with waiters, **one** upstream watch over the tenant's range and a mirror of the
   (linearizable) read; later ones by a ``WatchProgressRequest`` on the tenant's
   stream, one for every batch of waiters that arrived while the previous one was in
   flight. etcd before 3.5.8 may send a requested progress notification ahead of
-  events of the revision it names (etcd issue 15220: the control and event channels
+  events of the revision it names (etcd-io/etcd#15220: the control and event channels
   of its send loop race), so a waiter counts as caught up only after a *second*
   progress answer, requested after the first arrived: by then the events of the
   first one's revision have left etcd's send loop.
