@@ -64,6 +64,9 @@ class GatewayMetrics:
         )
         self._request_children: dict[tuple[str, str, str], Any] = {}
         self._seconds_children: dict[str, Any] = {}
+        self._upstream_children: dict[str, Any] = {}
+        #: (tenant, quota) -> (used, limit, watches_open or None) children
+        self._quota_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self.tenants = Gauge("etha_gateway_tenants", "Tenants in the registry", registry=r)
         self.upstream_seconds = Histogram(
             "etha_gateway_upstream_seconds",
@@ -85,11 +88,26 @@ class GatewayMetrics:
             histogram = self._seconds_children[method] = self.request_seconds.labels(method)
         histogram.observe(seconds)
 
+    def upstream(self, method: str) -> Any:
+        """The ``upstream_seconds`` histogram of ``method`` (cached child)."""
+        histogram = self._upstream_children.get(method)
+        if histogram is None:
+            histogram = self._upstream_children[method] = self.upstream_seconds.labels(method)
+        return histogram
+
     def report_quota(self, tenant: str, quota: str, used: int, limit: int) -> None:
-        self.quota_used.labels(tenant, quota).set(used)
-        self.quota_limit.labels(tenant, quota).set(limit)
-        if quota == "watches":
-            self.watches_open.labels(tenant).set(used)
+        key = (tenant, quota)
+        gauges = self._quota_children.get(key)
+        if gauges is None:
+            gauges = self._quota_children[key] = (
+                self.quota_used.labels(tenant, quota),
+                self.quota_limit.labels(tenant, quota),
+                self.watches_open.labels(tenant) if quota == "watches" else None,
+            )
+        gauges[0].set(used)
+        gauges[1].set(limit)
+        if gauges[2] is not None:
+            gauges[2].set(used)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -113,8 +113,13 @@ class Upstream:
         self.timeout = timeout
         self._channels: list[grpc.aio.Channel | None] = [None] * len(self.endpoints)
         self._stubs: dict[tuple[int, str], Any] = {}
+        #: the stubs' bound methods by (endpoint index, service, method), looked up once
+        self._methods: dict[tuple[int, str, str], Any] = {}
         self._active = 0
         self._metadata: tuple[tuple[str, str], ...] | None = None
+        #: ``_metadata`` as the grpc.aio.Metadata a call takes, built once per log-in
+        #: (grpc converts a tuple into one on every call)
+        self._call_md: tuple[tuple[tuple[str, str], ...], grpc.aio.Metadata] | None = None
         self._login_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -213,6 +218,14 @@ class Upstream:
             await self.login()
         return await self._invoke(service, method, request, timeout, self._metadata, True)
 
+    def _as_call_metadata(self, md: tuple[tuple[str, str], ...] | None) -> grpc.aio.Metadata | None:
+        if md is None:
+            return None
+        cached = self._call_md
+        if cached is None or cached[0] is not md:
+            cached = self._call_md = (md, grpc.aio.Metadata(*md))
+        return cached[1]
+
     async def _invoke(
         self,
         service: str,
@@ -231,6 +244,7 @@ class Upstream:
             else None
         )
         index = self._active
+        call_md = self._as_call_metadata(md)
         tried = 0
         backoff = 0.05
         while True:
@@ -238,9 +252,13 @@ class Upstream:
             if remaining <= 0:
                 remaining = 0.001
             attempt = remaining if cap is None else min(remaining, cap)
-            fn = getattr(self._stub(index, service), method)
+            fn = self._methods.get((index, service, method))
+            if fn is None:
+                fn = self._methods[(index, service, method)] = getattr(
+                    self._stub(index, service), method
+                )
             try:
-                return await fn(request, timeout=attempt, metadata=md)
+                return await fn(request, timeout=attempt, metadata=call_md)
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 out_of_time = deadline - time.monotonic() <= 0
@@ -264,6 +282,7 @@ class Upstream:
                 if may_relogin and self._password is not None and is_token_error(code, details):
                     await self.login(md)
                     md = self._metadata
+                    call_md = self._as_call_metadata(md)
                     may_relogin = False
                     continue
                 raise
@@ -288,6 +307,7 @@ class Upstream:
         channels = [c for c in self._channels if c is not None]
         self._channels = [None] * len(self.endpoints)
         self._stubs.clear()
+        self._methods.clear()
         for channel in channels:
             await channel.close()
 
