@@ -538,3 +538,16 @@ def test_conditional_txn_is_re_sent_only_when_it_never_reached_a_server(
     with EtcdClient([dead, *etcd_plain.endpoints], timeout=10) as client:
         assert client.txn(cas).succeeded
         assert client.range(key).kvs[0].value == b"1"
+
+
+def test_a_deadline_that_passed_inside_etcd_counts_as_a_deadline() -> None:
+    """etcd answers UNKNOWN "context deadline exceeded" when a request's deadline passed
+    inside the server (a read waiting for a new leader): failed over like a local one."""
+    import grpc
+
+    from etha.kvstore.etcdv3.transport import deadline_passed
+
+    assert deadline_passed(grpc.StatusCode.DEADLINE_EXCEEDED, "")
+    assert deadline_passed(grpc.StatusCode.UNKNOWN, "context deadline exceeded")
+    assert not deadline_passed(grpc.StatusCode.UNKNOWN, "etcdserver: something else")
+    assert not deadline_passed(grpc.StatusCode.UNAVAILABLE, "context deadline exceeded")

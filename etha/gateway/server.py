@@ -44,6 +44,7 @@ from etha.gateway.tenancy import secret_matches
 from etha.gateway.tokens import InvalidToken, TokenSigner
 from etha.gateway.upstream import Upstream
 from etha.kvstore.etcd_client import QUOTA_METADATA_KEY
+from etha.kvstore.etcdv3.transport import deadline_passed
 
 log = logging.getLogger("etha.gateway.server")
 
@@ -189,8 +190,13 @@ async def _answer(
             ctx.metrics.denials.labels(tenant_name[0], exc.reason).inc()
         await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing)
     except grpc.aio.AioRpcError as exc:
-        code = exc.code().name
-        await context.abort(exc.code(), exc.details() or "")
+        status, details = exc.code(), exc.details() or ""
+        if deadline_passed(status, details):
+            # etcd says UNKNOWN "context deadline exceeded" when the deadline passed
+            # inside it; clients (etha's, etcdctl) retry a DEADLINE_EXCEEDED correctly.
+            status = grpc.StatusCode.DEADLINE_EXCEEDED
+        code = status.name
+        await context.abort(status, details)
     finally:
         ctx.metrics.count_request(method, code, tenant_name[0], time.perf_counter() - start)
     raise AssertionError("unreachable")  # abort raised

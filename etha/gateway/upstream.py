@@ -26,6 +26,7 @@ from pyetcd import etcdrpc
 
 from etha.kvstore.config import Endpoint
 from etha.kvstore.errors import ConfigurationError
+from etha.kvstore.etcdv3.transport import deadline_passed
 
 log = logging.getLogger("etha.gateway.upstream")
 
@@ -274,7 +275,7 @@ class Upstream:
                         backoff = min(backoff * 2, 1.0)
                     index = self._failover(index)
                     continue
-                if code is grpc.StatusCode.DEADLINE_EXCEEDED and several:
+                if deadline_passed(code, details) and several:
                     index = self._failover(index)
                     if cap is not None and not out_of_time:
                         continue

@@ -193,6 +193,23 @@ def _never_sent(details: str) -> bool:
     return "failed to connect" in lowered or "connection refused" in lowered
 
 
+#: What etcd answers (code UNKNOWN) when the deadline a request carried passed inside
+#: the server, e.g. a linearizable read waiting for a new leader: Go's context error.
+_SERVER_DEADLINE = "context deadline exceeded"
+
+
+def deadline_passed(code: grpc.StatusCode, details: str) -> bool:
+    """True when the call ran out of time: on this side, or inside the server.
+
+    etcd reports its own side as code UNKNOWN with Go's "context deadline exceeded";
+    that means the same as a local DEADLINE_EXCEEDED (the member may be slow or
+    without a leader), so it is failed over and retried by the same rules.
+    """
+    return code is grpc.StatusCode.DEADLINE_EXCEEDED or (
+        code is grpc.StatusCode.UNKNOWN and details == _SERVER_DEADLINE
+    )
+
+
 class Transport:
     """Channels to the endpoints, failover between them, and the log-in; thread-safe.
 
@@ -418,7 +435,7 @@ class Transport:
                         backoff = min(backoff * 2, 1.0)
                     conn = self.failover(conn)
                     continue
-                if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                if deadline_passed(code, details):
                     if several:
                         # The member may be hung: later calls go to the next one.
                         conn = self.failover(conn)
@@ -478,6 +495,7 @@ __all__ = [
     "UNARY_SERVICES",
     "Connection",
     "Transport",
+    "deadline_passed",
     "is_conditional",
     "normalize_endpoints",
     "prefix_range_end",
