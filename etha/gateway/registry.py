@@ -6,6 +6,12 @@ revision was compacted, the registry reads everything again (the new read is the
 truth: records missing from it are revoked) and watches on. A record that does not
 parse is ignored and logged by its key, without its content (it holds a secret hash).
 
+Freshness: between a broken watch and the next complete read, a record deleted in the
+meantime may still be in memory. :attr:`Registry.current` is false for that span, and
+the gateway serves no tenant request until it is true again (:meth:`wait_current`),
+so a revocation made while a replica was cut off from etcd holds from its first request
+after reconnecting.
+
 Revocation: a deleted record, or one whose secret changed, revokes the tenant's old
 identity. Tokens name the record's ``mod_revision``, so every token of an older
 revision is refused at once by :meth:`Registry.lookup`'s callers; open watch streams
@@ -34,6 +40,9 @@ from etha.kvstore.etcd_client import prefix_range_end
 log = logging.getLogger("etha.gateway.registry")
 
 _PUT = 0
+#: Pause before reading the registry again after a failure: doubles from the first
+#: value up to the second (a quick first retry keeps requests from waiting on it).
+_RETRY_FIRST = 0.05
 _RETRY = 1.0
 #: Seconds between the reads that keep the gateway's etcd token fresh.
 _KEEPALIVE = 5.0
@@ -90,6 +99,8 @@ class Registry:
         self._tenants: dict[str, Tenant] = {}
         self._revoked: dict[str, asyncio.Event] = {}
         self._loaded = asyncio.Event()
+        #: set while the records in memory follow etcd (read, then watched without a break)
+        self._current = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._on_change = on_change
@@ -100,6 +111,21 @@ class Registry:
     def ready(self) -> bool:
         """True once the registry was read (the gateway may then answer log-ins)."""
         return self._loaded.is_set()
+
+    @property
+    def current(self) -> bool:
+        """True while the records follow etcd: read completely and watched since."""
+        return self._current.is_set()
+
+    async def wait_current(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for :attr:`current`; returns whether it is."""
+        if self._current.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._current.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def __len__(self) -> int:
         return len(self._tenants)
@@ -219,12 +245,15 @@ class Registry:
             self._set(username, tenant)
         self._changed()
         self._loaded.set()
+        self._current.set()
         return int(response.header.revision)
 
     async def _run(self) -> None:
+        delay = _RETRY_FIRST
         while True:
             try:
                 revision = await self._load()
+                delay = _RETRY_FIRST
                 await self._watch(revision + 1)
             except asyncio.CancelledError:
                 raise
@@ -236,7 +265,10 @@ class Registry:
                 )
             except Exception:
                 log.exception("tenant registry: unexpected error; reading it again")
-            await asyncio.sleep(_RETRY)
+            # Changes since the break are unknown until the next complete read.
+            self._current.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RETRY)
 
     async def _watch(self, start_revision: int) -> None:
         """Apply the watch's events until it ends (compaction, a broken stream)."""

@@ -57,6 +57,12 @@ PERMISSION_DENIED = confine.PERMISSION_DENIED_MESSAGE
 #: What etcd puts in ``cancel_reason`` when it refuses a watch for permissions.
 WATCH_PERMISSION_DENIED = "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
 NOT_READY = "etha gateway: the tenant registry is not loaded yet; retry shortly"
+RELOADING = (
+    "etha gateway: the tenant registry is being read again after a break in its etcd"
+    " watch; retry shortly"
+)
+#: How long a request waits for the registry to be current again before UNAVAILABLE.
+REGISTRY_WAIT = 2.0
 
 _SERVER_OPTIONS: list[tuple[str, Any]] = [
     # etha's client pings every 10 s, even without calls (to find hung members); grpc's
@@ -153,8 +159,22 @@ class GatewayContext:
             raise Refusal(grpc.StatusCode.UNAUTHENTICATED, INVALID_TOKEN, "token_revoked")
         return tenant
 
+    async def current_registry(self) -> None:
+        """Return once the registry follows etcd again (see :attr:`Registry.current`).
+
+        A record deleted while this replica was cut off from etcd is known only after
+        the registry's next complete read: no tenant is served from older records.
+
+        :raises Refusal: UNAVAILABLE when the registry is not current within
+            :data:`REGISTRY_WAIT` (clients retry, or fail over to another replica)
+        """
+        if not self.registry.current and not await self.registry.wait_current(REGISTRY_WAIT):
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, RELOADING, "registry_reloading")
+
     async def tenant(self, context: grpc.aio.ServicerContext[Any, Any]) -> Tenant:
-        """The caller's tenant from its ``token`` metadata (see :meth:`tenant_for_token`)."""
+        """The caller's tenant from its ``token`` metadata (see :meth:`tenant_for_token`),
+        once the registry is current (:meth:`current_registry`)."""
+        await self.current_registry()
         token = None
         for key, value in context.invocation_metadata() or ():
             if key == "token":
@@ -603,6 +623,7 @@ class AuthServicer(etcdrpc.AuthServicer):  # type: ignore[misc]
             if not ctx.registry.ready:
                 ctx.metrics.logins.labels("not_ready").inc()
                 raise Refusal(grpc.StatusCode.UNAVAILABLE, NOT_READY)
+            await ctx.current_registry()
             if not request.name:
                 ctx.metrics.logins.labels("failed").inc()
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, USER_NAME_EMPTY, "no_user")
