@@ -23,8 +23,8 @@ from etha.kvstore.errors import (
 )
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from etha.kvstore.etcd_watch import DELETE, PUT, WatchCompacted
-from etha.kvstore.etcdv3.transport import _never_sent
 from etha.kvstore.etcdv3.transport import is_conditional as _is_conditional
+from etha.kvstore.etcdv3.transport import never_sent
 from tests.support.etcd_server import ROOT_USER, EtcdCluster, etcd_cluster
 from tests.support.etcd_users import grant_prefix_user, root_client
 from tests.support.ports import free_port
@@ -532,7 +532,7 @@ def test_conditional_txn_is_re_sent_only_when_it_never_reached_a_server(
     assert _is_conditional("KV", "Txn", cas)
     assert not _is_conditional("KV", "Txn", etcdrpc.TxnRequest())
     # etcd's answer after a leader failure: the txn may have been applied, never re-send.
-    assert not _never_sent("etcdserver: request timed out, possibly due to previous leader failure")
+    assert not never_sent("etcdserver: request timed out, possibly due to previous leader failure")
     # A dead first endpoint: the request never left, so it goes to the next one.
     dead = f"127.0.0.1:{free_port()}"
     with EtcdClient([dead, *etcd_plain.endpoints], timeout=10) as client:

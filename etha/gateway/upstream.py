@@ -26,33 +26,17 @@ from pyetcd import etcdrpc
 
 from etha.kvstore.config import Endpoint
 from etha.kvstore.errors import ConfigurationError
-from etha.kvstore.etcdv3.transport import deadline_passed
+from etha.kvstore.etcdv3.transport import (
+    CHANNEL_OPTIONS,
+    STUBS,
+    deadline_passed,
+    is_token_error,
+    never_sent,
+)
 
 log = logging.getLogger("etha.gateway.upstream")
 
-_STUBS: dict[str, Any] = {
-    "KV": etcdrpc.KVStub,
-    "Lease": etcdrpc.LeaseStub,
-    "Cluster": etcdrpc.ClusterStub,
-    "Maintenance": etcdrpc.MaintenanceStub,
-    "Auth": etcdrpc.AuthStub,
-    "Watch": etcdrpc.WatchStub,
-}
 
-_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    # A hung member under long-lived watch streams; etcd rejects pings more often than 5 s.
-    ("grpc.keepalive_time_ms", 10000),
-    ("grpc.keepalive_timeout_ms", 5000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.max_send_message_length", -1),
-]
-
-_TOKEN_ERRORS = ("invalid auth token", "user name is empty", "revision of auth store is old")
 _AUTH_DISABLED = "authentication is not enabled"
 _RETRYABLE = frozenset({
     ("KV", "Range"), ("KV", "Put"), ("KV", "DeleteRange"),
@@ -60,13 +44,6 @@ _RETRYABLE = frozenset({
 })  # fmt: skip
 _ATTEMPT_SHARE = 1 / 3
 _MIN_ATTEMPT = 1.0
-
-
-def is_token_error(code: grpc.StatusCode | None, details: str) -> bool:
-    """True when etcd refused a call for its token (expired, unknown), not for a password."""
-    if code is grpc.StatusCode.UNAUTHENTICATED:
-        return "authentication failed" not in details
-    return any(t in details for t in _TOKEN_ERRORS)
 
 
 def is_conditional(service: str, method: str, request: Any) -> bool:
@@ -78,11 +55,6 @@ def _retryable(service: str, method: str, request: Any) -> bool:
     if service == "KV" and method == "Txn":
         return not is_conditional(service, method, request)
     return (service, method) in _RETRYABLE
-
-
-def _never_sent(details: str) -> bool:
-    lowered = details.lower()
-    return "failed to connect" in lowered or "connection refused" in lowered
 
 
 class Upstream:
@@ -137,12 +109,12 @@ class Upstream:
                 target = str(self.endpoints[index])
                 if self._credentials is not None:
                     channel = grpc.aio.secure_channel(
-                        target, self._credentials, options=_CHANNEL_OPTIONS
+                        target, self._credentials, options=CHANNEL_OPTIONS
                     )
                 else:
-                    channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+                    channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
                 self._channels[index] = channel
-            stub = self._stubs[(index, service)] = _STUBS[service](channel)
+            stub = self._stubs[(index, service)] = STUBS[service](channel)
         return stub
 
     def _failover(self, failed: int) -> int:
@@ -264,7 +236,7 @@ class Upstream:
                 code, details = exc.code(), exc.details() or ""
                 out_of_time = deadline - time.monotonic() <= 0
                 if code is grpc.StatusCode.UNAVAILABLE:
-                    if is_conditional(service, method, request) and not _never_sent(details):
+                    if is_conditional(service, method, request) and not never_sent(details):
                         self._failover(index)
                         raise
                     if out_of_time:

@@ -33,7 +33,8 @@ from etha.kvstore.errors import (
     UnavailableError,
 )
 
-_STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
+#: The etcd services' generated stubs, by service name (the gateway's upstream uses them too).
+STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
     "KV": etcdrpc.KVStub,
     "Lease": etcdrpc.LeaseStub,
     "Cluster": etcdrpc.ClusterStub,
@@ -45,7 +46,8 @@ _STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
 #: answers it UNIMPLEMENTED.
 UNARY_SERVICES = frozenset({"KV", "Lease", "Cluster", "Maintenance", "Auth", "Coordination"})
 
-_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+#: Channel options for etcd members (the gateway's upstream uses them too).
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # A restarted member must be found again within a wait's timeout; grpc's default
     # reconnect backoff grows to 120 s.
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -98,7 +100,7 @@ class Connection:
     def stub(self, service: str) -> Any:
         stub = self.stubs.get(service)
         if stub is None:
-            stub = self.stubs[service] = _STUBS[service](self.channel)
+            stub = self.stubs[service] = STUBS[service](self.channel)
         return stub
 
     def method(self, service: str, name: str) -> Any:
@@ -187,7 +189,7 @@ def _retryable(service: str, method: str, request: Any) -> bool:
     return (service, method) in _RETRYABLE
 
 
-def _never_sent(details: str) -> bool:
+def never_sent(details: str) -> bool:
     """True when an UNAVAILABLE error says the request never reached a server."""
     lowered = details.lower()
     return "failed to connect" in lowered or "connection refused" in lowered
@@ -317,9 +319,9 @@ class Transport:
             endpoint = self._endpoints[index]
             target = str(endpoint)
             if self._credentials is not None:
-                channel = grpc.secure_channel(target, self._credentials, _CHANNEL_OPTIONS)
+                channel = grpc.secure_channel(target, self._credentials, CHANNEL_OPTIONS)
             else:
-                channel = grpc.insecure_channel(target, _CHANNEL_OPTIONS)
+                channel = grpc.insecure_channel(target, CHANNEL_OPTIONS)
             conn = self._connections[index] = Connection(index, endpoint, channel)
         return conn
 
@@ -418,7 +420,7 @@ class Transport:
                 code: grpc.StatusCode = exc.code()
                 details: str = exc.details() or ""
                 if code is grpc.StatusCode.UNAVAILABLE:
-                    if is_conditional(service, method, request) and not _never_sent(details):
+                    if is_conditional(service, method, request) and not never_sent(details):
                         # The request may have been applied ("request timed out, possibly
                         # due to previous leader failure"): re-sending a CAS would apply
                         # it twice (an add counted twice), so the caller must re-read.
@@ -444,7 +446,7 @@ class Transport:
                     error = self._deadline_error(service, method, total, unavailable)
                     error.code, error.details = code.name, details
                     raise error from None
-                if may_relogin and self._password is not None and _is_token_error(code, details):
+                if may_relogin and self._password is not None and is_token_error(code, details):
                     md = self.relogin(md, max(deadline - time.monotonic(), 0.001))
                     may_relogin = False
                     continue
@@ -485,18 +487,23 @@ class _AuthDisabled(Exception):
     """Authenticate was refused because the server has auth disabled."""
 
 
-def _is_token_error(code: grpc.StatusCode, details: str) -> bool:
+def is_token_error(code: grpc.StatusCode | None, details: str) -> bool:
+    """True when etcd refused a call for its token (expired, unknown), not a password."""
     if code is grpc.StatusCode.UNAUTHENTICATED:
         return "authentication failed" not in details
     return any(t in details for t in _TOKEN_ERRORS)
 
 
 __all__ = [
+    "CHANNEL_OPTIONS",
+    "STUBS",
     "UNARY_SERVICES",
     "Connection",
     "Transport",
     "deadline_passed",
     "is_conditional",
+    "is_token_error",
+    "never_sent",
     "normalize_endpoints",
     "prefix_range_end",
 ]
