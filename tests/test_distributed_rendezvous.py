@@ -18,10 +18,12 @@ import torch.distributed as dist
 import etha.distributed
 from etha.distributed.rendezvous import RendezvousSpec, parse_url
 from etha.distributed.store import EthaStore
-from etha.kvstore.config import EtcdConfig
+from etha.kvstore.config import EtcdConfig, parse_endpoints
 from etha.kvstore.errors import ConfigurationError
-from tests.support.etcd_server import EtcdCluster
+from etha.kvstore.etcd_client import EtcdClient
+from tests.support.etcd_server import ROOT_USER, EtcdCluster
 from tests.support.etcd_users import all_keys, namespace_config, read_key
+from tests.support.gateway import GatewayProcess, register_tenant
 from tests.support.workers import child_env, procs, tail
 
 pytestmark = pytest.mark.timeout(150)
@@ -152,9 +154,30 @@ dist.destroy_process_group()
 """
 
 
+@pytest.fixture(scope="module")
+def ns_gateway(
+    etcd_auth: EtcdCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EtcdConfig]:
+    """A tenant behind a real etha gateway: the workers reach etcd only through it."""
+    with EtcdClient(
+        etcd_auth.endpoints, username=ROOT_USER, password=etcd_auth.root_password
+    ) as root:
+        username, secret, prefix = register_tenant(root)
+    with GatewayProcess(
+        etcd_auth.endpoints,
+        tmp_path_factory.mktemp("gateway"),
+        username=ROOT_USER,
+        password=etcd_auth.root_password,
+    ) as gateway:
+        endpoints, _ = parse_endpoints(gateway.endpoint)
+        yield EtcdConfig(namespace=prefix, endpoints=endpoints, username=username, password=secret)
+
+
+@pytest.mark.parametrize("path", ["etcd", "gateway"])
 def test_four_processes_all_reduce_and_barrier(
-    etcd_auth: EtcdCluster, ns_a: EtcdConfig, tmp_path: Path
+    etcd_auth: EtcdCluster, path: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    ns_a: EtcdConfig = request.getfixturevalue("ns_a" if path == "etcd" else "ns_gateway")
     script = tmp_path / "gloo_worker.py"
     script.write_text(GLOO_WORKER)
     run = f"run-{uuid.uuid4().hex[:8]}"
