@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 N ?= 8
 
-.PHONY: install lint fmt typecheck test test-fast demo bench bench-quick bench-scale chaos clean e2e-kind
+.PHONY: install lint fmt typecheck test test-fast demo bench bench-quick bench-scale chaos clean e2e-kind crds
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ test: lint typecheck
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -x -q -m "not slow" $(PYTEST_ARGS)
+
+## The chart's CRD is generated: crds/kvnamespace.yaml is the one source; this writes its
+## copy into the chart (a file, not a link: helm packaging and the Docker build context
+## would not follow a link). tests/test_chart.py fails when the copy is out of date.
+CRD_SOURCE := crds/kvnamespace.yaml
+CRD_CHART := charts/etha-operator/files/crds/kvnamespace.yaml
+crds:
+	{ printf '# Generated from %s by `make crds`: edit that file, then run `make crds`.\n' '$(CRD_SOURCE)'; \
+	  cat '$(CRD_SOURCE)'; } > '$(CRD_CHART).tmp'
+	mv '$(CRD_CHART).tmp' '$(CRD_CHART)'
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis bench/out .demo
