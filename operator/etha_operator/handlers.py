@@ -103,7 +103,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorSettings) -> None:
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # Explicit, so the in-cluster service account always wins over a stray kubeconfig.
         info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs)
-        return info or kopf.login_with_kubeconfig(**kwargs)  # type: ignore[no-any-return]
+        return info or kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.on.startup(id="startup", registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
