@@ -67,7 +67,7 @@ def _backend_error(action: str, exc: KVStoreError) -> RendezvousError:
     return RendezvousConnectionError(f"etha rendezvous: {action} failed: {exc}")
 
 
-class EthaRendezvousBackend(RendezvousBackend):  # type: ignore[misc]
+class EthaRendezvousBackend(RendezvousBackend):
     """The dynamic rendezvous state in one etcd key, updated by compare-and-swap.
 
     The fencing token is the key's ``mod_revision`` (an int).
@@ -179,7 +179,7 @@ def create_backend(params: RendezvousParameters) -> tuple[EthaRendezvousBackend,
     return EthaRendezvousBackend(store.client, key, timeout=read_timeout), store
 
 
-class EthaRendezvousHandler(DynamicRendezvousHandler):  # type: ignore[misc]
+class EthaRendezvousHandler(DynamicRendezvousHandler):
     """torch's dynamic rendezvous, fixed for rounds after the first.
 
     With the agent-hosted TCPStore (torch's default), torch 2.13 caches the store
