@@ -34,21 +34,21 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from bench.common import (
+    EtcdCounters,
     Figure,
     WorkerError,
     Workers,
     add_etcd_user,
-    counter_delta,
-    etcd_counters,
     etcd_server,
     figure,
     log,
     percentile,
+    queue_items,
     run_threads,
     sleep_until,
     summarize,
@@ -75,17 +75,12 @@ class RawEtcd:
             self.requests: queue.Queue[Any] = queue.Queue()
             self.pending: queue.Queue[queue.Queue[Any]] = queue.Queue()
             self.watchers: dict[int, queue.Queue[Any]] = {}
-            self.responses = etcdrpc.WatchStub(channel).Watch(self._iter(), metadata=metadata)
+            self.responses = etcdrpc.WatchStub(channel).Watch(
+                queue_items(self.requests), metadata=metadata
+            )
             self.create_lock = threading.Lock()
             self.thread = threading.Thread(target=self._read, daemon=True)
             self.thread.start()
-
-        def _iter(self) -> Iterator[Any]:
-            while True:
-                req = self.requests.get()
-                if req is None:
-                    return
-                yield req
 
         def _read(self) -> None:
             try:
@@ -422,13 +417,13 @@ def barrier_rounds(
     totals: list[float] = []
     skews: list[float] = []
     releases: list[float] = []
-    before: dict[str, float] = {}
+    counters: EtcdCounters | None = None
     cpu_clients = cpu_server = 0.0
     try:
         for r in range(rounds + 1):
             if r == 1:
                 if is_etcd:
-                    before = etcd_counters(url)
+                    counters = EtcdCounters(url)
                 cpu_clients = -sum(workers.call(w_cpu, (), indices=active))
                 cpu_server = -_server_cpu(servers, kind)
             round_id = next(_round_counter)
@@ -447,8 +442,8 @@ def barrier_rounds(
             cpu_server += _server_cpu(servers, kind)
             cpu_clients += sum(workers.call(w_cpu, (), indices=active))
         per_rank: dict[str, float] = {}
-        if is_etcd and rounds:
-            delta = counter_delta(before, etcd_counters(url))
+        if counters is not None:
+            delta = counters.delta()
             per_rank = {k: round(v / (rounds * n), 2) for k, v in sorted(delta.items())}
     finally:
         workers.call(w_close, (), indices=active)

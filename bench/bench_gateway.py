@@ -61,13 +61,11 @@ from typing import Any
 
 from bench.common import (
     LATEST,
+    EtcdCounters,
     Figure,
     WorkerError,
     Workers,
-    add_etcd_user,
-    counter_delta,
-    etcd_counters,
-    etcd_server,
+    etcd_with_user,
     figure,
     fmt,
     log,
@@ -231,12 +229,11 @@ def deployment(workdir: Path) -> Iterator[tuple[Any, dict[str, Side]]]:
     Yields ``(cluster, sides)``; ``sides`` lacks ``gateway`` when the gateway is not
     available in this tree (then only the direct baseline is measured).
     """
-    with etcd_server(auth=True) as cluster:
+    direct_ns = f"bench-gw-direct-{uuid.uuid4().hex[:8]}"
+    user, password = f"u-{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
+    with etcd_with_user(user, password, f"{direct_ns}/") as cluster:
         etcd_proc = cluster.nodes[0].process
         assert etcd_proc is not None
-        direct_ns = f"bench-gw-direct-{uuid.uuid4().hex[:8]}"
-        user, password = f"u-{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
-        add_etcd_user(cluster, user, password, f"{direct_ns}/")
         sides = {
             "direct": Side(
                 "direct",
@@ -547,13 +544,13 @@ def bench_cpu(sides: dict[str, Side], etcd_url: str, quick: bool) -> dict[str, F
                         if what == "get"
                         else (lambda s=store: s.set("cpu/k", value))
                     )
-                    counters0 = etcd_counters(etcd_url)
+                    counters = EtcdCounters(etcd_url)
                     front0, etcd0 = proc_cpu(side.pid), proc_cpu(side.etcd_pid)
                     for _ in range(calls):
                         fn()
                     samples[name]["front"].append((proc_cpu(side.pid) - front0) / calls)
                     samples[name]["etcd"].append((proc_cpu(side.etcd_pid) - etcd0) / calls)
-                    for key, n in counter_delta(counters0, etcd_counters(etcd_url)).items():
+                    for key, n in counters.delta().items():
                         total = etcd_calls[name].get(key, 0.0) + n / (calls * reps)
                         etcd_calls[name][key] = total
             rounded = {
@@ -675,7 +672,7 @@ def bench_barrier(
                 side = sides[name]
                 c0 = sum(workers.call(w_cpu, (), indices=ranks))
                 f0, e0 = proc_cpu(side.pid), proc_cpu(side.etcd_pid)
-                counters0 = etcd_counters(etcd_url)
+                counters = EtcdCounters(etcd_url)
                 go = time.perf_counter() + 0.05 + 0.003 * n
                 try:
                     res = workers.call(
@@ -695,7 +692,7 @@ def bench_barrier(
                 cpu[name]["clients"] += sum(workers.call(w_cpu, (), indices=ranks)) - c0
                 cpu[name]["front"] += proc_cpu(side.pid) - f0
                 cpu[name]["etcd"] += proc_cpu(side.etcd_pid) - e0
-                for key, v in counter_delta(counters0, etcd_counters(etcd_url)).items():
+                for key, v in counters.delta().items():
                     etcd_calls[name][key] = etcd_calls[name].get(key, 0.0) + v
                 totals[name].append(total)
                 skews[name].append(max(t_set for t_set, _ in res) - go)

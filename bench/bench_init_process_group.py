@@ -27,24 +27,13 @@ Round 0 is a warm-up; the order of the kinds rotates every round.
 from __future__ import annotations
 
 import gc
-import json
 import os
-import sys
 import time
 import uuid
 from datetime import timedelta
 from typing import Any
 
-from bench.common import (
-    OUT_DIR,
-    Figure,
-    Workers,
-    add_etcd_user,
-    etcd_server,
-    figure,
-    log,
-    sleep_until,
-)
+from bench.common import Figure, Workers, etcd_with_user, figure, log, module_main, sleep_until
 
 NAMESPACE = "bench-init"
 USER, PASSWORD = "bench-init", "bench-init-password"
@@ -121,8 +110,7 @@ def run(quick: bool = False) -> dict[str, Figure]:
     worlds = (8,) if quick else (8, 32)
     runs = 1 if quick else 5
     samples: dict[tuple[str, int], list[float]] = {}
-    with etcd_server(auth=True) as cluster:
-        add_etcd_user(cluster, USER, PASSWORD, f"{NAMESPACE}/")
+    with etcd_with_user(USER, PASSWORD, f"{NAMESPACE}/") as cluster:
         env = _env(cluster)
         for world in worlds:
             with Workers(world) as workers:
@@ -159,13 +147,7 @@ def run(quick: bool = False) -> dict[str, Figure]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    figures = run(quick="--quick" in args)
-    text = json.dumps(figures, indent=2, sort_keys=True)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "init_process_group.json").write_text(text + "\n")
-    print(text)
-    return 0
+    return module_main(run, "init_process_group", argv)
 
 
 if __name__ == "__main__":

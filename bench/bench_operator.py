@@ -34,7 +34,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import Figure, counter_delta, etcd_counters, etcd_server, figure, log
+from bench.common import EtcdCounters, Figure, etcd_server, figure, log
+from tests.operator.helpers import job
 
 GROUP_VERSION = "etha.io/v1alpha1"
 PLURAL = "kvnamespaces"
@@ -165,23 +166,6 @@ def running_operator(
         yield op
 
 
-def _job(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": name, "namespace": NS, "labels": {"app": "bench"}},
-        "spec": {
-            "template": {
-                "metadata": {"labels": {"etha.io/kvnamespace": name}},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [{"name": "main", "image": "busybox"}],
-                },
-            }
-        },
-    }
-
-
 def _kvns(name: str) -> dict[str, Any]:
     return {
         "apiVersion": GROUP_VERSION,
@@ -211,7 +195,7 @@ def _wait_phase(kube: Any, name: str, phases: set[str], timeout: float) -> dict[
 
 
 def _create_ready(kube: Any, name: str, timeout: float = 60.0) -> tuple[float, dict[str, Any]]:
-    kube.create("batch/v1", "jobs", _job(name), NS)
+    kube.create("batch/v1", "jobs", job(name), NS)
     t0 = time.perf_counter()
     kube.create(GROUP_VERSION, PLURAL, _kvns(name), NS)
     status = _wait_phase(kube, name, {"Ready"}, timeout)
@@ -419,11 +403,11 @@ def _storm(
     log(f"#9 {n_storm} KVNamespaces at once{tag}")
     stem = f"storm{tag.replace('@', '-')}-"
     rss_start = op.memory().get("VmRSS", 0) / 1024
-    counters_before = etcd_counters(cluster.urls[0])
+    counters = EtcdCounters(cluster.urls[0])
     cpu_before = _cpu_seconds(op.proc.pid), time.process_time()
     names = [f"{stem}{i}" for i in range(n_storm)]
     for name in names:
-        kube.create("batch/v1", "jobs", _job(name), NS)
+        kube.create("batch/v1", "jobs", job(name), NS)
     t0 = time.perf_counter()
     for name in names:
         kube.create(GROUP_VERSION, PLURAL, _kvns(name), NS)
@@ -450,7 +434,7 @@ def _storm(
     emulator_cpu = time.process_time() - cpu_before[1]
     load = os.getloadavg()[0]
     mem = op.memory()
-    delta = counter_delta(counters_before, etcd_counters(cluster.urls[0]))
+    delta = counters.delta()
     per_object = {k: round(v / n_storm, 1) for k, v in sorted(delta.items()) if v}
     log(
         f"#9{tag}: {n_ready}/{n_storm} Ready after {all_ready:.1f} s (load {load:.1f});"

@@ -19,14 +19,12 @@ standalone: ``python -m bench.bench_torch_store [--quick]`` prints the JSON and 
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from bench.common import OUT_DIR, Figure, add_etcd_user, etcd_server, figure, log
+from bench.common import Figure, etcd_with_user, figure, log, module_main
 
 NAMESPACE = "bench-torch-store"
 USER, PASSWORD = "bench-torch-store", "bench-torch-store-password"
@@ -72,8 +70,7 @@ def run(quick: bool = False) -> dict[str, Figure]:
         wait_for_workers=False,
         use_libuv=False,
     )
-    with etcd_server(auth=True) as cluster:
-        add_etcd_user(cluster, USER, PASSWORD, f"{NAMESPACE}/")
+    with etcd_with_user(USER, PASSWORD, f"{NAMESPACE}/") as cluster:
         endpoints, _ = parse_endpoints(",".join(cluster.urls))
         config = EtcdConfig(
             namespace=NAMESPACE, endpoints=endpoints, username=USER, password=PASSWORD
@@ -116,13 +113,7 @@ def run(quick: bool = False) -> dict[str, Figure]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    figures = run(quick="--quick" in args)
-    text = json.dumps(figures, indent=2, sort_keys=True)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "torch_store.json").write_text(text + "\n")
-    print(text)
-    return 0
+    return module_main(run, "torch_store", argv)
 
 
 if __name__ == "__main__":

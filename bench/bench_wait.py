@@ -18,17 +18,16 @@ from __future__ import annotations
 import queue
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 from bench.common import (
     Figure,
     Workers,
-    add_etcd_user,
-    etcd_server,
+    etcd_with_user,
     figure,
     log,
+    queue_items,
     summarize,
     tcpstore_server,
 )
@@ -56,15 +55,8 @@ class RawEtcdWaiter:
         self.kv = etcdrpc.KVStub(self.channel)
         self.requests: queue.Queue[Any] = queue.Queue()
         self.responses = etcdrpc.WatchStub(self.channel).Watch(
-            self._iter_requests(), metadata=self.metadata
+            queue_items(self.requests), metadata=self.metadata
         )
-
-    def _iter_requests(self) -> Iterator[Any]:
-        while True:
-            req = self.requests.get()
-            if req is None:
-                return
-            yield req
 
     def wait_for_key(self, key: bytes) -> bytes:
         rpc = self.rpc
@@ -228,11 +220,10 @@ def run(quick: bool) -> dict[str, Figure]:
     figures: dict[str, Figure] = {}
     namespace = f"bench-wait-{uuid.uuid4().hex[:8]}"
     with (
-        etcd_server(auth=True) as cluster,
+        etcd_with_user(USER, PASSWORD, f"{namespace}/") as cluster,
         tcpstore_server() as (host, port, _server),
         Workers(1) as workers,
     ):
-        add_etcd_user(cluster, USER, PASSWORD, f"{namespace}/")
         info = {
             "host": host,
             "port": port,

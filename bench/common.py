@@ -22,6 +22,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import platform
+import queue
 import re
 import subprocess
 import sys
@@ -255,6 +256,16 @@ def add_etcd_user(cluster: Any, user: str, password: str, prefix: str) -> None:
 
 
 @contextlib.contextmanager
+def etcd_with_user(
+    user: str, password: str, prefix: str, *, extra_args: Sequence[str] = ()
+) -> Iterator[Any]:
+    """:func:`etcd_server` with auth, where ``user`` may read and write under ``prefix``."""
+    with etcd_server(auth=True, extra_args=extra_args) as cluster:
+        add_etcd_user(cluster, user, password, prefix)
+        yield cluster
+
+
+@contextlib.contextmanager
 def tcpstore_server(timeout: float = 120.0) -> Iterator[tuple[str, int, Any]]:
     """A torch TCPStore server in this process on a free port: (host, port, store)."""
     from torch.distributed import TCPStore  # type: ignore[attr-defined]
@@ -315,8 +326,17 @@ def etcd_counters(url: str) -> dict[str, float]:
     return out
 
 
-def counter_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
-    return {k: after[k] - before.get(k, 0.0) for k in after if after[k] - before.get(k, 0.0)}
+class EtcdCounters:
+    """etcd's counters (:func:`etcd_counters`) read now; :meth:`delta` is what changed since."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.start = etcd_counters(url)
+
+    def delta(self) -> dict[str, float]:
+        """The counters that moved since this object was made, by how much."""
+        now = etcd_counters(self.url)
+        return {k: now[k] - self.start.get(k, 0.0) for k in now if now[k] - self.start.get(k, 0.0)}
 
 
 # -- worker processes -------------------------------------------------------------------------
@@ -486,6 +506,15 @@ def run_threads(fns: Sequence[Callable[[], Any]]) -> list[Any]:
     return results
 
 
+def queue_items(items: queue.Queue[Any]) -> Iterator[Any]:
+    """The items put on ``items`` until a None: a request iterator for a gRPC stream."""
+    while True:
+        item = items.get()
+        if item is None:
+            return
+        yield item
+
+
 # -- output -----------------------------------------------------------------------------------
 
 
@@ -538,6 +567,18 @@ def table(figures: Mapping[str, Figure]) -> str:
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def module_main(run: Callable[..., Mapping[str, Figure]], name: str, argv: list[str] | None) -> int:
+    """``python -m bench.<module> [--quick]``: ``run(quick=...)``, its figures printed as
+    JSON and kept in ``bench/out/<name>.json``."""
+    args = sys.argv[1:] if argv is None else argv
+    figures = run(quick="--quick" in args)
+    text = json.dumps(figures, indent=2, sort_keys=True)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / f"{name}.json").write_text(text + "\n")
+    print(text)
+    return 0
 
 
 def write_json(result: Mapping[str, Any], path: Path = LATEST) -> Path:

@@ -32,18 +32,14 @@ def _identity(data: bytes) -> bytes:
 
 
 class _Forward(grpc.GenericRpcHandler):
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    """Every unary method, forwarded as raw bytes with the caller's ``token``; ``forward``
+    builds the server-side behaviour around the upstream multicallable."""
+
+    def __init__(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
         self.channel = channel
         self.methods: dict[str, Any] = {}
 
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method = details.method
-        upstream = self.methods.get(method)
-        if upstream is None:
-            upstream = self.methods[method] = self.channel.unary_unary(
-                method, request_serializer=_identity, response_deserializer=_identity
-            )
-
+    def forward(self, upstream: Any) -> Any:
         async def forward(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             metadata = [(k, v) for k, v in context.invocation_metadata() or () if k == "token"]
             try:
@@ -55,26 +51,7 @@ class _Forward(grpc.GenericRpcHandler):
                 raise
             return response
 
-        return grpc.unary_unary_rpc_method_handler(
-            forward, request_deserializer=_identity, response_serializer=_identity
-        )
-
-
-#: The gateway's keepalive policy: etha's clients ping every 10 s even when idle, which
-#: grpc's default policy answers with GOAWAY "too_many_pings".
-SERVER_OPTIONS = [
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-]
-
-
-class _ForwardSync(grpc.GenericRpcHandler):
-    def __init__(self, channel: grpc.Channel) -> None:
-        self.channel = channel
-        self.methods: dict[str, Any] = {}
+        return forward
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = details.method
@@ -83,7 +60,15 @@ class _ForwardSync(grpc.GenericRpcHandler):
             upstream = self.methods[method] = self.channel.unary_unary(
                 method, request_serializer=_identity, response_deserializer=_identity
             )
+        return grpc.unary_unary_rpc_method_handler(
+            self.forward(upstream), request_deserializer=_identity, response_serializer=_identity
+        )
 
+
+class _ForwardSync(_Forward):
+    """The same with blocking calls, for grpc's thread-pool server."""
+
+    def forward(self, upstream: Any) -> Any:
         def forward(request: bytes, context: grpc.ServicerContext) -> bytes:
             metadata = [(k, v) for k, v in context.invocation_metadata() if k == "token"]
             try:
@@ -95,9 +80,18 @@ class _ForwardSync(grpc.GenericRpcHandler):
                 raise
             return response
 
-        return grpc.unary_unary_rpc_method_handler(
-            forward, request_deserializer=_identity, response_serializer=_identity
-        )
+        return forward
+
+
+#: The gateway's keepalive policy: etha's clients ping every 10 s even when idle, which
+#: grpc's default policy answers with GOAWAY "too_many_pings".
+SERVER_OPTIONS = [
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+]
 
 
 def serve_sync(listen: str, upstream: str) -> None:

@@ -12,7 +12,7 @@ import argparse
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +84,147 @@ def _ns(figs: dict[str, Fig], prefix: str) -> list[int]:
     return sorted(out)
 
 
+def _section(title: str, columns: str, rows: Iterable[list[str]]) -> list[str]:
+    """A ``###`` heading, its table (``columns``: the header cells joined by `` | ``) and
+    a blank line."""
+    return [f"### {title}", "", _table(columns.split(" | "), rows), ""]
+
+
+def _per_rank(fig: Fig) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in (fig.get("per_rank") or {}).items()) or "-"
+
+
+def _barriers(
+    figs: dict[str, Fig], prefix: str, kinds: Iterable[str]
+) -> Iterator[tuple[str, str, Fig, Fig | None]]:
+    """``(N, kind, figure, its connect figure)`` for each barrier figure under ``prefix``."""
+    for n in _ns(figs, prefix):
+        for kind in kinds:
+            fig = figs.get(f"{prefix}.{kind}.N{n}")
+            if fig:
+                yield str(n), kind, fig, figs.get(f"{prefix}.{kind}.N{n}.connect")
+
+
+def _op_rows(figs: dict[str, Fig]) -> Iterator[list[str]]:
+    ops = (("set", "put"), ("get", "range"), ("set_bytes", "put"), ("get_bytes", "range"))
+    for size in ("100B", "64KiB"):
+        for op, raw in ops:
+            e = figs.get(f"1.etcd.etha.{op}.{size}")
+            r = figs.get(f"1.etcd.raw-grpc.{raw}.{size}")
+            p = figs.get(f"1.etcd.pyetcd.{'put' if raw == 'put' else 'get'}.{size}")
+            rr = (e or {}).get("ratio_rounds") or {}
+            spread = f" ({rr['min']:.2f}-{rr['max']:.2f})" if rr else ""
+            p50 = [_r(r, "p50"), _r(p, "p50"), _r(e, "p50"), _ratio(e, "ratio_p50") + spread]
+            p99 = [_r(r, "p99"), _r(e, "p99"), _ratio(e, "ratio_p99")]
+            yield [f"`{op}` {size}", *p50, *p99, _met(e)]
+
+
+def _tcpstore_rows(figs: dict[str, Fig]) -> Iterator[list[str]]:
+    for size in ("100B", "64KiB"):
+        r = figs.get(f"2.tcpstore.raw.set+get.{size}")
+        e = figs.get(f"2.tcpstore.etha.set+get.{size}")
+        b = figs.get(f"2.tcpstore.etha.set_bytes+get_bytes.{size}")
+        etha = [_r(e, "p50"), _ratio(e, "ratio_p50"), _r(r, "p99"), _r(e, "p99")]
+        yield [size, _r(r, "p50"), *etha, _r(b, "p50"), _ratio(b, "ratio_p50"), _met(e)]
+
+
+def _wake_rows(figs: dict[str, Fig]) -> Iterator[list[str]]:
+    for name, f in figs.items():
+        if name.startswith("3.raw-etcd-put."):
+            kind, mode = "raw-etcd Put alone", name.split(".", 2)[2]
+        elif name.startswith("3.wake."):
+            _, _, kind, mode = name.split(".", 3)
+        else:
+            continue
+        stats = [_r(f, stat) for stat in ("p50", "p99", "min", "max")]
+        setter = _r(f.get("set_call_ms"), "p50")
+        yield [kind, f"`{mode}`", str(f["runs"]), *stats, setter, _ratio(f), _met(f)]
+
+
+def _barrier_rows(figs: dict[str, Fig]) -> Iterator[list[str]]:
+    kinds = ("raw-tcpstore", "etha-tcpstore", "etha-etcd", "raw-etcd")
+    for n, kind, f, c in _barriers(figs, "4.barrier", kinds):
+        connect = [_r(c), _r(c, "max")]
+        yield [
+            n,
+            kind,
+            _spread(f),
+            _ratio(f),
+            _met(f),
+            _r(f.get("skew_ms")),
+            *connect,
+            _per_rank(f),
+        ]
+
+
+def _scaling_rows(figs: dict[str, Fig]) -> Iterator[list[str]]:
+    kinds = ("raw-tcpstore", "etha-tcpstore", "etha-etcd", "raw-etcd", "etha-etcd-view")
+    for n, kind, f, c in _barriers(figs, "5.scaling", kinds):
+        barrier = [_spread(f), _ratio(f), _met(f)]
+        yield [n, kind, f.get("layout", ""), *barrier, _r(c, "max"), _per_rank(f)]
+
+
+def _login_rows(figs: dict[str, Fig]) -> Iterator[list[str]]:
+    for name, f in figs.items():
+        if not name.startswith("6."):
+            continue
+        pc = f.get("per_client_ms") or {}
+        failed = str(f.get("failed_logins") or 0)
+        if f.get("failed_example"):
+            failed += f" ({f['failed_example'][:60]})"
+        count = [str(f.get("k", 1)), str(f.get("logins", 1)), _spread(f)]
+        rates = [fmt(f.get("logins_per_s")), fmt(pc.get("p50")), fmt(pc.get("p99"))]
+        yield [name[len("6.login.") :], *count, *rates, failed]
+
+
+#: (figure name prefix, title, columns, rows) of each numbered table.
+_SECTIONS: tuple[tuple[str, str, str, Callable[[dict[str, Fig]], Iterable[list[str]]]], ...] = (
+    (
+        "1.",
+        "#1 etcd op latency (ms): etha vs the raw gRPC stubs, same server",
+        "op | raw gRPC p50 | pyetcd p50 | etha p50 | etha/raw p50 (per-round min-max)"
+        " | raw p99 | etha p99 | etha/raw p99 | ≤ 1.10x",
+        _op_rows,
+    ),
+    (
+        "2.",
+        "#2 TCPStore `set`+`get` (ms): etha vs raw `TCPStore`, same server",
+        "size | raw p50 | etha p50 | etha/raw | raw p99 | etha p99"
+        " | etha set_bytes+get_bytes p50 | its ratio | ≤ 1.20x",
+        _tcpstore_rows,
+    ),
+    (
+        "3.",
+        "#3 wake-up latency across processes (ms)",
+        "kind | wait | runs | p50 | p99 | min | max | setter's set() p50"
+        " | vs raw TCPStore p50 | etcd p50 ≤ 1.5 ms",
+        _wake_rows,
+    ),
+    (
+        "4.",
+        "#4 barrier of N processes (ms, median (min-max) of rounds)",
+        "N | kind | barrier | vs raw TCPStore | target | start skew | connect median"
+        " | connect max | etcd requests/events per rank",
+        _barrier_rows,
+    ),
+    (
+        "5.",
+        "#5 barrier scaling (ms; ranks are threads in processes, see layout)",
+        "N | kind | layout | barrier | vs raw TCPStore | 1024 ≤ 5 s | connect max"
+        " | etcd requests/events per rank",
+        _scaling_rows,
+    ),
+    (
+        "6.",
+        "#6 log-in storm, password auth (ms)",
+        "variant | K | log-ins | all done | log-ins/s | per client p50 | per client p99 | failed",
+        _login_rows,
+    ),
+)
+
+
 def tables(result: dict[str, Any]) -> str:
     figs: dict[str, Fig] = result["figures"]
-    f: Fig | None
     m = result["machine"]
     v = result["versions"]
     out: list[str] = [
@@ -106,257 +244,15 @@ def tables(result: dict[str, Any]) -> str:
         + ".",
         "",
     ]
-    if any(n.startswith("1.") for n in figs):
-        out += ["### #1 etcd op latency (ms): etha vs the raw gRPC stubs, same server", ""]
-        rows = []
-        for size in ("100B", "64KiB"):
-            for op, raw in (
-                ("set", "put"),
-                ("get", "range"),
-                ("set_bytes", "put"),
-                ("get_bytes", "range"),
-            ):
-                e = figs.get(f"1.etcd.etha.{op}.{size}")
-                r = figs.get(f"1.etcd.raw-grpc.{raw}.{size}")
-                p = figs.get(f"1.etcd.pyetcd.{'put' if raw == 'put' else 'get'}.{size}")
-                rr = (e or {}).get("ratio_rounds") or {}
-                rows.append(
-                    [
-                        f"`{op}` {size}",
-                        _r(r, "p50"),
-                        _r(p, "p50"),
-                        _r(e, "p50"),
-                        _ratio(e, "ratio_p50")
-                        + (f" ({rr['min']:.2f}-{rr['max']:.2f})" if rr else ""),
-                        _r(r, "p99"),
-                        _r(e, "p99"),
-                        _ratio(e, "ratio_p99"),
-                        _met(e),
-                    ]
-                )
-        out += [
-            _table(
-                [
-                    "op",
-                    "raw gRPC p50",
-                    "pyetcd p50",
-                    "etha p50",
-                    "etha/raw p50 (per-round min-max)",
-                    "raw p99",
-                    "etha p99",
-                    "etha/raw p99",
-                    "≤ 1.10x",
-                ],
-                rows,
-            ),
-            "",
-        ]
-        first = next((f for k, f in figs.items() if k.startswith("1.etcd.etha")), {})
-        out += [f"{first.get('runs', '?')} samples per cell, interleaved in rounds.", ""]
-    if any(n.startswith("2.") for n in figs):
-        out += ["### #2 TCPStore `set`+`get` (ms): etha vs raw `TCPStore`, same server", ""]
-        rows = []
-        for size in ("100B", "64KiB"):
-            r = figs.get(f"2.tcpstore.raw.set+get.{size}")
-            e = figs.get(f"2.tcpstore.etha.set+get.{size}")
-            b = figs.get(f"2.tcpstore.etha.set_bytes+get_bytes.{size}")
-            rows.append(
-                [
-                    size,
-                    _r(r, "p50"),
-                    _r(e, "p50"),
-                    _ratio(e, "ratio_p50"),
-                    _r(r, "p99"),
-                    _r(e, "p99"),
-                    _r(b, "p50"),
-                    _ratio(b, "ratio_p50"),
-                    _met(e),
-                ]
-            )
-        out += [
-            _table(
-                [
-                    "size",
-                    "raw p50",
-                    "etha p50",
-                    "etha/raw",
-                    "raw p99",
-                    "etha p99",
-                    "etha set_bytes+get_bytes p50",
-                    "its ratio",
-                    "≤ 1.20x",
-                ],
-                rows,
-            ),
-            "",
-        ]
-    if any(n.startswith("3.") for n in figs):
-        out += ["### #3 wake-up latency across processes (ms)", ""]
-        rows = []
-        for name, f in figs.items():
-            if name.startswith("3.raw-etcd-put."):
-                kind, mode = "raw-etcd Put alone", name.split(".", 2)[2]
-            elif name.startswith("3.wake."):
-                _, _, kind, mode = name.split(".", 3)
-            else:
-                continue
-            rows.append(
-                [
-                    kind,
-                    f"`{mode}`",
-                    str(f["runs"]),
-                    _r(f, "p50"),
-                    _r(f, "p99"),
-                    _r(f, "min"),
-                    _r(f, "max"),
-                    _r(f.get("set_call_ms"), "p50"),
-                    _ratio(f),
-                    _met(f),
-                ]
-            )
-        out += [
-            _table(
-                [
-                    "kind",
-                    "wait",
-                    "runs",
-                    "p50",
-                    "p99",
-                    "min",
-                    "max",
-                    "setter's set() p50",
-                    "vs raw TCPStore p50",
-                    "etcd p50 ≤ 1.5 ms",
-                ],
-                rows,
-            ),
-            "",
-        ]
-    if any(n.startswith("4.") for n in figs):
-        out += ["### #4 barrier of N processes (ms, median (min-max) of rounds)", ""]
-        rows = []
-        for n in _ns(figs, "4.barrier"):
-            for kind in ("raw-tcpstore", "etha-tcpstore", "etha-etcd", "raw-etcd"):
-                f = figs.get(f"4.barrier.{kind}.N{n}")
-                c = figs.get(f"4.barrier.{kind}.N{n}.connect")
-                if not f:
-                    continue
-                pr = f.get("per_rank") or {}
-                rows.append(
-                    [
-                        str(n),
-                        kind,
-                        _spread(f),
-                        _ratio(f),
-                        _met(f),
-                        _r(f.get("skew_ms")),
-                        _r(c),
-                        _r(c, "max"),
-                        ", ".join(f"{k} {v:g}" for k, v in pr.items()) or "-",
-                    ]
-                )
-        out += [
-            _table(
-                [
-                    "N",
-                    "kind",
-                    "barrier",
-                    "vs raw TCPStore",
-                    "target",
-                    "start skew",
-                    "connect median",
-                    "connect max",
-                    "etcd requests/events per rank",
-                ],
-                rows,
-            ),
-            "",
-        ]
-    if any(n.startswith("5.") for n in figs):
-        out += [
-            "### #5 barrier scaling (ms; ranks are threads in processes, see layout)",
-            "",
-        ]
-        rows = []
-        for n in _ns(figs, "5.scaling"):
-            for kind in (
-                "raw-tcpstore",
-                "etha-tcpstore",
-                "etha-etcd",
-                "raw-etcd",
-                "etha-etcd-view",
-            ):
-                f = figs.get(f"5.scaling.{kind}.N{n}")
-                c = figs.get(f"5.scaling.{kind}.N{n}.connect")
-                if not f:
-                    continue
-                pr = f.get("per_rank") or {}
-                rows.append(
-                    [
-                        str(n),
-                        kind,
-                        f.get("layout", ""),
-                        _spread(f),
-                        _ratio(f),
-                        _met(f),
-                        _r(c, "max"),
-                        ", ".join(f"{k} {v:g}" for k, v in pr.items()) or "-",
-                    ]
-                )
-        out += [
-            _table(
-                [
-                    "N",
-                    "kind",
-                    "layout",
-                    "barrier",
-                    "vs raw TCPStore",
-                    "1024 ≤ 5 s",
-                    "connect max",
-                    "etcd requests/events per rank",
-                ],
-                rows,
-            ),
-            "",
-        ]
-    if any(n.startswith("6.") for n in figs):
-        out += ["### #6 log-in storm, password auth (ms)", ""]
-        rows = []
-        for name, f in figs.items():
-            if name.startswith("6."):
-                pc = f.get("per_client_ms") or {}
-                rows.append(
-                    [
-                        name[len("6.login.") :],
-                        str(f.get("k", 1)),
-                        str(f.get("logins", 1)),
-                        _spread(f),
-                        fmt(f.get("logins_per_s")),
-                        fmt(pc.get("p50")),
-                        fmt(pc.get("p99")),
-                        str(f.get("failed_logins") or 0)
-                        + (f" ({f['failed_example'][:60]})" if f.get("failed_example") else ""),
-                    ]
-                )
-        out += [
-            _table(
-                [
-                    "variant",
-                    "K",
-                    "log-ins",
-                    "all done",
-                    "log-ins/s",
-                    "per client p50",
-                    "per client p99",
-                    "failed",
-                ],
-                rows,
-            ),
-            "",
-        ]
+    for prefix, title, columns, rows in _SECTIONS:
+        if not any(n.startswith(prefix) for n in figs):
+            continue
+        out += _section(title, columns, rows(figs))
+        if prefix == "1.":
+            first = next((f for k, f in figs.items() if k.startswith("1.etcd.etha")), {})
+            out += [f"{first.get('runs', '?')} samples per cell, interleaved in rounds.", ""]
     op_figs = [(k, f) for k, f in figs.items() if k[:2] in ("7.", "8.", "9.")]
     if op_figs:
-        out += ["### #7-#9 operator", ""]
         rows = [
             [
                 k,
@@ -369,17 +265,15 @@ def tables(result: dict[str, Any]) -> str:
             ]
             for k, f in op_figs
         ]
-        out += [
-            _table(
-                ["figure", "runs", "median (min-max)", "unit", "target", "met", "details"], rows
-            ),
-            "",
-        ]
+        out += _section(
+            "#7-#9 operator",
+            "figure | runs | median (min-max) | unit | target | met | details",
+            rows,
+        )
     other = [(k, f) for k, f in figs.items() if not k[:1].isdigit()]
     if other:
-        out += ["### Other", ""]
         rows = [[k, str(f.get("runs")), _spread(f), f.get("unit", ""), _ratio(f)] for k, f in other]
-        out += [_table(["figure", "runs", "median (min-max)", "unit", "ratio"], rows), ""]
+        out += _section("Other", "figure | runs | median (min-max) | unit | ratio", rows)
     if result.get("errors"):
         out += ["### Errors in this run", ""]
         out += [f"- `{k}`: {v.splitlines()[0]}" for k, v in result["errors"].items()] + [""]
