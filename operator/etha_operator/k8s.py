@@ -22,8 +22,16 @@ Obj = dict[str, Any]
 MANAGED_BY = "etha-operator"
 
 
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def iso(moment: datetime.datetime) -> str:
+    """``moment`` as the API's timestamps are written (UTC, whole seconds, ``Z``).
+
+    The operator never reads the wall clock here: callers pass their clock's ``now``, so
+    one injected clock drives every timestamp the operator writes. A naive ``moment`` is
+    taken as UTC.
+    """
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_time(value: str | None) -> datetime.datetime | None:
@@ -90,10 +98,13 @@ def condition(
     message: str,
     generation: int | None,
     previous: list[Obj] | None = None,
+    *,
+    now: datetime.datetime,
 ) -> Obj:
-    """A status condition; ``lastTransitionTime`` only moves when ``status`` changes."""
+    """A status condition; ``lastTransitionTime`` only moves (to ``now``) when ``status``
+    changes from the one of the same type in ``previous``."""
     value = "True" if status else "False"
-    transition = now_iso()
+    transition = iso(now)
     for old in previous or []:
         if (
             old.get("type") == type_
@@ -180,8 +191,10 @@ class KubeApi:
             items.extend(result.get("items", []))
         return items
 
-    def patch_kvnamespace_status(self, namespace: str, name: str, status: Obj) -> Obj | None:
-        """Merge-patch ``status`` (None values delete fields); None if the object is gone."""
+    def patch_kvnamespace_status(
+        self, namespace: str, name: str, status: model.KVNamespaceStatus
+    ) -> Obj | None:
+        """Merge-patch ``status`` into ``.status``; None if the object is gone."""
         try:
             obj: Obj = self.custom.patch_namespaced_custom_object_status(
                 model.GROUP,
@@ -189,7 +202,7 @@ class KubeApi:
                 namespace,
                 model.PLURAL,
                 name,
-                {"status": status},
+                {"status": status.to_patch()},
                 _content_type="application/merge-patch+json",
             )
         except kubernetes.client.ApiException as exc:

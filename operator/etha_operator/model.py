@@ -1,15 +1,20 @@
-"""The KVNamespace custom resource: spec parsing, validation and naming.
+"""The KVNamespace custom resource: spec parsing, validation, naming and status.
 
 The CRD's OpenAPI schema rejects bad specs at the API server; :func:`parse_spec` checks
 the same rules again because the operator must not trust that the CRD in the cluster is
 the current one (or that schema validation ran at all).
+
+The status section holds the :class:`Phase` values, the :class:`KVNamespaceStatus` the
+operator writes, and the one rule (:func:`next_steps`) that says which reconciler steps
+are due in which situation; the kopf handlers and the reconciler both follow it.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from etha.kvstore.errors import ConfigurationError, InvalidKeyError
@@ -204,3 +209,203 @@ def uid_of_etcd_name(name: str) -> str | None:
 
 def secret_name(name: str) -> str:
     return f"{name}{SECRET_SUFFIX}"
+
+
+# -- status ------------------------------------------------------------------------------------
+
+
+class Phase(str, enum.Enum):
+    """``.status.phase``; the values are the CRD's enum, written exactly as they are."""
+
+    PENDING = "Pending"
+    READY = "Ready"
+    JOB_ENDED = "JobEnded"
+    CLEANED = "Cleaned"
+    REVOKED = "Revoked"
+    FAILED = "Failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def of(cls, status: Mapping[str, Any] | None) -> Phase | None:
+        """The phase recorded in ``status``; None when there is none (not provisioned yet)
+        or it is not one of ours (a status edited by hand counts as not provisioned)."""
+        raw = (status or {}).get("phase")
+        try:
+            return cls(raw) if isinstance(raw, str) else None
+        except ValueError:
+            return None
+
+
+#: Phases after the job's end: provisioning never runs again for them.
+ENDED_PHASES = frozenset({Phase.JOB_ENDED, Phase.CLEANED, Phase.REVOKED})
+
+
+class Step(str, enum.Enum):
+    """One of the reconciler's steps, in the order :func:`next_steps` lists them."""
+
+    #: Credentials, Secret and status in line with the spec (Ready, Pending or Failed).
+    PROVISION = "provision"
+    #: Leave Ready (for Pending) while etcd holds a NOSPACE or CORRUPT alarm.
+    CHECK_ALARMS = "check-alarms"
+    #: Notice the job's end (JobEnded) and apply spec.onJobEnd once due (Cleaned, Revoked).
+    CHECK_JOB = "check-job"
+
+
+class Trigger(str, enum.Enum):
+    """Why the operator looks at a KVNamespace."""
+
+    #: Created, its spec changed, or seen again when the operator starts.
+    CHANGE = "change"
+    #: The periodic timer (failed provisioning, TTLs, missed job ends, alarms).
+    RECHECK = "recheck"
+
+
+@dataclass(frozen=True)
+class Situation:
+    """What :func:`next_steps` decides on: the recorded phase and the few facts next to it."""
+
+    phase: Phase | None
+    #: ``status.jobEndedAt`` is set (it is written together with JobEnded).
+    job_ended: bool = False
+    #: ``spec.onJobEnd`` is Keep: nothing happens after the job's end.
+    keep: bool = False
+    #: ``metadata.deletionTimestamp`` is set: only the finalizer acts.
+    deleting: bool = False
+
+    @classmethod
+    def of(
+        cls, status: Mapping[str, Any] | None, on_job_end: object = None, *, deleting: bool = False
+    ) -> Situation:
+        return cls(
+            phase=Phase.of(status),
+            job_ended=bool((status or {}).get("jobEndedAt")),
+            keep=on_job_end == "Keep",
+            deleting=deleting,
+        )
+
+    @classmethod
+    def of_body(cls, body: Mapping[str, Any]) -> Situation:
+        """The situation of a KVNamespace object as read from the API (or kopf's body)."""
+        return cls.of(
+            body.get("status"),
+            (body.get("spec") or {}).get("onJobEnd"),
+            deleting=bool((body.get("metadata") or {}).get("deletionTimestamp")),
+        )
+
+    @property
+    def job_over(self) -> bool:
+        """The job ended: credentials are never made (again), whatever the spec says."""
+        return self.phase in ENDED_PHASES or self.job_ended
+
+    @property
+    def provisioned(self) -> bool:
+        """Credentials were handed out at some point, so the job's end matters."""
+        return self.phase is Phase.READY or self.job_over
+
+    @property
+    def settled(self) -> bool:
+        """Nothing can happen to it any more but deletion."""
+        return self.phase in (Phase.CLEANED, Phase.REVOKED) or (self.job_over and self.keep)
+
+
+def next_steps(situation: Situation, trigger: Trigger) -> tuple[Step, ...]:
+    """The reconciler's steps due for a KVNamespace in ``situation``, in order.
+
+    ====================================  ============================  =========================
+    situation                             CHANGE                        RECHECK
+    ====================================  ============================  =========================
+    being deleted, or settled             (none)                        (none)
+    job over (not settled)                CHECK_JOB                     CHECK_JOB
+    Ready                                 PROVISION, CHECK_JOB          CHECK_ALARMS, CHECK_JOB
+    no phase, Pending, Failed             PROVISION, CHECK_JOB          PROVISION, CHECK_JOB
+    ====================================  ============================  =========================
+
+    A Ready KVNamespace is provisioned again only on a change (a spec edit, a restart);
+    the timer just watches etcd's alarms for it. CHECK_JOB follows PROVISION because
+    provisioning may have made it Ready. Each step checks the object again as it is then
+    (the situation is one read of it, maybe an old one).
+    """
+    if situation.deleting or situation.settled:
+        return ()
+    if situation.job_over:
+        return (Step.CHECK_JOB,)  # the onJobEnd policy may still be due (after its TTL)
+    if situation.phase is Phase.READY and trigger is Trigger.RECHECK:
+        return (Step.CHECK_ALARMS, Step.CHECK_JOB)
+    return (Step.PROVISION, Step.CHECK_JOB)
+
+
+class Removal(enum.Enum):
+    """The value of a :class:`KVNamespaceStatus` field that deletes the stored field."""
+
+    REMOVE = "remove"
+
+
+REMOVE = Removal.REMOVE
+
+
+@dataclass(frozen=True)
+class KVNamespaceStatus:
+    """What the operator writes into ``.status`` (the CRD's status schema, field by field).
+
+    It is written as a JSON merge patch: a field left None is not written (the stored value
+    stays), :data:`REMOVE` deletes it. Never holds a secret.
+    """
+
+    phase: Phase | None = None
+    message: str | None = None
+    observed_generation: int | None = None
+    key_prefix: str | None = None
+    etcd_user: str | None = None
+    #: Direct mode only; REMOVE drops a direct-mode role name left from before a switch.
+    etcd_role: str | Removal | None = None
+    secret_name: str | None = None
+    job_uid: str | None = None
+    job_ended_at: str | None = None
+    job_end_reason: str | None = None
+    keys_cleaned_at: str | None = None
+    keys_deleted: int | None = None
+    credentials_revoked_at: str | None = None
+    conditions: list[dict[str, Any]] | None = None
+
+    def to_patch(self) -> dict[str, Any]:
+        """The merge patch of ``.status``: the fields set, a removed one as null."""
+        patch: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is REMOVE:
+                patch[STATUS_KEYS[f.name]] = None
+            elif isinstance(value, Phase):
+                patch[STATUS_KEYS[f.name]] = value.value  # a plain string on the wire
+            elif value is not None:
+                patch[STATUS_KEYS[f.name]] = value
+        return patch
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields this status sets, as they read once written (no removals)."""
+        return {key: value for key, value in self.to_patch().items() if value is not None}
+
+    def differs_from(self, current: Mapping[str, Any] | None) -> bool:
+        """Whether writing this status would change ``current`` (the stored status)."""
+        stored = current or {}
+        return any(stored.get(key) != value for key, value in self.to_patch().items())
+
+
+#: :class:`KVNamespaceStatus` field -> its key in ``.status``.
+STATUS_KEYS = {
+    "phase": "phase",
+    "message": "message",
+    "observed_generation": "observedGeneration",
+    "key_prefix": "keyPrefix",
+    "etcd_user": "etcdUser",
+    "etcd_role": "etcdRole",
+    "secret_name": "secretName",
+    "job_uid": "jobUID",
+    "job_ended_at": "jobEndedAt",
+    "job_end_reason": "jobEndReason",
+    "keys_cleaned_at": "keysCleanedAt",
+    "keys_deleted": "keysDeleted",
+    "credentials_revoked_at": "credentialsRevokedAt",
+    "conditions": "conditions",
+}

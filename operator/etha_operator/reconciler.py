@@ -35,24 +35,15 @@ from etha.kvstore.errors import KVStoreError, PermissionDeniedError
 from etha_operator import k8s, metrics, model
 from etha_operator.etcd_admin import EtcdAdmin, prefix_grant
 from etha_operator.jobkinds import JobKind
+from etha_operator.model import KVNamespaceStatus, Phase, Situation, Step, Trigger
 from etha_operator.settings import OperatorSettings
 
 logger = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 
-PENDING, READY, JOB_ENDED, CLEANED, REVOKED, FAILED = (
-    "Pending",
-    "Ready",
-    "JobEnded",
-    "Cleaned",
-    "Revoked",
-    "Failed",
-)
 #: API failures worth retrying soon (conflicts, timeouts, API server restarts).
 TRANSIENT_API_ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError)
-#: Phases after the job's end: provisioning never runs again for them.
-ENDED_PHASES = frozenset({JOB_ENDED, CLEANED, REVOKED})
 #: How long one answer to "does etcd hold an alarm?" is reused: a storm of provisioning
 #: runs costs one Alarm call per interval, and a new alarm is seen within it.
 ALARM_CACHE_SECONDS = 1.0
@@ -161,7 +152,7 @@ class Reconciler:
             self._locks.pop(uid, None)
 
     def _now_iso(self) -> str:
-        return self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
+        return k8s.iso(self.clock())
 
     def _fresh(self, body: Mapping[str, Any]) -> Obj | None:
         namespace, name, uid = _meta(body)
@@ -170,28 +161,34 @@ class Reconciler:
             return None
         return obj
 
-    def _write_status(self, body: Mapping[str, Any], status: Obj) -> None:
+    def _write_status(self, body: Mapping[str, Any], status: KVNamespaceStatus) -> None:
         namespace, name, _ = _meta(body)
         self.kube.patch_kvnamespace_status(namespace, name, status)
 
-    def _fail(self, body: Mapping[str, Any], reason: str, message: str) -> Obj:
+    def _ready_condition(
+        self, body: Mapping[str, Any], ready: bool, reason: str, message: str
+    ) -> list[Obj]:
+        """``body``'s conditions with its Ready condition set; a transition is timed by
+        :attr:`clock`."""
         previous = (body.get("status") or {}).get("conditions")
         generation = body["metadata"].get("generation")
-        status: Obj = {
-            "phase": FAILED,
-            "message": message,
-            "observedGeneration": generation,
-            "conditions": k8s.with_condition(
-                previous, k8s.condition("Ready", False, reason, message, generation, previous)
-            ),
-        }
+        new = k8s.condition("Ready", ready, reason, message, generation, previous, now=self.clock())
+        return k8s.with_condition(previous, new)
+
+    def _fail(self, body: Mapping[str, Any], reason: str, message: str) -> Obj:
+        status = KVNamespaceStatus(
+            phase=Phase.FAILED,
+            message=message,
+            observed_generation=body["metadata"].get("generation"),
+            conditions=self._ready_condition(body, False, reason, message),
+        )
         current = body.get("status") or {}
-        if current.get("phase") != FAILED or current.get("message") != message:
+        if Phase.of(current) is not Phase.FAILED or current.get("message") != message:
             self.emit(body, type="Warning", reason=reason, message=message)
             logger.warning("KVNamespace %s/%s: %s", *_meta(body)[:2], message)
-        if any(current.get(key) != value for key, value in status.items()):
+        if status.differs_from(current):
             self._write_status(body, status)
-        return status
+        return status.as_dict()
 
     # -- provisioning ----------------------------------------------------------------------
 
@@ -223,53 +220,57 @@ class Reconciler:
                 self._alarms = (now, self.admin.blocking_alarms())
             return list(self._alarms[1])
 
+    def _hold(self, body: Mapping[str, Any], reason: str, message: str) -> Obj:
+        """Status Pending + Ready=False (``reason``) and a Warning Event, once per change;
+        returns the status as it now reads."""
+        current: Obj = body.get("status") or {}
+        status = KVNamespaceStatus(
+            phase=Phase.PENDING,
+            message=message,
+            conditions=self._ready_condition(body, False, reason, message),
+        )
+        if Phase.of(current) is not Phase.PENDING or current.get("message") != message:
+            self._write_status(body, status)
+            self.emit(body, type="Warning", reason=reason, message=message)
+            logger.warning("KVNamespace %s/%s: %s", *_meta(body)[:2], message)
+        return {**current, **status.as_dict()}
+
     def _hold_for_alarm(self, body: Mapping[str, Any], alarms: list[str]) -> Obj:
-        """Status Pending + Ready=False (EtcdAlarm) and a Warning Event, once per change."""
-        generation = body["metadata"].get("generation")
+        """Pending while etcd holds ``alarms`` (EtcdAlarm), with what to do about them."""
         fixes = "; ".join(ALARM_FIXES[a] for a in alarms)
         message = (
             f"not Ready: etcd holds alarm(s) {', '.join(alarms)}. {fixes}. The KVNamespace"
             " becomes Ready by itself once the alarm is cleared."
         )
-        current: Obj = body.get("status") or {}
-        previous = current.get("conditions")
-        status: Obj = {
-            "phase": PENDING,
-            "message": message,
-            "conditions": k8s.with_condition(
-                previous, k8s.condition("Ready", False, "EtcdAlarm", message, generation, previous)
-            ),
-        }
-        if current.get("phase") != PENDING or current.get("message") != message:
-            self._write_status(body, status)
-            self.emit(body, type="Warning", reason="EtcdAlarm", message=message)
-            logger.warning("KVNamespace %s/%s: %s", *_meta(body)[:2], message)
-        return {**current, **status}
+        return self._hold(body, "EtcdAlarm", message)
 
     def _hold_for_job_kind(self, body: Mapping[str, Any], spec: model.KVNamespaceSpec) -> None:
-        """Status Pending + Ready=False (JobKindNotServed) and a Warning Event, once."""
+        """Pending while the cluster does not serve the job's kind (JobKindNotServed)."""
         rule = spec.job.rule
-        generation = body["metadata"].get("generation")
         message = (
             f"not Ready: the cluster does not serve {rule.api_version} {rule.kind}"
             f" ({rule.plural}.{rule.group}): install its controller and CRD. The"
             " KVNamespace becomes Ready by itself once the CRD is installed (the operator"
             " re-checks discovery, no restart needed)."
         )
-        current: Obj = body.get("status") or {}
-        previous = current.get("conditions")
-        status: Obj = {
-            "phase": PENDING,
-            "message": message,
-            "conditions": k8s.with_condition(
-                previous,
-                k8s.condition("Ready", False, "JobKindNotServed", message, generation, previous),
-            ),
-        }
-        if current.get("phase") != PENDING or current.get("message") != message:
-            self._write_status(body, status)
-            self.emit(body, type="Warning", reason="JobKindNotServed", message=message)
-            logger.warning("KVNamespace %s/%s: %s", *_meta(body)[:2], message)
+        self._hold(body, "JobKindNotServed", message)
+
+    def reconcile(self, body: Mapping[str, Any], trigger: Trigger) -> None:
+        """Run the steps :func:`~etha_operator.model.next_steps` finds due for ``body``.
+
+        ``body`` is the object as last seen (kopf's copy, maybe an old one): each step reads
+        it again before acting.
+
+        :raises EtcdAlarmActive: etcd holds a NOSPACE/CORRUPT alarm (status says so)
+        :raises TemporaryFailure: etcd or the API failed; retry later
+        """
+        for step in model.next_steps(Situation.of_body(body), trigger):
+            if step is Step.PROVISION:
+                self.provision(body)
+            elif step is Step.CHECK_ALARMS:
+                self.check_alarms(body)
+            else:
+                self.check_job(body)
 
     def check_alarms(self, body: Mapping[str, Any]) -> Obj | None:
         """For a Ready KVNamespace: leave Ready (Pending, EtcdAlarm) while etcd holds an alarm.
@@ -283,7 +284,7 @@ class Reconciler:
             if not alarms:
                 return None
             fresh = self._fresh(body)
-            if fresh is None or (fresh.get("status") or {}).get("phase") in ENDED_PHASES:
+            if fresh is None or Situation.of_body(fresh).job_over:
                 return None
             self._hold_for_alarm(fresh, alarms)
         raise EtcdAlarmActive(alarms)
@@ -309,8 +310,8 @@ class Reconciler:
     def _provision(self, body: Obj) -> Obj:
         namespace, name, uid = _meta(body)
         status: Obj = body.get("status") or {}
-        if status.get("phase") in ENDED_PHASES or status.get("jobEndedAt"):
-            return status  # the job is over: never re-create revoked credentials
+        if Situation.of_body(body).job_over:
+            return status  # never re-create revoked credentials
         try:
             spec = model.parse_spec(body.get("spec"), self.settings.job_kinds)
         except model.SpecError as exc:
@@ -372,35 +373,31 @@ class Reconciler:
                 f"etcd user {user} may read and write only keys under {prefix + '/'!r};"
                 f" pods labelled {model.POD_LABEL}={name} get Secret {secret_name}"
             )
-        was_ready = status.get("phase") == READY
-        previous = status.get("conditions")
-        new_status: Obj = {
-            "phase": READY,
-            "message": message,
-            "observedGeneration": generation,
-            "keyPrefix": prefix,
-            "etcdUser": user,
-            # Merge patch: None removes a direct-mode role name left from before a switch.
-            "etcdRole": None if self.settings.gateway_mode else user,
-            "secretName": secret_name,
-            "conditions": k8s.with_condition(
-                previous, k8s.condition("Ready", True, "Provisioned", message, generation, previous)
-            ),
-        }
+        job_uid = None
         if not status.get("jobUID"):
             # The Job's uid when first seen, in the same write as Ready: recording it later
             # (in the job check) would cost one more status write, and one more watch
             # event for kopf, per new KVNamespace.
             job = self.kube.get_job(namespace, spec.job)
-            job_uid = (job or {}).get("metadata", {}).get("uid")
-            if job_uid:
-                new_status["jobUID"] = job_uid
-        if any(status.get(key) != value for key, value in new_status.items()):
+            job_uid = (job or {}).get("metadata", {}).get("uid") or None
+        new_status = KVNamespaceStatus(
+            phase=Phase.READY,
+            message=message,
+            observed_generation=generation,
+            key_prefix=prefix,
+            etcd_user=user,
+            # A direct-mode role name left from before a switch goes.
+            etcd_role=model.REMOVE if self.settings.gateway_mode else user,
+            secret_name=secret_name,
+            job_uid=job_uid,
+            conditions=self._ready_condition(body, True, "Provisioned", message),
+        )
+        if new_status.differs_from(status):
             self._write_status(body, new_status)
-        if not was_ready:
+        if Phase.of(status) is not Phase.READY:
             self.emit(body, type="Normal", reason="Provisioned", message=message)
             logger.info("KVNamespace %s/%s is Ready: %s", namespace, name, message)
-        return {k: v for k, v in new_status.items() if v is not None}
+        return new_status.as_dict()
 
     def _conflict(self, body: Obj, prefix: str, owner: str) -> Obj:
         return self._fail(
@@ -498,7 +495,7 @@ class Reconciler:
         if not password or self.admin.user_roles(user) is None:
             return None
         status = body.get("status") or {}
-        if status.get("phase") == READY and status.get("observedGeneration") == body[
+        if Phase.of(status) is Phase.READY and status.get("observedGeneration") == body[
             "metadata"
         ].get("generation"):
             # Ready is written only after the Secret, so the password is known to be current;
@@ -548,7 +545,7 @@ class Reconciler:
     def _check_job(self, body: Obj) -> Obj | None:
         namespace, name, _ = _meta(body)
         status: Obj = body.get("status") or {}
-        if status.get("phase") not in (READY, *ENDED_PHASES) and not status.get("jobEndedAt"):
+        if not Situation.of_body(body).provisioned:
             return None  # nothing provisioned (yet): nothing to clean
         try:
             spec = model.parse_spec(body.get("spec"), self.settings.job_kinds)
@@ -557,21 +554,21 @@ class Reconciler:
         if not status.get("jobEndedAt"):
             job = self.kube.get_job(namespace, spec.job)
             reason, ended_at, job_uid = self._job_end(status, job, spec.job.rule)
+            new_uid = job_uid if job_uid and not status.get("jobUID") else None
             if reason is None:
-                if job_uid and not status.get("jobUID"):
-                    self._write_status(body, {"jobUID": job_uid})
+                if new_uid:
+                    self._write_status(body, KVNamespaceStatus(job_uid=new_uid))
                 return status
             message = f"{spec.job.kind} {spec.job.name} ended ({reason})"
-            update: Obj = {
-                "phase": JOB_ENDED,
-                "jobEndedAt": ended_at,
-                "jobEndReason": reason,
-                "message": message,
-            }
-            if job_uid and not status.get("jobUID"):
-                update["jobUID"] = job_uid
+            update = KVNamespaceStatus(
+                phase=Phase.JOB_ENDED,
+                job_ended_at=ended_at,
+                job_end_reason=reason,
+                message=message,
+                job_uid=new_uid,
+            )
             self._write_status(body, update)
-            status = {**status, **update}
+            status = {**status, **update.as_dict()}
             self.emit(body, type="Normal", reason="JobEnded", message=message)
             logger.info("KVNamespace %s/%s: %s", namespace, name, message)
         return self._apply_policy(body, spec, status)
@@ -585,9 +582,7 @@ class Reconciler:
     def _apply_policy(self, body: Obj, spec: model.KVNamespaceSpec, status: Obj) -> Obj:
         namespace, name, uid = _meta(body)
         prefix = status.get("keyPrefix")
-        if spec.on_job_end == "Keep" or not prefix:
-            return status
-        if status.get("phase") in (CLEANED, REVOKED):
+        if not prefix or Situation.of(status, spec.on_job_end).settled:
             return status
         due = self.policy_due_at(spec, status)
         if due is not None and self.clock() < due:
@@ -595,22 +590,28 @@ class Reconciler:
         began = time.perf_counter()
         deleted = self.admin.delete_keys(prefix)
         metrics.KEYS_DELETED.labels(metrics.JOB_END).inc(deleted)
-        update: Obj = {"keysDeleted": deleted, "keysCleanedAt": self._now_iso()}
+        cleaned_at = self._now_iso()
         what = f"deleted {deleted} keys under {prefix + '/'!r} (one range delete)"
+        revoked_at = None
         if spec.on_job_end == "Revoke":
             user = model.etcd_name(uid)
             revoked = self._revoke(user)
             self.kube.delete_secret(namespace, model.secret_name(name))
-            update.update(phase=REVOKED, credentialsRevokedAt=self._now_iso())
+            revoked_at = self._now_iso()
             what += f"; revoked {revoked} and deleted Secret {model.secret_name(name)}"
-        else:
-            update["phase"] = CLEANED
-        update["message"] = f"job ended ({status.get('jobEndReason')}): {what}"
+        message = f"job ended ({status.get('jobEndReason')}): {what}"
+        update = KVNamespaceStatus(
+            phase=Phase.REVOKED if spec.on_job_end == "Revoke" else Phase.CLEANED,
+            message=message,
+            keys_deleted=deleted,
+            keys_cleaned_at=cleaned_at,
+            credentials_revoked_at=revoked_at,
+        )
         self._write_status(body, update)
         metrics.JOB_CLEANUP_SECONDS.observe(time.perf_counter() - began)
-        self.emit(body, type="Normal", reason="KeysDeleted", message=update["message"])
-        logger.info("KVNamespace %s/%s: %s", namespace, name, update["message"])
-        return {**status, **update}
+        self.emit(body, type="Normal", reason="KeysDeleted", message=message)
+        logger.info("KVNamespace %s/%s: %s", namespace, name, message)
+        return {**status, **update.as_dict()}
 
     def _revoke(self, user: str, timeout: float | None = None) -> str:
         """Remove every credential named ``user`` (record, etcd user, role); says what."""
