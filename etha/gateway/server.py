@@ -37,6 +37,7 @@ from pyetcd import etcdrpc
 
 import etha.gateway.waits
 from etha.gateway import confine
+from etha.gateway.batch import PutBatcher
 from etha.gateway.metrics import GatewayMetrics
 from etha.gateway.quota import QuotaBook, QuotaExceeded, SpaceGuard, Write
 from etha.gateway.registry import Registry, Tenant
@@ -131,8 +132,11 @@ class GatewayContext:
     tls: bool = False
     #: a stable id of this gateway deployment, shown as cluster_id in response headers
     cluster_id: int = field(default=0)
+    #: tenant Puts, coalesced into Txns under load (see :mod:`etha.gateway.batch`)
+    puts: PutBatcher = field(init=False)
 
     def __post_init__(self) -> None:
+        self.puts = PutBatcher(self.upstream.call)
         if not self.cluster_id:
             digest = hashlib.sha256(",".join(sorted(self.advertise)).encode()).digest()
             self.cluster_id = int.from_bytes(digest[:8], "big") >> 1
@@ -223,7 +227,7 @@ async def _answer(
 
 
 class _Forward:
-    """Forwarding with upstream latency metrics."""
+    """Forwarding with upstream latency metrics; Puts through :attr:`GatewayContext.puts`."""
 
     def __init__(self, ctx: GatewayContext) -> None:
         self.ctx = ctx
@@ -236,6 +240,8 @@ class _Forward:
             None if remaining is None else max(0.001, min(remaining, self.ctx.upstream.timeout))
         )
         try:
+            if method == "Put":
+                return await self.ctx.puts.put(request, timeout)
             return await self.ctx.upstream.call(service, method, request, timeout=timeout)
         finally:
             self.ctx.metrics.upstream(method).observe(time.perf_counter() - start)
