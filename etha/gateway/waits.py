@@ -256,6 +256,7 @@ class _TenantWatch:
         self.answered_rounds = 0
         self.call: Any = None
         self.task: asyncio.Task[None] | None = None
+        self.stopping = False
         self.write_lock = asyncio.Lock()
 
     # -- waiters -------------------------------------------------------------------------
@@ -384,8 +385,7 @@ class _TenantWatch:
                 await self._stream()
                 backoff = 0.05
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is None or task.cancelling():
+                if self._stopped():
                     raise  # dropped by the reaper, or the server stops
                 # grpc.aio reports a stream it cancelled itself this way: reconnect.
                 log.info("tenant %s: wait stream cancelled; reconnecting", self.username)
@@ -415,6 +415,21 @@ class _TenantWatch:
                 backoff = min(backoff * 2, 1.0)
             finally:
                 self._end_stream()
+
+    def stop(self) -> None:
+        """End :meth:`run` (the reaper drops this tenant, or the server stops)."""
+        self.stopping = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def _stopped(self) -> bool:
+        """Was the cancellation :meth:`run` caught meant for it (not grpc's own)?"""
+        if self.stopping:
+            return True
+        task = asyncio.current_task()
+        # Task.cancelling() (Python 3.11+) also sees asyncio.run's cancel at exit.
+        cancelling = getattr(task, "cancelling", None)
+        return task is None or (cancelling is not None and cancelling() > 0)
 
     def _end_stream(self) -> None:
         call, self.call = self.call, None
@@ -574,13 +589,11 @@ class Waits:
                 idle = watch.idle_since
                 if watch.waiter_count == 0 and idle is not None and now - idle >= LINGER:
                     del self.tenants[key]
-                    if watch.task is not None:
-                        watch.task.cancel()
+                    watch.stop()
 
     async def close(self) -> None:
         for watch in self.tenants.values():
-            if watch.task is not None:
-                watch.task.cancel()
+            watch.stop()
         self.tenants.clear()
         if self._reaper is not None:
             self._reaper.cancel()
