@@ -25,6 +25,10 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # Names stay string literals in the constructor calls: tests/test_dashboard.py
+        # reads them from this source.
+        timing: dict[str, Any] = {"buckets": _BUCKETS, "registry": r}
+        per_quota = ["tenant", "quota"]
         self.requests = Counter(
             "etha_gateway_requests",
             "Requests answered, by RPC, status code and tenant",
@@ -32,11 +36,7 @@ class GatewayMetrics:
             registry=r,
         )
         self.request_seconds = Histogram(
-            "etha_gateway_request_seconds",
-            "Time to answer a unary request",
-            ["method"],
-            buckets=_BUCKETS,
-            registry=r,
+            "etha_gateway_request_seconds", "Time to answer a unary request", ["method"], **timing
         )
         self.denials = Counter(
             "etha_gateway_denials",
@@ -48,16 +48,10 @@ class GatewayMetrics:
             "etha_gateway_logins", "Log-in attempts, by outcome", ["outcome"], registry=r
         )
         self.quota_used = Gauge(
-            "etha_gateway_quota_used",
-            "A tenant's usage of a quota",
-            ["tenant", "quota"],
-            registry=r,
+            "etha_gateway_quota_used", "A tenant's usage of a quota", per_quota, registry=r
         )
         self.quota_limit = Gauge(
-            "etha_gateway_quota_limit",
-            "A tenant's quota (0 = unlimited)",
-            ["tenant", "quota"],
-            registry=r,
+            "etha_gateway_quota_limit", "A tenant's quota (0 = unlimited)", per_quota, registry=r
         )
         self.watches_open = Gauge(
             "etha_gateway_watches_open", "Open watches, by tenant", ["tenant"], registry=r
@@ -72,8 +66,7 @@ class GatewayMetrics:
             "etha_gateway_upstream_seconds",
             "Time etcd took to answer a forwarded call",
             ["method"],
-            buckets=_BUCKETS,
-            registry=r,
+            **timing,
         )
 
     def count_request(self, method: str, code: str, tenant: str, seconds: float) -> None:

@@ -114,28 +114,17 @@ def _host_port(name: str, raw: str) -> tuple[str, int]:
     return host, parse_port(name, port)
 
 
-def parse_settings(environ: Mapping[str, str] | None = None) -> GatewaySettings:
-    """Parse the ``ETHA_GATEWAY_*`` variables (default: ``os.environ``).
-
-    :raises ConfigurationError: naming the variable that is missing or malformed
-    """
-    env = os.environ if environ is None else environ
-    raw_endpoints = env_value(env, ETCD_ENDPOINTS)
-    if raw_endpoints is None:
-        raise ConfigurationError(
-            f"{ETCD_ENDPOINTS} is not set: list the etcd members as host:port[,host:port]"
-        )
-    endpoints, scheme_tls = parse_endpoints(raw_endpoints, ETCD_ENDPOINTS)
-    host, port = _host_port(LISTEN, env_value(env, LISTEN) or DEFAULT_LISTEN)
-    raw_advertise = env_value(env, ADVERTISE)
-    if raw_advertise is not None:
-        parsed, _ = parse_endpoints(raw_advertise, ADVERTISE)
-        advertise = tuple(item.strip() for item in raw_advertise.split(","))
-        del parsed  # parsed only to validate
-    else:
+def _advertise(env: Mapping[str, str], host: str, port: int) -> tuple[str, ...]:
+    raw = env_value(env, ADVERTISE)
+    if raw is None:
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        advertise = (f"{shown}:{port}",)
+        return (f"{shown}:{port}",)
+    parse_endpoints(raw, ADVERTISE)  # parsed only to validate
+    return tuple(item.strip() for item in raw.split(","))
 
+
+def _etcd_login(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The gateway's etcd username and password (from the variable or its ``_FILE``)."""
     username = env_value(env, ETCD_USERNAME)
     password = env.get(ETCD_PASSWORD) or None
     password_file = env_file(env, ETCD_PASSWORD_FILE)
@@ -156,14 +145,67 @@ def parse_settings(environ: Mapping[str, str] | None = None) -> GatewaySettings:
         raise ConfigurationError(
             f"{missing} is not set: the etcd username and password go together"
         )
+    return username, password
+
+
+def _file_pair(env: Mapping[str, str], cert: str, key: str) -> tuple[str | None, str | None]:
+    """A certificate file and its key file: both set or neither."""
+    cert_file, key_file = env_file(env, cert), env_file(env, key)
+    if (cert_file is None) != (key_file is None):
+        missing = key if key_file is None else cert
+        raise ConfigurationError(f"{missing} is not set: {cert} and {key} go together")
+    return cert_file, key_file
+
+
+def _high_water(env: Mapping[str, str]) -> float:
+    raw = env_value(env, ETCD_SPACE_HIGH_WATER)
+    if raw is None:
+        return DEFAULT_HIGH_WATER
+    try:
+        high_water = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{ETCD_SPACE_HIGH_WATER}={raw!r} is not a number") from None
+    if not math.isfinite(high_water) or not 0 < high_water < 1:
+        raise ConfigurationError(
+            f"{ETCD_SPACE_HIGH_WATER}={raw!r} must be a fraction between 0 and 1"
+            " (e.g. 0.8: refuse writes above 80% of etcd's quota)"
+        )
+    return high_water
+
+
+def _metrics_port(env: Mapping[str, str]) -> int:
+    raw = env_value(env, METRICS_PORT)
+    return 0 if raw in (None, "0") else parse_port(METRICS_PORT, str(raw))
+
+
+def _log_level(env: Mapping[str, str]) -> int:
+    name = (env_value(env, LOG_LEVEL) or "INFO").upper()
+    level = logging.getLevelName(name)
+    if not isinstance(level, int):
+        raise ConfigurationError(
+            f"{LOG_LEVEL}={name!r} is not a log level; use DEBUG, INFO, WARNING or ERROR"
+        )
+    return level
+
+
+def parse_settings(environ: Mapping[str, str] | None = None) -> GatewaySettings:
+    """Parse the ``ETHA_GATEWAY_*`` variables (default: ``os.environ``).
+
+    :raises ConfigurationError: naming the variable that is missing or malformed
+    """
+    env = os.environ if environ is None else environ
+    raw_endpoints = env_value(env, ETCD_ENDPOINTS)
+    if raw_endpoints is None:
+        raise ConfigurationError(
+            f"{ETCD_ENDPOINTS} is not set: list the etcd members as host:port[,host:port]"
+        )
+    endpoints, scheme_tls = parse_endpoints(raw_endpoints, ETCD_ENDPOINTS)
+    host, port = _host_port(LISTEN, env_value(env, LISTEN) or DEFAULT_LISTEN)
+    advertise = _advertise(env, host, port)
+    username, password = _etcd_login(env)
 
     ca_file = env_file(env, ETCD_CA_FILE)
-    cert_file, key_file = env_file(env, ETCD_CERT_FILE), env_file(env, ETCD_KEY_FILE)
-    if (cert_file is None) != (key_file is None):
-        missing = ETCD_KEY_FILE if key_file is None else ETCD_CERT_FILE
-        raise ConfigurationError(
-            f"{missing} is not set: {ETCD_CERT_FILE} and {ETCD_KEY_FILE} go together"
-        )
+    cert_file, key_file = _file_pair(env, ETCD_CERT_FILE, ETCD_KEY_FILE)
     etcd_tls = tls_wanted(scheme_tls, ca_file, cert_file=cert_file)
     if scheme_tls is False and tls_wanted(None, ca_file, cert_file=cert_file):
         raise ConfigurationError(
@@ -176,64 +218,36 @@ def parse_settings(environ: Mapping[str, str] | None = None) -> GatewaySettings:
             f"{TOKEN_KEY_FILE} is not set: name a file with one signing key per line,"
             " shared by every gateway replica"
         )
-    tls_cert, tls_key = env_file(env, TLS_CERT_FILE), env_file(env, TLS_KEY_FILE)
-    if (tls_cert is None) != (tls_key is None):
-        missing = TLS_KEY_FILE if tls_key is None else TLS_CERT_FILE
-        raise ConfigurationError(
-            f"{missing} is not set: {TLS_CERT_FILE} and {TLS_KEY_FILE} go together"
-        )
+    tls_cert, tls_key = _file_pair(env, TLS_CERT_FILE, TLS_KEY_FILE)
 
-    raw_metrics = env_value(env, METRICS_PORT)
-    metrics_port = 0 if raw_metrics in (None, "0") else parse_port(METRICS_PORT, str(raw_metrics))
-
-    quotas = {name: _int(env, var, DEFAULT_QUOTAS[name]) for name, var in QUOTA_VARIABLES.items()}
-
-    raw_hw = env_value(env, ETCD_SPACE_HIGH_WATER)
-    high_water = DEFAULT_HIGH_WATER
-    if raw_hw is not None:
-        try:
-            high_water = float(raw_hw)
-        except ValueError:
-            raise ConfigurationError(
-                f"{ETCD_SPACE_HIGH_WATER}={raw_hw!r} is not a number"
-            ) from None
-        if not math.isfinite(high_water) or not 0 < high_water < 1:
-            raise ConfigurationError(
-                f"{ETCD_SPACE_HIGH_WATER}={raw_hw!r} must be a fraction between 0 and 1"
-                " (e.g. 0.8: refuse writes above 80% of etcd's quota)"
-            )
-    quota_backend = _int(env, ETCD_QUOTA_BACKEND_BYTES, DEFAULT_ETCD_QUOTA_BACKEND_BYTES)
-
-    level_name = (env_value(env, LOG_LEVEL) or "INFO").upper()
-    level = logging.getLevelName(level_name)
-    if not isinstance(level, int):
-        raise ConfigurationError(
-            f"{LOG_LEVEL}={level_name!r} is not a log level; use DEBUG, INFO, WARNING or ERROR"
-        )
-
+    # The variables below are checked in the order of these arguments.
     return GatewaySettings(
         etcd_endpoints=endpoints,
         etcd_tls=etcd_tls,
-        token_key_file=token_key_file,
-        listen_host=host,
-        listen_port=port,
-        advertise=advertise,
-        etcd_username=username,
-        etcd_password=password,
         etcd_ca_file=ca_file,
         etcd_cert_file=cert_file,
         etcd_key_file=key_file,
         etcd_timeout=env_seconds(env, ETCD_TIMEOUT, 10.0),
-        token_ttl=env_seconds(env, TOKEN_TTL, 600.0),
+        etcd_username=username,
+        etcd_password=password,
+        etcd_quota_backend_bytes=_int(
+            env, ETCD_QUOTA_BACKEND_BYTES, DEFAULT_ETCD_QUOTA_BACKEND_BYTES
+        ),
+        etcd_space_high_water=_high_water(env),
+        etcd_space_poll=env_seconds(env, ETCD_SPACE_POLL, 2.0),
+        listen_host=host,
+        listen_port=port,
+        advertise=advertise,
+        metrics_port=_metrics_port(env),
         tls_cert_file=tls_cert,
         tls_key_file=tls_key,
-        metrics_port=metrics_port,
-        quotas=quotas,
-        etcd_quota_backend_bytes=quota_backend,
-        etcd_space_high_water=high_water,
-        etcd_space_poll=env_seconds(env, ETCD_SPACE_POLL, 2.0),
+        token_key_file=token_key_file,
+        token_ttl=env_seconds(env, TOKEN_TTL, 600.0),
+        quotas={
+            name: _int(env, var, DEFAULT_QUOTAS[name]) for name, var in QUOTA_VARIABLES.items()
+        },
         quota_resync=env_seconds(env, QUOTA_RESYNC, 30.0),
-        log_level=level,
+        log_level=_log_level(env),
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from etha.kvstore import KVStore, from_env
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from tests.support.etcd_server import EtcdCluster
+from tests.support.job_kinds import KINDS, make_job
 from tests.support.kube_emulator import EmulatorServer
 from tests.support.operator_runner import wait_for
 
@@ -105,19 +106,79 @@ def kvnamespace(name: str, job: str, **spec: Any) -> dict[str, Any]:
 
 
 def job(name: str) -> dict[str, Any]:
+    """A batch/v1 Job whose pods carry the label that asks for KVNamespace ``name``."""
+    pod_spec = {
+        "restartPolicy": "Never",
+        "containers": [{"name": "worker", "image": "python:3.11-slim"}],
+    }
+    template = {"metadata": {"labels": {"etha.io/kvnamespace": name}}, "spec": pod_spec}
+    return {**make_job(KINDS["Job"], name), "spec": {"template": template}}
+
+
+def create_ready(
+    kube: EmulatorServer, namespace: str, name: str, job_name: str | None = None, **spec: Any
+) -> dict[str, Any]:
+    """What a user does: create KVNamespace ``name`` for the Job ``job_name`` (without one,
+    a Job named ``name`` is created for it first); its status once Ready."""
+    if job_name is None:
+        job_name = name
+        kube.create("batch/v1", "jobs", job(name), namespace)
+    kube.create(API, PLURAL, kvnamespace(name, job_name, **spec), namespace)
+    status: dict[str, Any] = wait_phase(kube, namespace, name, "Ready")["status"]
+    return status
+
+
+def write_keys(kube: EmulatorServer, namespace: str, secret: str, count: int) -> None:
+    """A worker with the Secret ``secret`` writes ``count`` keys."""
+    with store_from_secret(kube, namespace, secret) as store:
+        for i in range(count):
+            store.set(f"rank:{i}/ready", "1")
+
+
+def wait_gone_from_etcd(etcd: EtcdCluster, user: str, role: str, what: str) -> None:
+    """Wait (60 s at most) until etcd has neither ``user`` nor ``role``."""
+    wait_for(
+        lambda: user not in etcd_users(etcd) and role not in etcd_roles(etcd),
+        timeout=60,
+        interval=0.5,
+        what=what,
+    )
+
+
+def restart_etcd(etcd: EtcdCluster) -> None:
+    """Start the stopped members again; wait (60 s at most) until etcd answers again."""
+    for node in etcd.nodes:
+        node.start()
+    # EtcdCluster.wait_healthy checks without credentials, which fails once auth is on.
+    wait_for(
+        lambda: etcd.etcdctl("endpoint", "health", check=False).returncode == 0,
+        timeout=60,
+        interval=0.2,
+        what="etcd to come back",
+    )
+
+
+def chart_grants(values: dict[str, Any] | None = None) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> the verbs the chart's ClusterRoles grant, with ``values``."""
+    from tests.test_chart import manifests  # renders with helm: only where it is needed
+
+    granted: dict[tuple[str, str], set[str]] = {}
+    for role in (d for d in manifests(values) if d["kind"] == "ClusterRole"):
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    granted.setdefault((group, resource), set()).update(rule["verbs"])
+    return granted
+
+
+def ungranted(
+    used: dict[tuple[str | None, str, str], set[str]], granted: dict[tuple[str, str], set[str]]
+) -> dict[str, list[str]]:
+    """The verbs used (an ApiRecorder's ``verbs()``) that ``granted`` lacks, by resource."""
     return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": name},
-        "spec": {
-            "template": {
-                "metadata": {"labels": {"etha.io/kvnamespace": name}},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [{"name": "worker", "image": "python:3.11-slim"}],
-                },
-            }
-        },
+        f"{group or 'core'}/{resource}": sorted(verbs - granted.get((group, resource), set()))
+        for (_, group, resource), verbs in used.items()
+        if verbs - granted.get((group, resource), set())
     }
 
 

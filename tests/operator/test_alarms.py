@@ -8,7 +8,6 @@ cleared again (DEACTIVATE, what ``etcdctl alarm disarm`` does).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
 from etha_operator.reconciler import ALARM_CACHE_SECONDS
@@ -25,28 +24,16 @@ from tests.operator.helpers import (
 )
 from tests.support.etcd_server import EtcdCluster
 from tests.support.kube_emulator import EmulatorServer
-from tests.support.operator_runner import OperatorProcess, wait_for
+from tests.support.operator_runner import OperatorFactory, OperatorProcess, wait_for
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.own_etcd]
 
 NOSPACE, CORRUPT = 1, 2  # etcd's AlarmType numbers
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-alarms"), auth=True)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
-
-
-@pytest.fixture(scope="module")
-def operator(operator_factory: Callable[..., OperatorProcess]) -> Iterator[OperatorProcess]:
-    proc = operator_factory(ETHA_OPERATOR_JOB_CHECK_INTERVAL="1").start()
-    yield proc
-    proc.stop()
+def operator(operator_factory: OperatorFactory) -> OperatorProcess:
+    return operator_factory(ETHA_OPERATOR_JOB_CHECK_INTERVAL="1").start()
 
 
 def _alarm(etcd: EtcdCluster, action: int, alarm: int) -> list[int]:

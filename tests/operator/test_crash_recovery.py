@@ -7,8 +7,6 @@ after the Secret exists but before the status says Ready.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 
 from tests.operator.helpers import (
@@ -22,7 +20,7 @@ from tests.operator.helpers import (
 )
 from tests.support.etcd_server import EtcdCluster
 from tests.support.kube_emulator import EmulatorServer
-from tests.support.operator_runner import OperatorProcess
+from tests.support.operator_runner import OperatorFactory, OperatorProcess
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -31,14 +29,17 @@ def _etha_users(etcd: EtcdCluster) -> set[str]:
     return {u for u in etcd_users(etcd) if u.startswith("etha-")}
 
 
+def _first_run(
+    etcd: EtcdCluster, operator_factory: OperatorFactory
+) -> tuple[set[str], OperatorProcess]:
+    """The operator-made users before the test, and the operator that is to be killed."""
+    return _etha_users(etcd), operator_factory().start()
+
+
 def test_killed_before_the_secret_is_written(
-    kube: EmulatorServer,
-    operator_factory: Callable[..., OperatorProcess],
-    etcd: EtcdCluster,
-    k8s_ns: str,
+    kube: EmulatorServer, operator_factory: OperatorFactory, etcd: EtcdCluster, k8s_ns: str
 ) -> None:
-    before = _etha_users(etcd)
-    first = operator_factory().start()
+    before, first = _first_run(etcd, operator_factory)
     with kube.hold("POST", "secrets", name="crashy-etha-kv") as hold:
         uid = kube.create(API, PLURAL, kvnamespace("crashy", "crashy-job"), k8s_ns)["metadata"][
             "uid"
@@ -65,13 +66,9 @@ def test_killed_before_the_secret_is_written(
 
 
 def test_killed_after_the_secret_but_before_ready(
-    kube: EmulatorServer,
-    operator_factory: Callable[..., OperatorProcess],
-    etcd: EtcdCluster,
-    k8s_ns: str,
+    kube: EmulatorServer, operator_factory: OperatorFactory, etcd: EtcdCluster, k8s_ns: str
 ) -> None:
-    before = _etha_users(etcd)
-    first = operator_factory().start()
+    before, first = _first_run(etcd, operator_factory)
     with kube.hold("PATCH", "kvnamespaces", subresource="status", name="late") as hold:
         uid = kube.create(API, PLURAL, kvnamespace("late", "late-job"), k8s_ns)["metadata"]["uid"]
         assert hold.reached.wait(60), first.log_tail()

@@ -7,7 +7,6 @@ This module runs its own etcd (auth on), because it stops it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from pyetcd import etcdrpc
@@ -18,51 +17,37 @@ from tests.operator.helpers import (
     API,
     PLURAL,
     count_keys,
+    create_ready,
     etcd_roles,
     etcd_users,
-    kvnamespace,
+    restart_etcd,
     root_client,
-    store_from_secret,
-    wait_phase,
+    wait_gone_from_etcd,
+    write_keys,
 )
 from tests.support.etcd_server import EtcdCluster
 from tests.support.kube_emulator import EmulatorServer
-from tests.support.operator_runner import OperatorProcess, wait_for
+from tests.support.operator_runner import OperatorFactory, OperatorProcess, wait_for
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.own_etcd]
 
 DEADLINE = 3
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-outage"), auth=True)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
-
-
-@pytest.fixture(scope="module")
-def operator(operator_factory: type[OperatorProcess]) -> Iterator[OperatorProcess]:
-    proc = operator_factory(
+def operator(operator_factory: OperatorFactory) -> OperatorProcess:
+    return operator_factory(
         ETHA_OPERATOR_CLEANUP_DEADLINE=str(DEADLINE),
         ETHA_OPERATOR_AUDIT_INTERVAL="1",
         ETHA_OPERATOR_ETCD_TIMEOUT="1",
     ).start()
-    yield proc
-    proc.stop()
 
 
 def test_delete_with_etcd_down_gives_up_after_the_deadline_and_the_audit_cleans_later(
     kube: EmulatorServer, operator: OperatorProcess, etcd: EtcdCluster, k8s_ns: str
 ) -> None:
-    kube.create(API, PLURAL, kvnamespace("stranded", "stranded-job"), k8s_ns)
-    status = wait_phase(kube, k8s_ns, "stranded", "Ready")["status"]
-    with store_from_secret(kube, k8s_ns, "stranded-etha-kv") as store:
-        for i in range(5):
-            store.set(f"k{i}", "v")
+    status = create_ready(kube, k8s_ns, "stranded", "stranded-job")
+    write_keys(kube, k8s_ns, "stranded-etha-kv", 5)
 
     etcd.stop()
     try:
@@ -85,25 +70,14 @@ def test_delete_with_etcd_down_gives_up_after_the_deadline_and_the_audit_cleans_
         assert "keys" in event["message"]
         assert kube.find("v1", "secrets", "stranded-etha-kv", k8s_ns) is None
     finally:
-        for node in etcd.nodes:
-            node.start()
-        # EtcdCluster.wait_healthy checks without credentials, which fails once auth is on.
-        wait_for(
-            lambda: etcd.etcdctl("endpoint", "health", check=False).returncode == 0,
-            timeout=60,
-            interval=0.2,
-            what="etcd to come back",
-        )
+        restart_etcd(etcd)
 
     # What the finalizer left behind is still in etcd, until the audit finds it.
-    wait_for(
-        lambda: (
-            status["etcdUser"] not in etcd_users(etcd)
-            and status["etcdRole"] not in etcd_roles(etcd)
-        ),
-        timeout=60,
-        interval=0.5,
-        what="the audit to remove the stranded user and role",
+    wait_gone_from_etcd(
+        etcd,
+        status["etcdUser"],
+        status["etcdRole"],
+        "the audit to remove the stranded user and role",
     )
     assert count_keys(etcd, status["keyPrefix"]) == 0
     assert "audit: removed orphaned etcd user/etcd role" in operator.log()
@@ -112,10 +86,8 @@ def test_delete_with_etcd_down_gives_up_after_the_deadline_and_the_audit_cleans_
 def test_audit_removes_orphans_created_behind_the_operators_back(
     kube: EmulatorServer, operator: OperatorProcess, etcd: EtcdCluster, k8s_ns: str
 ) -> None:
-    kube.create(API, PLURAL, kvnamespace("alive", "alive-job"), k8s_ns)
-    alive = wait_phase(kube, k8s_ns, "alive", "Ready")["status"]
-    with store_from_secret(kube, k8s_ns, "alive-etha-kv") as store:
-        store.set("mine", "1")
+    alive = create_ready(kube, k8s_ns, "alive", "alive-job")
+    write_keys(kube, k8s_ns, "alive-etha-kv", 1)
 
     orphan = f"etha-{uuid.uuid4()}"
     orphan_prefix = f"orphan-{uuid.uuid4().hex[:6]}"
@@ -140,12 +112,7 @@ def test_audit_removes_orphans_created_behind_the_operators_back(
         )
         client.call("Auth", "UserAdd", etcdrpc.AuthUserAddRequest(name=orphan, password="pw"))
 
-    wait_for(
-        lambda: orphan not in etcd_users(etcd) and orphan not in etcd_roles(etcd),
-        timeout=60,
-        interval=0.5,
-        what="the audit to remove the orphan",
-    )
+    wait_gone_from_etcd(etcd, orphan, orphan, "the audit to remove the orphan")
     assert count_keys(etcd, orphan_prefix) == 0
     users = etcd_users(etcd)
     # Only operator-made names (etha-<uid>) without a KVNamespace are orphans.
@@ -157,11 +124,8 @@ def test_audit_removes_orphans_created_behind_the_operators_back(
 def test_audit_cleans_up_after_a_finalizer_removed_by_hand(
     kube: EmulatorServer, operator: OperatorProcess, etcd: EtcdCluster, k8s_ns: str
 ) -> None:
-    kube.create(API, PLURAL, kvnamespace("forced", "forced-job"), k8s_ns)
-    status = wait_phase(kube, k8s_ns, "forced", "Ready")["status"]
-    with store_from_secret(kube, k8s_ns, "forced-etha-kv") as store:
-        for i in range(4):
-            store.set(f"k{i}", "v")
+    status = create_ready(kube, k8s_ns, "forced", "forced-job")
+    write_keys(kube, k8s_ns, "forced-etha-kv", 4)
     # What `kubectl patch --type=merge -p '{"metadata":{"finalizers":null}}'` does to a
     # stuck object: it goes without the operator's clean-up.
     kube.patch(API, PLURAL, "forced", {"metadata": {"finalizers": None}}, k8s_ns)
@@ -172,13 +136,10 @@ def test_audit_cleans_up_after_a_finalizer_removed_by_hand(
         # finalizer again, as a user does to an object stuck in Terminating.
         kube.patch(API, PLURAL, "forced", {"metadata": {"finalizers": None}}, k8s_ns)
     assert kube.find(API, PLURAL, "forced", k8s_ns) is None
-    wait_for(
-        lambda: (
-            status["etcdUser"] not in etcd_users(etcd)
-            and status["etcdRole"] not in etcd_roles(etcd)
-        ),
-        timeout=60,
-        interval=0.5,
-        what="the audit to remove the user and role of the force-deleted KVNamespace",
+    wait_gone_from_etcd(
+        etcd,
+        status["etcdUser"],
+        status["etcdRole"],
+        "the audit to remove the user and role of the force-deleted KVNamespace",
     )
     assert count_keys(etcd, status["keyPrefix"]) == 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -25,7 +24,6 @@ from tests.operator.helpers import (
     count_keys,
     event_reasons,
     finish_job,
-    gateway_etcd_user,
     job,
     kvnamespace,
     root_client,
@@ -36,47 +34,17 @@ from tests.operator.helpers import (
 from tests.support.etcd_server import EtcdCluster
 from tests.support.gateway import GatewayProcess
 from tests.support.kube_emulator import EmulatorServer
-from tests.support.operator_runner import OperatorProcess, wait_for
+from tests.support.operator_runner import OperatorFactory, OperatorProcess, wait_for
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.own_etcd]
 
 PASSWORD = "ETHA_KV_PASSWORD"
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-gateway-mode"), auth=True)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
-
-
-@pytest.fixture(scope="module")
-def gateway(
-    etcd: EtcdCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[GatewayProcess]:
-    user, password = gateway_etcd_user(etcd)
-    proc = GatewayProcess(
-        etcd.endpoints, tmp_path_factory.mktemp("gateway"), username=user, password=password
-    )
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(scope="module")
-def operator(
-    operator_factory: Callable[..., OperatorProcess], gateway: GatewayProcess
-) -> Iterator[OperatorProcess]:
-    proc = operator_factory(
-        gateway=[f"http://{gateway.endpoint}"], ETHA_OPERATOR_AUDIT_INTERVAL="1"
-    ).start()
-    yield proc
-    proc.stop()
+def operator(operator_factory: OperatorFactory, gateway: GatewayProcess) -> OperatorProcess:
+    gateways = [f"http://{gateway.endpoint}"]
+    return operator_factory(gateway=gateways, ETHA_OPERATOR_AUDIT_INTERVAL="1").start()
 
 
 def _record(etcd: EtcdCluster, user: str) -> tuple[TenantRecord | None, bytes]:

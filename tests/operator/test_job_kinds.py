@@ -6,7 +6,7 @@ status written the way its own controller writes it -> keys deleted, the count i
 Plus the job's deletion, Keep and Revoke; a kind whose CRD is installed only later; a
 custom kind from ETHA_OPERATOR_JOB_KINDS; and ``etha.io/kvnamespace: auto``.
 
-Its own module: its own emulator (with the CRDs), etcd, gateway and operator.
+Its own module: its own emulator (with the CRDs), etcd (``own_etcd``), gateway and operator.
 """
 
 from __future__ import annotations
@@ -15,50 +15,58 @@ import base64
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jsonpatch
 import pytest
 
-from tests.distributed_helpers import REPO, procs, tail
 from tests.operator.helpers import (
     API,
     PLURAL,
+    chart_grants,
     count_keys,
     event_reasons,
-    gateway_etcd_user,
+    kvnamespace,
     secret_env,
     store_from_secret,
+    ungranted,
     wait_phase,
+    write_keys,
 )
-from tests.operator.test_webhook import review
 from tests.reliability.conftest import ApiRecorder
+from tests.support.admission import review, webhook_settings, worker_pod
 from tests.support.etcd_server import EtcdCluster
 from tests.support.gateway import GatewayProcess
-from tests.support.job_kinds import KINDS, Kind, conditions, install_job_crds, make_job
+from tests.support.job_kinds import (
+    AUTO,
+    KINDS,
+    Kind,
+    conditions,
+    create_job,
+    install_job_crds,
+    kind_setting,
+    set_job_status,
+)
 from tests.support.kube_emulator import EmulatorServer, job_crd
-from tests.support.operator_runner import OperatorProcess, wait_for
-from tests.support.ports import free_port, wait_port
-from tests.support.tls import TLSFiles, make_tls
-from tests.test_chart import manifests
+from tests.support.operator_runner import OperatorFactory, OperatorProcess, wait_for
+from tests.support.tls import TLSFiles
+from tests.support.workers import REPO, procs, tail
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.own_etcd]
 
 
 #: A kind given through ETHA_OPERATOR_JOB_KINDS; its CRD is installed only by a test.
-CUSTOM_KIND = {
-    "group": "ml.example.com",
-    "version": "v1",
-    "kind": "TrainingRun",
-    "plural": "trainingruns",
-    "podLabel": "ml.example.com/run",
-    "ended": [
-        {"field": "status.outcome", "values": ["Done"], "outcome": "Succeeded"},
-        {"field": "status.outcome", "values": ["Crashed"], "outcome": "Failed"},
-    ],
-}
+CUSTOM_KIND = kind_setting(
+    "ml.example.com",
+    "v1",
+    "TrainingRun",
+    "trainingruns",
+    {"field": "status.outcome", "values": ["Done"], "outcome": "Succeeded"},
+    {"field": "status.outcome", "values": ["Crashed"], "outcome": "Failed"},
+    podLabel="ml.example.com/run",
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,81 +83,27 @@ def recorder(kube: EmulatorServer) -> ApiRecorder:
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-job-kinds"), auth=True)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
-
-
-@pytest.fixture(scope="module")
-def gateway(
-    etcd: EtcdCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[GatewayProcess]:
-    user, password = gateway_etcd_user(etcd)
-    proc = GatewayProcess(
-        etcd.endpoints, tmp_path_factory.mktemp("gateway"), username=user, password=password
-    )
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    return make_tls(tmp_path_factory.mktemp("webhook-tls"))
-
-
-@pytest.fixture(scope="module")
-def webhook_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
 def operator(
-    operator_factory: Callable[..., OperatorProcess],
+    operator_factory: OperatorFactory,
     recorder: ApiRecorder,
     gateway: GatewayProcess,
     tls: TLSFiles,
     webhook_port: int,
-) -> Iterator[OperatorProcess]:
-    proc = operator_factory(
+) -> OperatorProcess:
+    return operator_factory(
         gateway=[f"http://{gateway.endpoint}"],
-        ETHA_OPERATOR_WEBHOOK_PORT=str(webhook_port),
-        ETHA_OPERATOR_WEBHOOK_CERT_FILE=str(tls.server_cert),
-        ETHA_OPERATOR_WEBHOOK_KEY_FILE=str(tls.server_key),
+        **webhook_settings(tls, webhook_port),
         ETHA_OPERATOR_JOB_KINDS=json.dumps([CUSTOM_KIND]),
         ETHA_OPERATOR_DISCOVERY_INTERVAL="1",
         ETHA_OPERATOR_JOB_CHECK_INTERVAL="2",
     ).start()
-    wait_port("127.0.0.1", webhook_port, timeout=30)
-    yield proc
-    proc.stop()
 
 
 def kvns_for(kind: Kind, name: str, job: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": API,
-        "kind": "KVNamespace",
-        "metadata": {"name": name},
-        "spec": {
-            "jobRef": {"apiVersion": kind.api_version, "kind": kind.kind, "name": job},
-            **spec,
-        },
-    }
-
-
-def worker_pod(labels: dict[str, str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"generateName": "worker-", "labels": labels},
-        "spec": {"containers": [{"name": "main", "image": "python:3.11-slim"}]},
-    }
+    """A KVNamespace for the job ``job`` of ``kind``."""
+    body = kvnamespace(name, job, **spec)
+    body["spec"]["jobRef"].update(apiVersion=kind.api_version, kind=kind.kind)
+    return body
 
 
 def injected(
@@ -171,12 +125,6 @@ def injected(
     return patched
 
 
-def write_keys(kube: EmulatorServer, namespace: str, secret: str, count: int) -> None:
-    with store_from_secret(kube, namespace, secret) as store:
-        for i in range(count):
-            store.set(f"rank:{i}/ready", "1")
-
-
 @pytest.mark.parametrize("label", list(KINDS))
 def test_each_kind_is_cleaned_at_its_end(
     kube: EmulatorServer,
@@ -188,7 +136,7 @@ def test_each_kind_is_cleaned_at_its_end(
     label: str,
 ) -> None:
     kind = KINDS[label]
-    kube.create(kind.api_version, kind.plural, make_job(kind, "train"), k8s_ns)
+    create_job(kube, kind, "train", k8s_ns)
     kube.create(API, PLURAL, kvns_for(kind, "kv", "train"), k8s_ns)
     status = wait_phase(kube, k8s_ns, "kv", "Ready")["status"]
     assert (
@@ -200,22 +148,8 @@ def test_each_kind_is_cleaned_at_its_end(
     assert count_keys(etcd, status["keyPrefix"]) == 3
 
     # Still running: a status without the end rule's values changes nothing.
-    kube.patch(
-        kind.api_version,
-        kind.plural,
-        "train",
-        {"status": conditions(("Running", "True", "Running"))},
-        k8s_ns,
-        subresource="status",
-    )
-    kube.patch(
-        kind.api_version,
-        kind.plural,
-        "train",
-        {"status": kind.succeeded()},
-        k8s_ns,
-        subresource="status",
-    )
+    set_job_status(kube, kind, "train", k8s_ns, conditions(("Running", "True", "Running")))
+    set_job_status(kube, kind, "train", k8s_ns, kind.succeeded())
     done = wait_phase(kube, k8s_ns, "kv", "Cleaned")["status"]
     assert done["keysDeleted"] == 3
     assert done["jobEndReason"] in ("Complete", "Completed", "Succeeded")
@@ -228,7 +162,7 @@ def test_deleting_the_job_is_its_end(
     kube: EmulatorServer, etcd: EtcdCluster, operator: OperatorProcess, k8s_ns: str, label: str
 ) -> None:
     kind = KINDS[label]
-    kube.create(kind.api_version, kind.plural, make_job(kind, "gone"), k8s_ns)
+    create_job(kube, kind, "gone", k8s_ns)
     kube.create(API, PLURAL, kvns_for(kind, "kv", "gone"), k8s_ns)
     status = wait_phase(kube, k8s_ns, "kv", "Ready")["status"]
     write_keys(kube, k8s_ns, "kv-etha-kv", 2)
@@ -242,8 +176,8 @@ def test_keep_and_revoke_on_a_failed_pytorchjob_and_a_terminated_volcano_job(
     kube: EmulatorServer, etcd: EtcdCluster, operator: OperatorProcess, k8s_ns: str
 ) -> None:
     torch, volcano = KINDS["PyTorchJob"], KINDS["VolcanoJob"]
-    kube.create(torch.api_version, torch.plural, make_job(torch, "keep"), k8s_ns)
-    kube.create(volcano.api_version, volcano.plural, make_job(volcano, "revoke"), k8s_ns)
+    create_job(kube, torch, "keep", k8s_ns)
+    create_job(kube, volcano, "revoke", k8s_ns)
     kube.create(API, PLURAL, kvns_for(torch, "keep", "keep", onJobEnd="Keep"), k8s_ns)
     kube.create(API, PLURAL, kvns_for(volcano, "revoke", "revoke", onJobEnd="Revoke"), k8s_ns)
     kept = wait_phase(kube, k8s_ns, "keep", "Ready")["status"]
@@ -251,23 +185,9 @@ def test_keep_and_revoke_on_a_failed_pytorchjob_and_a_terminated_volcano_job(
     write_keys(kube, k8s_ns, "keep-etha-kv", 2)
     write_keys(kube, k8s_ns, "revoke-etha-kv", 2)
     # training-operator: JobFailed = "Failed" (pkg/apis/kubeflow.org/v1/common_types.go).
-    kube.patch(
-        torch.api_version,
-        torch.plural,
-        "keep",
-        {"status": conditions(("Failed", "True", "PyTorchJobFailed"))},
-        k8s_ns,
-        subresource="status",
-    )
+    set_job_status(kube, torch, "keep", k8s_ns, conditions(("Failed", "True", "PyTorchJobFailed")))
     # volcano-sh/apis batch/v1alpha1 job.go: Terminated is a terminal JobPhase.
-    kube.patch(
-        volcano.api_version,
-        volcano.plural,
-        "revoke",
-        {"status": {"state": {"phase": "Terminated"}}},
-        k8s_ns,
-        subresource="status",
-    )
+    set_job_status(kube, volcano, "revoke", k8s_ns, {"state": {"phase": "Terminated"}})
     ended = wait_phase(kube, k8s_ns, "keep", "JobEnded")["status"]
     assert ended["jobEndReason"] == "Failed"
     assert count_keys(etcd, kept["keyPrefix"]) == 2  # Keep: nothing deleted
@@ -340,12 +260,7 @@ def test_auto_annotation_gives_a_kvnamespace_injection_and_clean_up(
     label: str,
 ) -> None:
     kind = KINDS[label]
-    job = kube.create(
-        kind.api_version,
-        kind.plural,
-        make_job(kind, "llm", {"etha.io/kvnamespace": "auto"}),
-        k8s_ns,
-    )
+    job = create_job(kube, kind, "llm", k8s_ns, AUTO)
     status = wait_phase(kube, k8s_ns, "llm", "Ready")["status"]
     kvns = kube.get(API, PLURAL, "llm", k8s_ns)
     assert kvns["spec"]["jobRef"] == {
@@ -369,7 +284,7 @@ def test_auto_annotation_gives_a_kvnamespace_injection_and_clean_up(
     assert other["allowed"] is True and "patch" not in other
 
     write_keys(kube, k8s_ns, "llm-etha-kv", 2)
-    kube.patch(kind.api_version, kind.plural, "llm", {"status": kind.succeeded()}, k8s_ns, "status")
+    set_job_status(kube, kind, "llm", k8s_ns, kind.succeeded())
     done = wait_phase(kube, k8s_ns, "llm", "Cleaned")["status"]
     assert done["keysDeleted"] == 2
     assert count_keys(etcd, status["keyPrefix"]) == 0
@@ -395,12 +310,7 @@ def test_auto_kvnamespaces_of_same_named_jobs_stay_apart(
     spaces = ("team-a-same", "team-b-same")
     statuses = {}
     for ns in spaces:
-        kube.create(
-            kind.api_version,
-            kind.plural,
-            make_job(kind, "same", {"etha.io/kvnamespace": "auto"}),
-            ns,
-        )
+        create_job(kube, kind, "same", ns, AUTO)
     for ns in spaces:
         statuses[ns] = wait_phase(kube, ns, "same", "Ready")["status"]
     assert statuses[spaces[0]]["keyPrefix"] != statuses[spaces[1]]["keyPrefix"]
@@ -415,9 +325,7 @@ def test_auto_kvnamespaces_of_same_named_jobs_stay_apart(
         assert store.get("rank:2/ready") is None
     assert a_env["ETHA_KV_NAMESPACE"] == statuses[spaces[0]]["keyPrefix"]
     # Ending one job cleans only its own keys.
-    kube.patch(
-        kind.api_version, kind.plural, "same", {"status": kind.succeeded()}, spaces[0], "status"
-    )
+    set_job_status(kube, kind, "same", spaces[0], kind.succeeded())
     assert wait_phase(kube, spaces[0], "same", "Cleaned")["status"]["keysDeleted"] == 1
     assert count_keys(etcd, statuses[spaces[1]]["keyPrefix"]) == 3
     assert kube.get(API, PLURAL, "same", spaces[1])["status"]["phase"] == "Ready"
@@ -433,12 +341,7 @@ def test_a_pod_arriving_before_its_auto_kvnamespace_waits_for_the_secret(
     kind = KINDS["JobSet"]
     pod = worker_pod({kind.pod_label: "early"})
     with kube.hold("POST", "kvnamespaces", name="early") as hold:
-        kube.create(
-            kind.api_version,
-            kind.plural,
-            make_job(kind, "early", {"etha.io/kvnamespace": "auto"}),
-            k8s_ns,
-        )
+        create_job(kube, kind, "early", k8s_ns, AUTO)
         assert hold.reached.wait(60), "the operator never created the KVNamespace"
         assert kube.find(API, PLURAL, "early", k8s_ns) is None
 
@@ -472,12 +375,7 @@ def test_an_auto_job_never_gets_a_hand_made_kvnamespace_of_its_name(
     kind = KINDS["JobSet"]
     kube.create(API, PLURAL, kvns_for(KINDS["Job"], "taken", "some-batch-job"), k8s_ns)
     wait_phase(kube, k8s_ns, "taken", "Ready")
-    kube.create(
-        kind.api_version,
-        kind.plural,
-        make_job(kind, "taken", {"etha.io/kvnamespace": "auto"}),
-        k8s_ns,
-    )
+    create_job(kube, kind, "taken", k8s_ns, AUTO)
     wait_for(
         lambda: "KVNamespaceConflict" in event_reasons(kube, k8s_ns, "taken"),
         timeout=60,
@@ -493,6 +391,31 @@ def test_an_auto_job_never_gets_a_hand_made_kvnamespace_of_its_name(
 
     answer = wait_for(denied, timeout=60, what="the pod of the auto job to be refused")
     assert "not the one made for that job" in answer["status"]["message"]
+
+
+def node_env(kube: EmulatorServer, namespace: str, secret: str, rank: int) -> dict[str, str]:
+    """Node ``rank`` (of 2) of a TrainJob: the Secret's variables and the PET_* ones the
+    Trainer's torch runtime sets; none of this machine's ETHA_KV_*/PET_*/RANK/WORLD_SIZE."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ETHA_KV_", "PET_")) and k not in ("RANK", "WORLD_SIZE")
+    }
+    env.update(secret_env(kube, namespace, secret))
+    job = secret.removesuffix("-etha-kv")
+    env.update(
+        {
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+            "GLOO_SOCKET_IFNAME": "lo",
+            # kubeflow/trainer pkg/constants/constants.go, TorchEnv*:
+            "PET_NNODES": "2",
+            "PET_NPROC_PER_NODE": "1",
+            "PET_NODE_RANK": str(rank),
+            "PET_MASTER_ADDR": f"{job}-node-0-0.{job}",
+            "PET_MASTER_PORT": "29400",
+        }
+    )
+    return env
 
 
 TORCH_WORKER = """
@@ -524,12 +447,7 @@ def test_trainjob_pods_rendezvous_with_what_the_kind_and_the_secret_give(
     runtime sets (no RANK, no WORLD_SIZE, nothing hand-written) are enough for etha://,
     through the gateway."""
     kind = KINDS["TrainJob"]
-    kube.create(
-        kind.api_version,
-        kind.plural,
-        make_job(kind, "finetune", {"etha.io/kvnamespace": "auto"}),
-        k8s_ns,
-    )
+    create_job(kube, kind, "finetune", k8s_ns, AUTO)
     status = wait_phase(kube, k8s_ns, "finetune", "Ready")["status"]
     pod = worker_pod({kind.pod_label: "finetune"})
     secret = injected(tls, webhook_port, pod, k8s_ns, "finetune-etha-kv")["spec"]["containers"][0][
@@ -537,29 +455,13 @@ def test_trainjob_pods_rendezvous_with_what_the_kind_and_the_secret_give(
     ][0]["secretRef"]["name"]
     script = tmp_path / "worker.py"
     script.write_text(TORCH_WORKER)
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ETHA_KV_", "PET_")) and k not in ("RANK", "WORLD_SIZE")
-    }
-    base.update(secret_env(kube, k8s_ns, secret))
-    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), base.get("PYTHONPATH")]))
-    base["GLOO_SOCKET_IFNAME"] = "lo"
     with procs() as p:
         logs = [tmp_path / f"node{r}.log" for r in range(2)]
         workers = [
             p.python(
                 script,
                 [str(tmp_path / f"out{r}.json")],
-                {
-                    **base,
-                    # kubeflow/trainer pkg/constants/constants.go, TorchEnv*:
-                    "PET_NNODES": "2",
-                    "PET_NPROC_PER_NODE": "1",
-                    "PET_NODE_RANK": str(r),
-                    "PET_MASTER_ADDR": "finetune-node-0-0.finetune",
-                    "PET_MASTER_PORT": "29400",
-                },
+                node_env(kube, k8s_ns, secret, r),
                 logs[r],
             )
             for r in range(2)
@@ -570,9 +472,7 @@ def test_trainjob_pods_rendezvous_with_what_the_kind_and_the_secret_give(
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["world"] == 2 and r["sum"] == 3.0 for r in results)
     assert count_keys(etcd, status["keyPrefix"]) > 0  # the rendezvous used the job's store
-    kube.patch(
-        kind.api_version, kind.plural, "finetune", {"status": kind.succeeded()}, k8s_ns, "status"
-    )
+    set_job_status(kube, kind, "finetune", k8s_ns, kind.succeeded())
     assert wait_phase(kube, k8s_ns, "finetune", "Cleaned")["status"]["keysDeleted"] > 0
     assert count_keys(etcd, status["keyPrefix"]) == 0
 
@@ -603,25 +503,12 @@ def test_torchrun_with_the_etha_backend_needs_only_the_trainjob_command(
     two nodes: torchrun takes the node count from PET_NNODES, etha the store from the
     Secret; no --nnodes, no --rdzv-endpoint, no --rdzv-id."""
     kind = KINDS["TrainJob"]
-    kube.create(
-        kind.api_version,
-        kind.plural,
-        make_job(kind, "elastic", {"etha.io/kvnamespace": "auto"}),
-        k8s_ns,
-    )
+    create_job(kube, kind, "elastic", k8s_ns, AUTO)
     status = wait_phase(kube, k8s_ns, "elastic", "Ready")["status"]
     script = tmp_path / "train.py"
     script.write_text(TORCHRUN_WORKER)
     out = tmp_path / "out"
     out.mkdir()
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ETHA_KV_", "PET_")) and k not in ("RANK", "WORLD_SIZE")
-    }
-    base.update(secret_env(kube, k8s_ns, "elastic-etha-kv"))
-    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), base.get("PYTHONPATH")]))
-    base["GLOO_SOCKET_IFNAME"] = "lo"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--rdzv-backend=etha",
         # Only because both "nodes" share this machine's loopback:
@@ -631,19 +518,7 @@ def test_torchrun_with_the_etha_backend_needs_only_the_trainjob_command(
     with procs() as p:
         logs = [tmp_path / f"node{r}.log" for r in range(2)]
         nodes = [
-            p.start(
-                cmd,
-                {
-                    **base,
-                    "PET_NNODES": "2",
-                    "PET_NPROC_PER_NODE": "1",
-                    "PET_NODE_RANK": str(r),
-                    "PET_MASTER_ADDR": "elastic-node-0-0.elastic",
-                    "PET_MASTER_PORT": "29400",
-                },
-                logs[r],
-            )
-            for r in range(2)
+            p.start(cmd, node_env(kube, k8s_ns, "elastic-etha-kv", r), logs[r]) for r in range(2)
         ]
         codes = p.wait_all(nodes, timeout=180)
         assert codes == [0, 0], "\n---\n".join(tail(log, 60) for log in logs)
@@ -660,21 +535,10 @@ def test_the_chart_grants_every_call_the_operator_made_for_these_kinds(
     """Least privilege over the whole module (every kind, auto mode, a custom kind): the
     chart with the same jobKinds.extra grants each verb used, and nothing on job kinds
     beyond read."""
-    granted: dict[tuple[str, str], set[str]] = {}
-    for role in (
-        d for d in manifests({"jobKinds": {"extra": [CUSTOM_KIND]}}) if d["kind"] == "ClusterRole"
-    ):
-        for rule in role["rules"]:
-            for group in rule["apiGroups"]:
-                for resource in rule["resources"]:
-                    granted.setdefault((group, resource), set()).update(rule["verbs"])
+    granted = chart_grants({"jobKinds": {"extra": [CUSTOM_KIND]}})
     used = recorder.verbs()
     assert used, "nothing recorded"
-    missing = {
-        f"{group or 'core'}/{resource}": sorted(verbs - granted.get((group, resource), set()))
-        for (_, group, resource), verbs in used.items()
-        if verbs - granted.get((group, resource), set())
-    }
+    missing = ungranted(used, granted)
     assert not missing, f"the chart does not grant {missing}"
     kinds = {(k.group, k.plural) for k in KINDS.values()} | {("ml.example.com", "trainingruns")}
     for key in kinds:

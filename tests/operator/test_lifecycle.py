@@ -17,6 +17,7 @@ from tests.operator.helpers import (
     API,
     PLURAL,
     count_keys,
+    create_ready,
     etcd_roles,
     etcd_users,
     event_reasons,
@@ -27,6 +28,7 @@ from tests.operator.helpers import (
     secret_env,
     store_from_secret,
     wait_phase,
+    write_keys,
 )
 from tests.support.etcd_server import EtcdCluster
 from tests.support.kube_emulator import EmulatorServer
@@ -150,9 +152,7 @@ def test_job_completion_deletes_every_key_with_one_range_delete(
 def test_keep_policy_keeps_the_keys(
     kube: EmulatorServer, operator: OperatorProcess, etcd: EtcdCluster, k8s_ns: str
 ) -> None:
-    kube.create("batch/v1", "jobs", job("keeper"), k8s_ns)
-    kube.create(API, PLURAL, kvnamespace("keeper", "keeper", onJobEnd="Keep"), k8s_ns)
-    prefix = wait_phase(kube, k8s_ns, "keeper", "Ready")["status"]["keyPrefix"]
+    prefix = create_ready(kube, k8s_ns, "keeper", onJobEnd="Keep")["keyPrefix"]
     with store_from_secret(kube, k8s_ns, "keeper-etha-kv") as store:
         store.set("result", "42")
     finish_job(kube, k8s_ns, "keeper", "Failed")
@@ -165,14 +165,7 @@ def test_keep_policy_keeps_the_keys(
 def test_revoke_policy_deletes_keys_user_role_and_secret_after_the_ttl(
     kube: EmulatorServer, operator: OperatorProcess, etcd: EtcdCluster, k8s_ns: str
 ) -> None:
-    kube.create("batch/v1", "jobs", job("revoker"), k8s_ns)
-    kube.create(
-        API,
-        PLURAL,
-        kvnamespace("revoker", "revoker", onJobEnd="Revoke", ttlSecondsAfterJobEnd=2),
-        k8s_ns,
-    )
-    status = wait_phase(kube, k8s_ns, "revoker", "Ready")["status"]
+    status = create_ready(kube, k8s_ns, "revoker", onJobEnd="Revoke", ttlSecondsAfterJobEnd=2)
     with store_from_secret(kube, k8s_ns, "revoker-etha-kv") as store:
         store.set("a", "1")
     env = secret_env(kube, k8s_ns, "revoker-etha-kv")
@@ -197,9 +190,7 @@ def test_revoke_policy_deletes_keys_user_role_and_secret_after_the_ttl(
 def test_deleted_job_counts_as_ended(
     kube: EmulatorServer, operator: OperatorProcess, etcd: EtcdCluster, k8s_ns: str
 ) -> None:
-    kube.create("batch/v1", "jobs", job("vanishing"), k8s_ns)
-    kube.create(API, PLURAL, kvnamespace("vanishing", "vanishing"), k8s_ns)
-    wait_phase(kube, k8s_ns, "vanishing", "Ready")
+    create_ready(kube, k8s_ns, "vanishing")
     # The operator records the Job's uid once it has seen it; only then does absence mean
     # "deleted" rather than "not created yet".
     wait_for(
@@ -230,11 +221,8 @@ def test_a_job_that_does_not_exist_yet_is_not_treated_as_ended(
 def test_delete_runs_the_finalizer(
     kube: EmulatorServer, operator: OperatorProcess, etcd: EtcdCluster, k8s_ns: str
 ) -> None:
-    kube.create(API, PLURAL, kvnamespace("doomed", "doomed-job"), k8s_ns)
-    status = wait_phase(kube, k8s_ns, "doomed", "Ready")["status"]
-    with store_from_secret(kube, k8s_ns, "doomed-etha-kv") as store:
-        for i in range(10):
-            store.set(f"k{i}", "v")
+    status = create_ready(kube, k8s_ns, "doomed", "doomed-job")
+    write_keys(kube, k8s_ns, "doomed-etha-kv", 10)
     assert status["etcdUser"] in etcd_users(etcd)
 
     kube.delete(API, PLURAL, "doomed", k8s_ns)
@@ -253,9 +241,7 @@ def test_no_password_in_logs_events_or_status(
     kube: EmulatorServer, operator: OperatorProcess, k8s_ns: str
 ) -> None:
     """Runs a whole lifecycle (operator at DEBUG) and greps everything for the password."""
-    kube.create("batch/v1", "jobs", job("secretive"), k8s_ns)
-    kube.create(API, PLURAL, kvnamespace("secretive", "secretive", onJobEnd="Revoke"), k8s_ns)
-    wait_phase(kube, k8s_ns, "secretive", "Ready")
+    create_ready(kube, k8s_ns, "secretive", onJobEnd="Revoke")
     password = secret_env(kube, k8s_ns, "secretive-etha-kv")["ETHA_KV_PASSWORD"]
     encoded = base64.b64encode(password.encode()).decode()
     finish_job(kube, k8s_ns, "secretive")

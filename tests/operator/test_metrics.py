@@ -11,31 +11,32 @@ from __future__ import annotations
 import re
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 from etha_operator import model
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.etcd_helpers import grant_prefix_user
 from tests.operator.helpers import (
     API,
     PLURAL,
     finish_job,
     job,
     kvnamespace,
+    restart_etcd,
     root_client,
     secret_env,
     store_from_secret,
     wait_phase,
 )
 from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_users import grant_prefix_user
 from tests.support.kube_emulator import EmulatorServer
-from tests.support.operator_runner import OperatorProcess, wait_for
+from tests.support.operator_runner import OperatorFactory, OperatorProcess, wait_for
 from tests.support.ports import free_port
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.own_etcd]
 
 Sample = tuple[str, frozenset[tuple[str, str]]]
 
@@ -75,17 +76,7 @@ DEADLINE = 3
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-metrics"), auth=True)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
-
-
-@pytest.fixture(scope="module")
-def metered(operator_factory: Callable[..., OperatorProcess]) -> Iterator[Metered]:
+def metered(operator_factory: OperatorFactory) -> Metered:
     port = free_port()
     proc = operator_factory(
         ETHA_OPERATOR_METRICS_PORT=str(port),
@@ -93,8 +84,7 @@ def metered(operator_factory: Callable[..., OperatorProcess]) -> Iterator[Metere
         ETHA_OPERATOR_CLEANUP_DEADLINE=str(DEADLINE),
         ETHA_OPERATOR_ETCD_TIMEOUT="1",
     ).start()
-    yield Metered(proc, port)
-    proc.stop()
+    return Metered(proc, port)
 
 
 def wait_metric(
@@ -312,14 +302,7 @@ def test_a_deletion_while_etcd_is_down_counts_the_deadline_and_the_errors(
             timeout=60,
         )
     finally:
-        for node in etcd.nodes:
-            node.start()
-        wait_for(
-            lambda: etcd.etcdctl("endpoint", "health", check=False).returncode == 0,
-            timeout=60,
-            interval=0.2,
-            what="etcd to come back",
-        )
+        restart_etcd(etcd)
     # The audit removes what the finalizer left, and counts it with the keys.
     after = wait_metric(
         metered,

@@ -3,56 +3,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from tests.operator.helpers import (
-    API,
-    PLURAL,
-    kvnamespace,
-    secret_env,
-    store_from_secret,
-    wait_phase,
-)
-from tests.support.etcd_server import EtcdCluster
+from tests.operator.helpers import create_ready, secret_env, store_from_secret
+from tests.support.etcd_server import EtcdCluster, etcd_cluster
 from tests.support.kube_emulator import EmulatorServer
-from tests.support.operator_runner import OperatorProcess
-from tests.support.tls import TLSFiles, make_tls
+from tests.support.operator_runner import OperatorFactory, OperatorProcess
+from tests.support.tls import TLSFiles
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    return make_tls(tmp_path_factory.mktemp("etcd-tls"))
-
-
-@pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-tls-auth"), auth=True, tls=tls)
-    cluster.start()
-    try:
+    """The module's own etcd: auth on, clients over TLS with the module's CA."""
+    with etcd_cluster(tmp_path_factory.mktemp("etcd-tls-auth"), auth=True, tls=tls) as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 @pytest.fixture(scope="module")
-def operator(
-    operator_factory: Callable[..., OperatorProcess], tls: TLSFiles
-) -> Iterator[OperatorProcess]:
-    proc = operator_factory(ETHA_OPERATOR_ETCD_CA_FILE=str(tls.ca_cert)).start()
-    yield proc
-    proc.stop()
+def operator(operator_factory: OperatorFactory, tls: TLSFiles) -> OperatorProcess:
+    return operator_factory(ETHA_OPERATOR_ETCD_CA_FILE=str(tls.ca_cert)).start()
 
 
 def test_worker_secret_carries_https_endpoints_and_the_ca(
     kube: EmulatorServer, operator: OperatorProcess, etcd: EtcdCluster, tls: TLSFiles, k8s_ns: str
 ) -> None:
     assert all(url.startswith("https://") for url in etcd.urls)
-    kube.create(API, PLURAL, kvnamespace("secure", "secure-job"), k8s_ns)
-    wait_phase(kube, k8s_ns, "secure", "Ready")
+    create_ready(kube, k8s_ns, "secure", "secure-job")
     env = secret_env(kube, k8s_ns, "secure-etha-kv")
     assert env["ETHA_KV_ENDPOINTS"].startswith("https://")
     assert env["ETHA_KV_CA_PEM"] == tls.ca_cert.read_text()

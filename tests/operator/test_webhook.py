@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import base64
 import json
-import ssl
-import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import jsonpatch
 import pytest
 from etha_operator import webhook
-from etha_operator.handlers import WEBHOOK_PATH
 
 from tests.operator.helpers import API, PLURAL, kvnamespace, wait_phase
+from tests.support.admission import review, webhook_settings
 from tests.support.kube_emulator import EmulatorServer
-from tests.support.operator_runner import OperatorProcess, wait_for
-from tests.support.ports import free_port, wait_port
-from tests.support.tls import TLSFiles, make_tls
+from tests.support.operator_runner import OperatorFactory, OperatorProcess, wait_for
+from tests.support.tls import TLSFiles
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -111,60 +106,10 @@ def test_not_ready_kvnamespace_is_injected_with_a_warning() -> None:
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    # kopf's own certificate generator fails on OpenSSL 3; these come from `cryptography`.
-    return make_tls(tmp_path_factory.mktemp("webhook-tls"))
-
-
-@pytest.fixture(scope="module")
-def webhook_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
 def operator(
-    operator_factory: Callable[..., OperatorProcess], tls: TLSFiles, webhook_port: int
-) -> Iterator[OperatorProcess]:
-    proc = operator_factory(
-        ETHA_OPERATOR_WEBHOOK_PORT=str(webhook_port),
-        ETHA_OPERATOR_WEBHOOK_CERT_FILE=str(tls.server_cert),
-        ETHA_OPERATOR_WEBHOOK_KEY_FILE=str(tls.server_key),
-    ).start()
-    wait_port("127.0.0.1", webhook_port, timeout=30)
-    yield proc
-    proc.stop()
-
-
-def review(tls: TLSFiles, port: int, obj: dict[str, Any], namespace: str) -> dict[str, Any]:
-    """POST an AdmissionReview the way the API server does; return its ``response``."""
-    request = {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": str(uuid.uuid4()),
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": namespace,
-            "operation": "CREATE",
-            "userInfo": {"username": "system:serviceaccount:kube-system:job-controller"},
-            "object": obj,
-            "oldObject": None,
-            "dryRun": False,
-        },
-    }
-    context = ssl.create_default_context(cafile=str(tls.ca_cert))
-    http = urllib.request.Request(
-        f"https://127.0.0.1:{port}{WEBHOOK_PATH}",
-        data=json.dumps(request).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(http, context=context, timeout=30) as answer:  # noqa: S310
-        body = json.loads(answer.read())
-    assert body["kind"] == "AdmissionReview"
-    assert body["response"]["uid"] == request["request"]["uid"]
-    result: dict[str, Any] = body["response"]
-    return result
+    operator_factory: OperatorFactory, tls: TLSFiles, webhook_port: int
+) -> OperatorProcess:
+    return operator_factory(**webhook_settings(tls, webhook_port)).start()
 
 
 def test_webhook_server_patches_labelled_pods_and_leaves_others_alone(

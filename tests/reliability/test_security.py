@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import json
-import ssl
 import time
 import urllib.request
 import uuid
@@ -48,6 +47,7 @@ from tests.operator.helpers import (
     wait_phase,
 )
 from tests.reliability.conftest import ApiRecorder
+from tests.support.admission import review, worker_pod
 from tests.support.chaos import record
 from tests.support.etcd_server import EtcdCluster, etcd_cluster
 from tests.support.job_kinds import AUTO, KINDS, install_job_crds, make_job
@@ -74,39 +74,8 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
 
 
 def _admission_review(tls: TLSFiles, port: int, labels: dict[str, str]) -> dict[str, Any]:
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": f"p-{uuid.uuid4().hex[:6]}", "namespace": NS, "labels": labels},
-        "spec": {"containers": [{"name": "worker", "image": "python:3.11-slim"}]},
-    }
-    review = {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": str(uuid.uuid4()),
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": NS,
-            "operation": "CREATE",
-            "userInfo": {"username": "system:serviceaccount:kube-system:job-controller"},
-            "object": pod,
-            "oldObject": None,
-            "dryRun": False,
-        },
-    }
-    from etha_operator.handlers import WEBHOOK_PATH
-
-    http = urllib.request.Request(
-        f"https://127.0.0.1:{port}{WEBHOOK_PATH}",
-        data=json.dumps(review).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    context = ssl.create_default_context(cafile=str(tls.ca_cert))
-    with urllib.request.urlopen(http, context=context, timeout=10) as answer:  # noqa: S310
-        result: dict[str, Any] = json.loads(answer.read())["response"]
-    return result
+    pod = worker_pod(labels, name=f"p-{uuid.uuid4().hex[:6]}", namespace=NS)
+    return review(tls, port, pod, NS)
 
 
 def _secret_material(tls: TLSFiles, etcd: EtcdCluster, passwords: set[str]) -> dict[str, str]:

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from etha.gateway.tenancy import TenantRecord, hash_secret, new_secret, tenant_key
@@ -154,6 +154,10 @@ class GatewayProcess:
         self.stop()
 
 
+#: Starts a GatewayProcess with more ``ETHA_GATEWAY_*`` settings: ``(**env)``.
+GatewayFactory = Callable[..., GatewayProcess]
+
+
 def register_tenant(
     root: EtcdClient,
     prefix: str | None = None,
@@ -182,4 +186,10 @@ def revoke_tenant(root: EtcdClient, username: str) -> None:
     root.delete_range(tenant_key(username))
 
 
-__all__ = ["GatewayProcess", "register_tenant", "revoke_tenant", "write_token_keys"]
+__all__ = [
+    "GatewayFactory",
+    "GatewayProcess",
+    "register_tenant",
+    "revoke_tenant",
+    "write_token_keys",
+]

@@ -58,6 +58,21 @@ class Kind:
         return self.api_version == "batch/v1" and self.kind == "Job"
 
 
+def _kubeflow(api_version: str, kind: str) -> Kind:
+    """A kind run by a Kubeflow training controller (``<kind>Created``/``<kind>Succeeded``)."""
+    return Kind(
+        api_version,
+        kind,
+        f"{kind.lower()}s",
+        "training.kubeflow.org/job-name",
+        lambda: conditions(
+            ("Created", "True", f"{kind}Created"),
+            ("Running", "False", f"{kind}Succeeded"),
+            ("Succeeded", "True", f"{kind}Succeeded"),
+        ),
+    )
+
+
 KINDS = {
     # kubernetes pkg/controller/job/job_controller.go: condition Complete=True
     # (k8s.io/api batch/v1 JobComplete).
@@ -98,29 +113,10 @@ KINDS = {
     ),
     # kubeflow/training-operator pkg/apis/kubeflow.org/v1/common_types.go: JobSucceeded =
     # "Succeeded"; the PyTorchJob controller writes Created, Running=False, Succeeded=True.
-    "PyTorchJob": Kind(
-        "kubeflow.org/v1",
-        "PyTorchJob",
-        "pytorchjobs",
-        "training.kubeflow.org/job-name",
-        lambda: conditions(
-            ("Created", "True", "PyTorchJobCreated"),
-            ("Running", "False", "PyTorchJobSucceeded"),
-            ("Succeeded", "True", "PyTorchJobSucceeded"),
-        ),
-    ),
-    # kubeflow/mpi-operator pkg/apis/kubeflow/v2beta1/types.go: JobSucceeded = "Succeeded".
-    "MPIJob": Kind(
-        "kubeflow.org/v2beta1",
-        "MPIJob",
-        "mpijobs",
-        "training.kubeflow.org/job-name",
-        lambda: conditions(
-            ("Created", "True", "MPIJobCreated"),
-            ("Running", "False", "MPIJobSucceeded"),
-            ("Succeeded", "True", "MPIJobSucceeded"),
-        ),
-    ),
+    "PyTorchJob": _kubeflow("kubeflow.org/v1", "PyTorchJob"),
+    # kubeflow/mpi-operator pkg/apis/kubeflow/v2beta1/types.go: JobSucceeded = "Succeeded",
+    # written the same way.
+    "MPIJob": _kubeflow("kubeflow.org/v2beta1", "MPIJob"),
     # ray-project/kuberay ray-operator/apis/ray/v1/rayjob_types.go:
     # JobDeploymentStatusComplete = "Complete" in status.jobDeploymentStatus (jobStatus is
     # Ray's own SUCCEEDED).
@@ -156,4 +152,37 @@ def make_job(kind: Kind, name: str, annotations: dict[str, str] | None = None) -
         "kind": kind.kind,
         "metadata": {"name": name, "annotations": annotations or {}},
         "spec": {},
+    }
+
+
+def create_job(
+    kube: EmulatorServer,
+    kind: Kind,
+    name: str,
+    namespace: str,
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Submit a job of ``kind`` (see :func:`make_job`); returns it as created."""
+    return kube.create(kind.api_version, kind.plural, make_job(kind, name, annotations), namespace)
+
+
+def set_job_status(
+    kube: EmulatorServer, kind: Kind, name: str, namespace: str, status: dict[str, Any]
+) -> None:
+    """Write the job's status the way its controller does (the status subresource)."""
+    kube.patch(kind.api_version, kind.plural, name, {"status": status}, namespace, "status")
+
+
+def kind_setting(
+    group: str, version: str, kind: str, plural: str, *ended: dict[str, Any], **more: Any
+) -> dict[str, Any]:
+    """One entry of ETHA_OPERATOR_JOB_KINDS (the chart's ``jobKinds.extra``): the kind,
+    its end rules, and ``more`` fields as given (e.g. ``podLabel``)."""
+    return {
+        "group": group,
+        "version": version,
+        "kind": kind,
+        "plural": plural,
+        **more,
+        "ended": list(ended),
     }

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from tests.support.ports import free_port
+from tests.support.ports import free_port, wait_port
 from tests.support.processes import end_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,6 +103,9 @@ class OperatorProcess:
             log.close()
         try:
             wait_for(self._healthy, timeout=timeout, interval=0.2, what="the operator to start")
+            if webhook_port := self.env.get("ETHA_OPERATOR_WEBHOOK_PORT"):
+                # The webhook server may come up after the health endpoint.
+                wait_port("127.0.0.1", int(webhook_port), timeout=timeout)
         except BaseException:
             self.stop()
             raise
@@ -132,21 +135,20 @@ class OperatorProcess:
 
     def kill(self) -> None:
         """SIGKILL: a crash, no clean-up of any kind."""
-        self._signal(signal.SIGKILL)
+        self.stop(signal.SIGKILL)
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if kopf does not exit in time."""
-        self._signal(signal.SIGTERM)
-
-    def _signal(self, sig: signal.Signals) -> None:
-        proc = self.process
-        if proc is None:
-            return
-        end_process(proc, sig, grace=20)
-        self.process = None
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """SIGTERM (or ``sig``), then SIGKILL if kopf does not exit in time."""
+        if self.process is not None:
+            end_process(self.process, sig, grace=20)
+            self.process = None
 
     def __enter__(self) -> OperatorProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+#: Builds (does not start) an OperatorProcess: ``(gateway=[endpoints] | None, **env)``.
+OperatorFactory = Callable[..., OperatorProcess]
