@@ -21,6 +21,7 @@ synchronous helpers (:meth:`KubeEmulator.create` ...) are for test code.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import copy
 import datetime
 import itertools
@@ -32,7 +33,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp.web
 import jsonpatch
@@ -41,6 +42,8 @@ import yaml
 from kmock._internal import parsing as kmock_parsing
 
 from tests.support.ports import free_port, wait_port
+
+T = TypeVar("T")
 
 Obj = dict[str, Any]
 
@@ -517,6 +520,8 @@ class KubeEmulator(kmock.KubernetesScaffold):
         self.request_log: list[tuple[str, str]] = []
         self.resources.load_bundled()
         for key, info in list(self.resources.items()):
+            if not isinstance(key, kmock.resource) or not isinstance(info, kmock.ResourceInfo):
+                continue  # the bundled list holds only these; the mapping's type allows more
             self.store.register(
                 ResourceKind(
                     group=key.group or "",
@@ -960,14 +965,14 @@ class EmulatorServer:
 
     # -- synchronous helpers (run on the emulator's loop) ------------------------------------
 
-    def _call(self, fn: Callable[[_Store], Any]) -> Any:
+    def _call(self, fn: Callable[[_Store], T]) -> T:
         assert self._loop is not None and self.emulator is not None
         store = self.emulator.store
 
-        async def run() -> Any:
+        async def run() -> T:
             return fn(store)
 
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        future: Future[T] = asyncio.run_coroutine_threadsafe(run(), self._loop)
         return future.result(timeout=30)
 
     def _kind(self, store: _Store, api_version: str, plural: str) -> ResourceKind:
@@ -1029,7 +1034,7 @@ class EmulatorServer:
         emulator = self.emulator
         self._call(lambda _: emulator.add_crd(crd))
 
-    def collect_garbage(self) -> list[tuple[str, str | None, str]]:
+    def collect_garbage(self) -> builtins.list[tuple[str, str | None, str]]:
         """One pass of Kubernetes' garbage collector: delete every object that has
         ownerReferences and none of whose owners exists any more (by uid).
 
@@ -1058,7 +1063,7 @@ class EmulatorServer:
         result: list[tuple[str, str | None, str]] = self._call(sweep)
         return result
 
-    def events_for(self, name: str, namespace: str) -> list[Obj]:
+    def events_for(self, name: str, namespace: str) -> builtins.list[Obj]:
         """Events whose involvedObject is ``name`` in ``namespace``, oldest first."""
         return [
             e
