@@ -125,12 +125,12 @@ def mutate_pod(
             f"the pod is labelled {model.POD_LABEL}={name} but there is no KVNamespace"
             f" {name!r} in {where}: create the KVNamespace first, or remove the label"
         )
-    if info.phase == "Failed":
+    if info.phase == model.Phase.FAILED:
         raise AdmissionDenied(
             f"KVNamespace {name!r} is Failed ({info.message or 'see its status'}); fix or"
             " re-create it before starting pods that use it"
         )
-    if info.phase == "Revoked":
+    if info.phase == model.Phase.REVOKED:
         raise AdmissionDenied(
             f"KVNamespace {name!r} belongs to a job that has ended and its credentials were"
             " revoked (onJobEnd: Revoke); create a new KVNamespace for a new job"
@@ -151,12 +151,12 @@ def mutate_pod(
             " the store by hand"
         )
     mutation = Mutation()
-    if info.phase != "Ready":
+    if info.phase != model.Phase.READY:
         mutation.warnings.append(
             f"KVNamespace {name!r} is {info.phase or 'not provisioned'} yet; the containers"
             f" start once Secret {info.secret_name!r} exists"
         )
-    if info.phase in ("JobEnded", "Cleaned"):
+    if info.phase in (model.Phase.JOB_ENDED, model.Phase.CLEANED):
         mutation.warnings.append(
             f"the job of KVNamespace {name!r} has already ended; its keys may have been deleted"
         )
