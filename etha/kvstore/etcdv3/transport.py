@@ -15,6 +15,7 @@ and unavailable endpoints are failed over.
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -124,12 +125,34 @@ class Connection:
         return fn
 
 
-def _read(path: str, what: str) -> bytes:
+def read_pem(path: str, what: str) -> bytes:
+    """The bytes of a certificate or key file.
+
+    :raises ConfigurationError: naming ``what`` (e.g. "CA file") and the path when the
+        file cannot be read
+    """
     try:
         with open(path, "rb") as f:
             return f.read()
     except OSError as exc:
         raise ConfigurationError(f"cannot read the {what} {path!r}: {exc.strerror}") from None
+
+
+def channel_credentials(
+    ca_file: str | None = None,
+    ca_pem: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials for channels to etcd: the CA from ``ca_file`` or ``ca_pem`` (the
+    system's roots when neither is given), and the client certificate and key for mTLS.
+
+    :raises ConfigurationError: naming a file that cannot be read
+    """
+    root = read_pem(ca_file, "CA file") if ca_file else (ca_pem.encode() if ca_pem else None)
+    key = read_pem(key_file, "client key file") if key_file else None
+    cert = read_pem(cert_file, "client certificate file") if cert_file else None
+    return grpc.ssl_channel_credentials(root, key, cert)
 
 
 def normalize_endpoints(
@@ -212,6 +235,45 @@ def deadline_passed(code: grpc.StatusCode, details: str) -> bool:
     )
 
 
+class Step(enum.Enum):
+    """What a unary call does after one of its attempts failed (see :func:`next_step`)."""
+
+    #: UNAVAILABLE from a conditional call that may have reached a member: re-sending
+    #: could apply it twice, so the caller gets the error and must re-read.
+    MAYBE_APPLIED = "maybe-applied"
+    #: UNAVAILABLE and nothing applied: send it again, on the next member.
+    FAIL_OVER = "fail-over"
+    #: A capped attempt ran out of time (the member may hang): send it again, on the
+    #: next member.
+    RETRY_ON_NEXT = "retry-on-next"
+    #: Out of time: give up; with several members, later calls go to the next one.
+    TIMED_OUT = "timed-out"
+    #: etcd refused the token: log in again, then send it again.
+    RELOGIN = "relogin"
+    #: Any other refusal: give up.
+    FAIL = "fail"
+
+
+def next_step(
+    code: grpc.StatusCode, details: str, *, conditional: bool, capped: bool, may_relogin: bool
+) -> Step:
+    """The retry rule for one failed attempt, the same for every etcd client in etha.
+
+    :param conditional: the request must not be applied twice (:func:`is_conditional`)
+    :param capped: the attempt had only a share of the call's time, because there are
+        several members and the request may be sent twice
+    :param may_relogin: the client logs in with a password and has not logged in again
+        during this call yet
+    """
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return Step.MAYBE_APPLIED if conditional and not never_sent(details) else Step.FAIL_OVER
+    if deadline_passed(code, details):
+        return Step.RETRY_ON_NEXT if capped else Step.TIMED_OUT
+    if may_relogin and is_token_error(code, details):
+        return Step.RELOGIN
+    return Step.FAIL
+
+
 class Transport:
     """Channels to the endpoints, failover between them, and the log-in; thread-safe.
 
@@ -253,10 +315,7 @@ class Transport:
         self.timeout = float(timeout)
         self._credentials: grpc.ChannelCredentials | None = None
         if self.tls:
-            root = _read(ca_file, "CA file") if ca_file else (ca_pem.encode() if ca_pem else None)
-            key = _read(key_file, "client key file") if key_file else None
-            cert = _read(cert_file, "client certificate file") if cert_file else None
-            self._credentials = grpc.ssl_channel_credentials(root, key, cert)
+            self._credentials = channel_credentials(ca_file, ca_pem, cert_file, key_file)
 
         self._lock = threading.RLock()
         self._login_lock = threading.Lock()
@@ -419,16 +478,23 @@ class Transport:
             except grpc.RpcError as exc:
                 code: grpc.StatusCode = exc.code()
                 details: str = exc.details() or ""
-                if code is grpc.StatusCode.UNAVAILABLE:
-                    if is_conditional(service, method, request) and not never_sent(details):
-                        # The request may have been applied ("request timed out, possibly
-                        # due to previous leader failure"): re-sending a CAS would apply
-                        # it twice (an add counted twice), so the caller must re-read.
-                        raise UnavailableError(
-                            f"etcd {service}.{method} failed on {conn.endpoint} ({details});"
-                            " it may or may not have been applied: read the current state"
-                            " before retrying"
-                        ) from None
+                step = next_step(
+                    code,
+                    details,
+                    conditional=is_conditional(service, method, request),
+                    capped=attempt_cap is not None,
+                    may_relogin=may_relogin and self._password is not None,
+                )
+                if step is Step.MAYBE_APPLIED:
+                    # The request may have been applied ("request timed out, possibly
+                    # due to previous leader failure"): re-sending a CAS would apply
+                    # it twice (an add counted twice), so the caller must re-read.
+                    raise UnavailableError(
+                        f"etcd {service}.{method} failed on {conn.endpoint} ({details});"
+                        " it may or may not have been applied: read the current state"
+                        " before retrying"
+                    ) from None
+                if step is Step.FAIL_OVER:
                     unavailable = exc
                     tried += 1
                     if tried % len(self._endpoints) == 0:
@@ -437,16 +503,16 @@ class Transport:
                         backoff = min(backoff * 2, 1.0)
                     conn = self.failover(conn)
                     continue
-                if deadline_passed(code, details):
+                if step is Step.RETRY_ON_NEXT or step is Step.TIMED_OUT:
                     if several:
                         # The member may be hung: later calls go to the next one.
                         conn = self.failover(conn)
-                        if attempt_cap is not None:
-                            continue
+                    if step is Step.RETRY_ON_NEXT:
+                        continue
                     error = self._deadline_error(service, method, total, unavailable)
                     error.code, error.details = code.name, details
                     raise error from None
-                if may_relogin and self._password is not None and is_token_error(code, details):
+                if step is Step.RELOGIN:
                     md = self.relogin(md, max(deadline - time.monotonic(), 0.001))
                     may_relogin = False
                     continue
@@ -499,11 +565,15 @@ __all__ = [
     "STUBS",
     "UNARY_SERVICES",
     "Connection",
+    "Step",
     "Transport",
+    "channel_credentials",
     "deadline_passed",
     "is_conditional",
     "is_token_error",
     "never_sent",
+    "next_step",
     "normalize_endpoints",
     "prefix_range_end",
+    "read_pem",
 ]
