@@ -25,7 +25,12 @@ with waiters, **one** upstream watch over the tenant's range and a mirror of the
   events of the revision it names (etcd-io/etcd#15220: the control and event channels
   of its send loop race), so a waiter counts as caught up only after a *second*
   progress answer, requested after the first arrived: by then the events of the
-  first one's revision have left etcd's send loop.
+  first one's revision have left etcd's send loop. Rounds for waiters whose condition
+  does not hold yet are paced (at most one per :data:`ROUND_GAP`): such a waiter is
+  answered only after later events anyway, so its freshness is not urgent, and a
+  barrier of N arrivals costs etcd a few hundred progress answers instead of one per
+  millisecond of arrivals. A round is sent at once when a waiter's condition already
+  holds and only freshness keeps it parked.
 
 Confinement: the key, or the pattern's range, must lie inside the caller's tenant range
 (:func:`etha.gateway.confine.check_range`), and every key a pattern can match starts
@@ -61,6 +66,8 @@ log = logging.getLogger("etha.gateway.waits")
 #: Seconds a tenant's watch and mirror stay after its last waiter left (barrier rounds
 #: come one after another; reloading the range for each would cost a read per round).
 LINGER = 10.0
+#: The least time between two progress rounds that no satisfied waiter is parked on.
+ROUND_GAP = 0.02
 #: A waiter without a gRPC deadline waits at most this long (every wait has a timeout).
 MAX_WAIT = 3600.0
 #: Answered this long before the caller's deadline, so the caller gets our message (the
@@ -163,7 +170,7 @@ class _Group:
 
     __slots__ = (
         "cache", "condition", "count", "fresh", "key", "matched", "matches", "members", "mode",
-        "want",
+        "parked", "want",
     )  # fmt: skip
 
     def __init__(self, condition: Condition) -> None:
@@ -180,6 +187,8 @@ class _Group:
         self.fresh: dict[_Waiter, None] = {}
         #: waiters of this group, fresh or parked
         self.members = 0
+        #: of those, parked (not yet fresh)
+        self.parked = 0
         #: the serialized answers while ``matched`` is unchanged
         self.cache: tuple[bytes, bytes] | None = None
 
@@ -255,6 +264,9 @@ class _TenantWatch:
         self.sent_rounds = 0
         self.answered_rounds = 0
         self.call: Any = None
+        #: when the last progress round was sent (loop time), and the paced next one
+        self.last_round = float("-inf")
+        self.round_timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
         self.write_lock = asyncio.Lock()
@@ -279,15 +291,17 @@ class _TenantWatch:
         group.members += 1
         self.idle_since = None
         self.parked[waiter] = group
+        group.parked += 1
         if self.loaded:
             self.unsent[waiter] = None
-            self._request_progress()
+            self._request_progress(urgent=group.done())
         return waiter, group
 
     def remove(self, waiter: _Waiter, group: _Group) -> None:
         self.waiter_count -= 1
         group.members -= 1
-        self.parked.pop(waiter, None)
+        if self.parked.pop(waiter, None) is not None:
+            group.parked -= 1
         group.fresh.pop(waiter, None)
         self.unsent.pop(waiter, None)
         # (a waiter left in self.rounds is skipped there: it is no longer parked)
@@ -319,7 +333,10 @@ class _TenantWatch:
         groups: dict[int, _Group] = {}
         for waiter in waiters:
             group = self.parked.pop(waiter, None)
-            if group is None or waiter.future.done():
+            if group is None:
+                continue
+            group.parked -= 1
+            if waiter.future.done():
                 continue
             group.fresh[waiter] = None
             groups[id(group)] = group
@@ -336,10 +353,24 @@ class _TenantWatch:
 
     # -- progress rounds -------------------------------------------------------------------
 
-    def _request_progress(self) -> None:
-        """Send a progress request unless one is in flight; it serves every unsent waiter."""
+    def _request_progress(self, urgent: bool = False) -> None:
+        """Send a progress request unless one is in flight; it serves every unsent waiter.
+
+        Not ``urgent`` (no parked waiter's condition holds): not sooner than
+        :data:`ROUND_GAP` after the previous one (a timer sends it then).
+        """
         if self.call is None or self.sent_rounds > self.answered_rounds:
+            return  # the answer to the round in flight asks again
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if not urgent and now < self.last_round + ROUND_GAP:
+            if self.round_timer is None:
+                self.round_timer = loop.call_at(self.last_round + ROUND_GAP, self._round_due)
             return
+        if self.round_timer is not None:
+            self.round_timer.cancel()
+            self.round_timer = None
+        self.last_round = now
         self.sent_rounds += 1
         round_ = self.sent_rounds
         batch = list(self.unsent)
@@ -349,6 +380,15 @@ class _TenantWatch:
             self.rounds[round_] = batch
         self.unsent.clear()
         self.waits.spawn(self._write(self.call, _PROGRESS))
+
+    def _round_due(self) -> None:
+        self.round_timer = None
+        if self.rounds or self.unsent:
+            self._request_progress(urgent=True)
+
+    def _urgent(self) -> bool:
+        """Is a parked waiter's condition already true (only freshness holds it back)?"""
+        return any(g.parked and g.done() for g in self.groups.values())
 
     async def _write(self, call: Any, request: Any) -> None:
         # One write at a time on a stream (grpc: "too many operations" otherwise).
@@ -371,7 +411,7 @@ class _TenantWatch:
             if not any(w in self.parked for w in batch):
                 del self.rounds[round_]
         if self.rounds or self.unsent:
-            self._request_progress()
+            self._request_progress(urgent=self._urgent())
 
     # -- the upstream watch --------------------------------------------------------------
 
@@ -433,6 +473,9 @@ class _TenantWatch:
 
     def _end_stream(self) -> None:
         call, self.call = self.call, None
+        if self.round_timer is not None:
+            self.round_timer.cancel()
+            self.round_timer = None
         if call is not None:
             call.cancel()
         # Progress rounds of that stream will never be answered: ask again on the next.
@@ -496,7 +539,7 @@ class _TenantWatch:
                 if response.canceled:
                     raise self._cancelled(response)
                 if self.unsent:
-                    self._request_progress()
+                    self._request_progress(urgent=True)
                 continue
             if response.canceled:
                 raise self._cancelled(response)
@@ -536,9 +579,14 @@ class _TenantWatch:
                     group.update(key, value)
                     touched[id(group)] = group
         self.revision = max(last, header_revision, self.revision)
+        urgent = False
         for group in touched.values():
-            if group.fresh and group.done():
-                self._answer(group)
+            if group.done():
+                if group.fresh:
+                    self._answer(group)
+                urgent = urgent or group.parked > 0
+        if urgent:
+            self._request_progress(urgent=True)
 
 
 class _Compacted(Exception):
@@ -553,6 +601,7 @@ class Waits:
         self.tenants: dict[tuple[str, bytes, bytes], _TenantWatch] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self._revocations = _Revocations()
         metrics = getattr(ctx, "metrics", None)
         registry = getattr(metrics, "registry", None)
         from prometheus_client import Counter, Gauge
@@ -595,6 +644,7 @@ class Waits:
         for watch in self.tenants.values():
             watch.stop()
         self.tenants.clear()
+        self._revocations.close()
         if self._reaper is not None:
             self._reaper.cancel()
 
@@ -631,8 +681,10 @@ class Waits:
         waiter, group = watch.add(condition, bool(request.count_only))
         gauge = self.pending.labels(tenant.username)
         gauge.inc()
+        revoked = self.ctx.registry.revoked(tenant)
+        self._revocations.add(revoked, waiter.future)
         try:
-            result = await _until(waiter.future, self.ctx.registry.revoked(tenant), budget)
+            result = await asyncio.wait_for(waiter.future, budget)
         except asyncio.TimeoutError:
             self.outcomes.labels("timeout").inc()
             seen = group.seen()
@@ -645,6 +697,7 @@ class Waits:
             self.outcomes.labels("cancelled").inc()
             raise
         finally:
+            self._revocations.discard(revoked, waiter.future)
             gauge.dec()
             watch.remove(waiter, group)
             self.ctx.quotas.close_watch(tenant)
@@ -652,26 +705,52 @@ class Waits:
         return result
 
 
-async def _until(future: asyncio.Future[bytes], revoked: asyncio.Event, budget: float) -> bytes:
-    """The waiter's answer; a revoked tenant's waits end at once, as its watches do.
+def _gone() -> Refused:
+    """etcd's answer to a token that no longer counts (the client's new log-in then fails)."""
+    return Refused(grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token")
 
-    :raises Refused: UNAUTHENTICATED "etcdserver: invalid auth token" (etcd's answer to
-        a token that no longer counts: the client's new log-in then fails)
-    :raises asyncio.TimeoutError: ``budget`` seconds passed first
+
+class _Revocations:
+    """Ends the waits of a revoked tenant at once, as its watches end.
+
+    One listener task per revocation event (one per tenant identity with waiters), not
+    one per waiter: a barrier of N waiters costs one task here.
     """
-    gone = Refused(grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token")
-    if revoked.is_set():
-        raise gone
-    watcher = asyncio.ensure_future(revoked.wait())
-    try:
-        await asyncio.wait((future, watcher), timeout=budget, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if future.done():
-        return future.result()
-    if revoked.is_set():
-        raise gone
-    raise asyncio.TimeoutError
+
+    def __init__(self) -> None:
+        self._by_event: dict[asyncio.Event, tuple[dict[asyncio.Future[bytes], None], Any]] = {}
+
+    def add(self, event: asyncio.Event, future: asyncio.Future[bytes]) -> None:
+        """Fail ``future`` with :func:`_gone` when ``event`` is set (at once if it is)."""
+        if event.is_set():
+            future.set_exception(_gone())
+            return
+        entry = self._by_event.get(event)
+        if entry is None:
+            futures: dict[asyncio.Future[bytes], None] = {}
+            entry = self._by_event[event] = (futures, asyncio.ensure_future(self._listen(event)))
+        entry[0][future] = None
+
+    def discard(self, event: asyncio.Event, future: asyncio.Future[bytes]) -> None:
+        entry = self._by_event.get(event)
+        if entry is None:
+            return
+        entry[0].pop(future, None)
+        if not entry[0]:
+            del self._by_event[event]
+            entry[1].cancel()
+
+    async def _listen(self, event: asyncio.Event) -> None:
+        await event.wait()
+        futures, _ = self._by_event.pop(event, ({}, None))
+        for future in futures:
+            if not future.done():
+                future.set_exception(_gone())
+
+    def close(self) -> None:
+        for _, task in self._by_event.values():
+            task.cancel()
+        self._by_event.clear()
 
 
 class Refused(Exception):
