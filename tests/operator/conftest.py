@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.operator.helpers import gateway_etcd_user
+from tests.support.admission import Webhook
 from tests.support.etcd_server import EtcdCluster, etcd_cluster
 from tests.support.gateway import GatewayFactory, GatewayProcess
 from tests.support.kube_emulator import EmulatorServer
@@ -68,8 +69,9 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
 
 
 @pytest.fixture(scope="module")
-def webhook_port() -> int:
-    return free_port()
+def webhook(tls: TLSFiles) -> Webhook:
+    """Where the module's operator serves its webhook (pass ``**webhook.settings()``)."""
+    return Webhook(tls, free_port())
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -162,8 +162,13 @@ def chart_grants(values: dict[str, Any] | None = None) -> dict[tuple[str, str], 
     """(apiGroup, resource) -> the verbs the chart's ClusterRoles grant, with ``values``."""
     from tests.test_chart import manifests  # renders with helm: only where it is needed
 
+    return role_grants(d for d in manifests(values) if d["kind"] == "ClusterRole")
+
+
+def role_grants(roles: Iterable[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> the verbs these Roles or ClusterRoles grant together."""
     granted: dict[tuple[str, str], set[str]] = {}
-    for role in (d for d in manifests(values) if d["kind"] == "ClusterRole"):
+    for role in roles:
         for rule in role["rules"]:
             for group in rule["apiGroups"]:
                 for resource in rule["resources"]:

@@ -22,9 +22,9 @@ from tests.operator.helpers import (
     API,
     PLURAL,
     count_keys,
+    create_ready,
     event_reasons,
     finish_job,
-    job,
     kvnamespace,
     root_client,
     secret_env,
@@ -77,9 +77,7 @@ def test_lifecycle_through_the_gateway(
     operator: OperatorProcess,
     k8s_ns: str,
 ) -> None:
-    kube.create("batch/v1", "jobs", job("train"), k8s_ns)
-    kube.create(API, PLURAL, kvnamespace("train", "train", quotas={"keys": 50}), k8s_ns)
-    status = wait_phase(kube, k8s_ns, "train", "Ready")["status"]
+    status = create_ready(kube, k8s_ns, "train", quotas={"keys": 50})
     uid = kube.find(API, PLURAL, "train", k8s_ns)["metadata"]["uid"]
     user, prefix = f"etha-{uid}", status["keyPrefix"]
     assert status["etcdUser"] == user and "etcdRole" not in status
@@ -146,9 +144,7 @@ def test_a_secret_that_does_not_match_the_record_is_replaced(
     """Crash safety: the record is written before the Secret, so a Secret whose secret
     does not match the record (a crash in between, or tampering) gets a new one, and
     the gateway refuses the old one."""
-    kube.create("batch/v1", "jobs", job("rot"), k8s_ns)
-    kube.create(API, PLURAL, kvnamespace("rot", "rot"), k8s_ns)
-    wait_phase(kube, k8s_ns, "rot", "Ready")
+    create_ready(kube, k8s_ns, "rot")
     first = secret_env(kube, k8s_ns, "rot-etha-kv")
     user = first["ETHA_KV_USERNAME"]
     # What a crash between "record written" and "Secret written" leaves behind.
@@ -172,9 +168,7 @@ def test_a_secret_that_does_not_match_the_record_is_replaced(
 def test_spec_quotas_reach_the_gateway(
     kube: EmulatorServer, etcd: EtcdCluster, operator: OperatorProcess, k8s_ns: str
 ) -> None:
-    kube.create("batch/v1", "jobs", job("small"), k8s_ns)
-    kube.create(API, PLURAL, kvnamespace("small", "small", quotas={"keys": 3}), k8s_ns)
-    wait_phase(kube, k8s_ns, "small", "Ready")
+    create_ready(kube, k8s_ns, "small", quotas={"keys": 3})
     with store_from_secret(kube, k8s_ns, "small-etha-kv") as store:
         for i in range(3):
             store.set(f"k{i}", "v")
@@ -205,9 +199,7 @@ def test_spec_quotas_reach_the_gateway(
 def test_revoke_deletes_the_record_and_the_secret(
     kube: EmulatorServer, etcd: EtcdCluster, operator: OperatorProcess, k8s_ns: str
 ) -> None:
-    kube.create("batch/v1", "jobs", job("rv"), k8s_ns)
-    kube.create(API, PLURAL, kvnamespace("rv", "rv", onJobEnd="Revoke"), k8s_ns)
-    wait_phase(kube, k8s_ns, "rv", "Ready")
+    create_ready(kube, k8s_ns, "rv", onJobEnd="Revoke")
     env = secret_env(kube, k8s_ns, "rv-etha-kv")
     with store_from_secret(kube, k8s_ns, "rv-etha-kv") as store:
         store.set("k", "v")
@@ -222,9 +214,7 @@ def test_revoke_deletes_the_record_and_the_secret(
 def test_a_prefix_held_by_a_record_is_not_handed_out_again(
     kube: EmulatorServer, operator: OperatorProcess, k8s_ns: str
 ) -> None:
-    kube.create("batch/v1", "jobs", job("owner"), k8s_ns)
-    kube.create(API, PLURAL, kvnamespace("owner", "owner", keyPrefix=f"shared-{k8s_ns}"), k8s_ns)
-    wait_phase(kube, k8s_ns, "owner", "Ready")
+    create_ready(kube, k8s_ns, "owner", keyPrefix=f"shared-{k8s_ns}")
     kube.create(API, PLURAL, kvnamespace("thief", "owner", keyPrefix=f"shared-{k8s_ns}"), k8s_ns)
     failed = wait_phase(kube, k8s_ns, "thief", "Failed")["status"]
     assert "already owned by another KVNamespace (tenant etha-" in failed["message"]

@@ -36,7 +36,7 @@ from tests.operator.helpers import (
     write_keys,
 )
 from tests.reliability.conftest import ApiRecorder
-from tests.support.admission import review, webhook_settings, worker_pod
+from tests.support.admission import Webhook, worker_pod
 from tests.support.etcd_server import EtcdCluster
 from tests.support.gateway import GatewayProcess
 from tests.support.job_kinds import (
@@ -51,7 +51,6 @@ from tests.support.job_kinds import (
 )
 from tests.support.kube_emulator import EmulatorServer, job_crd
 from tests.support.operator_runner import OperatorFactory, OperatorProcess, wait_for
-from tests.support.tls import TLSFiles
 from tests.support.workers import REPO, procs, tail
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.own_etcd]
@@ -59,12 +58,13 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.own_etcd]
 
 #: A kind given through ETHA_OPERATOR_JOB_KINDS; its CRD is installed only by a test.
 CUSTOM_KIND = kind_setting(
-    "ml.example.com",
-    "v1",
+    "ml.example.com/v1",
     "TrainingRun",
     "trainingruns",
-    {"field": "status.outcome", "values": ["Done"], "outcome": "Succeeded"},
-    {"field": "status.outcome", "values": ["Crashed"], "outcome": "Failed"},
+    *(
+        {"field": "status.outcome", "values": [value], "outcome": outcome}
+        for value, outcome in (("Done", "Succeeded"), ("Crashed", "Failed"))
+    ),
     podLabel="ml.example.com/run",
 )
 
@@ -82,17 +82,17 @@ def recorder(kube: EmulatorServer) -> ApiRecorder:
     return ApiRecorder(kube)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def operator(
     operator_factory: OperatorFactory,
     recorder: ApiRecorder,
     gateway: GatewayProcess,
-    tls: TLSFiles,
-    webhook_port: int,
+    webhook: Webhook,
 ) -> OperatorProcess:
+    """Every test of the module needs it running: gateway mode, webhook, the custom kind."""
     return operator_factory(
         gateway=[f"http://{gateway.endpoint}"],
-        **webhook_settings(tls, webhook_port),
+        **webhook.settings(),
         ETHA_OPERATOR_JOB_KINDS=json.dumps([CUSTOM_KIND]),
         ETHA_OPERATOR_DISCOVERY_INTERVAL="1",
         ETHA_OPERATOR_JOB_CHECK_INTERVAL="2",
@@ -106,13 +106,11 @@ def kvns_for(kind: Kind, name: str, job: str, **spec: Any) -> dict[str, Any]:
     return body
 
 
-def injected(
-    tls: TLSFiles, port: int, pod: dict[str, Any], namespace: str, secret: str
-) -> dict[str, Any]:
+def injected(webhook: Webhook, pod: dict[str, Any], namespace: str, secret: str) -> dict[str, Any]:
     """The pod as the webhook patches it, once it injects ``secret`` without warnings."""
 
     def probe() -> dict[str, Any] | None:
-        answer = review(tls, port, pod, namespace)
+        answer = webhook.review(pod, namespace)
         if not answer.get("allowed") or not answer.get("patch") or answer.get("warnings"):
             return None
         patched: dict[str, Any] = jsonpatch.apply_patch(
@@ -127,13 +125,7 @@ def injected(
 
 @pytest.mark.parametrize("label", list(KINDS))
 def test_each_kind_is_cleaned_at_its_end(
-    kube: EmulatorServer,
-    etcd: EtcdCluster,
-    operator: OperatorProcess,
-    tls: TLSFiles,
-    webhook_port: int,
-    k8s_ns: str,
-    label: str,
+    kube: EmulatorServer, etcd: EtcdCluster, webhook: Webhook, k8s_ns: str, label: str
 ) -> None:
     kind = KINDS[label]
     create_job(kube, kind, "train", k8s_ns)
@@ -143,7 +135,7 @@ def test_each_kind_is_cleaned_at_its_end(
         status["jobUID"]
         == kube.get(kind.api_version, kind.plural, "train", k8s_ns)["metadata"]["uid"]
     )
-    injected(tls, webhook_port, worker_pod({"etha.io/kvnamespace": "kv"}), k8s_ns, "kv-etha-kv")
+    injected(webhook, worker_pod({"etha.io/kvnamespace": "kv"}), k8s_ns, "kv-etha-kv")
     write_keys(kube, k8s_ns, "kv-etha-kv", 3)
     assert count_keys(etcd, status["keyPrefix"]) == 3
 
@@ -159,7 +151,7 @@ def test_each_kind_is_cleaned_at_its_end(
 
 @pytest.mark.parametrize("label", ["JobSet", "RayJob"])
 def test_deleting_the_job_is_its_end(
-    kube: EmulatorServer, etcd: EtcdCluster, operator: OperatorProcess, k8s_ns: str, label: str
+    kube: EmulatorServer, etcd: EtcdCluster, k8s_ns: str, label: str
 ) -> None:
     kind = KINDS[label]
     create_job(kube, kind, "gone", k8s_ns)
@@ -173,7 +165,7 @@ def test_deleting_the_job_is_its_end(
 
 
 def test_keep_and_revoke_on_a_failed_pytorchjob_and_a_terminated_volcano_job(
-    kube: EmulatorServer, etcd: EtcdCluster, operator: OperatorProcess, k8s_ns: str
+    kube: EmulatorServer, etcd: EtcdCluster, k8s_ns: str
 ) -> None:
     torch, volcano = KINDS["PyTorchJob"], KINDS["VolcanoJob"]
     create_job(kube, torch, "keep", k8s_ns)
@@ -198,12 +190,7 @@ def test_keep_and_revoke_on_a_failed_pytorchjob_and_a_terminated_volcano_job(
 
 
 def test_a_kind_installed_later_becomes_ready_without_restart(
-    kube: EmulatorServer,
-    etcd: EtcdCluster,
-    operator: OperatorProcess,
-    tls: TLSFiles,
-    webhook_port: int,
-    k8s_ns: str,
+    kube: EmulatorServer, etcd: EtcdCluster, operator: OperatorProcess, k8s_ns: str
 ) -> None:
     """The custom kind from ETHA_OPERATOR_JOB_KINDS: no CRD first, then its CRD."""
     api_version = f"{CUSTOM_KIND['group']}/{CUSTOM_KIND['version']}"
@@ -251,13 +238,7 @@ def test_a_kind_installed_later_becomes_ready_without_restart(
 
 @pytest.mark.parametrize("label", ["JobSet", "TrainJob"])
 def test_auto_annotation_gives_a_kvnamespace_injection_and_clean_up(
-    kube: EmulatorServer,
-    etcd: EtcdCluster,
-    operator: OperatorProcess,
-    tls: TLSFiles,
-    webhook_port: int,
-    k8s_ns: str,
-    label: str,
+    kube: EmulatorServer, etcd: EtcdCluster, webhook: Webhook, k8s_ns: str, label: str
 ) -> None:
     kind = KINDS[label]
     job = create_job(kube, kind, "llm", k8s_ns, AUTO)
@@ -278,9 +259,9 @@ def test_auto_annotation_gives_a_kvnamespace_injection_and_clean_up(
 
     # A pod as the kind's controller makes it: its label only, nothing written by the user.
     pod = worker_pod({kind.pod_label: "llm", "jobset.sigs.k8s.io/replicatedjob-name": "node"})
-    injected(tls, webhook_port, pod, k8s_ns, "llm-etha-kv")
+    injected(webhook, pod, k8s_ns, "llm-etha-kv")
     # A pod of another job in the same namespace is left alone.
-    other = review(tls, webhook_port, worker_pod({kind.pod_label: "other"}), k8s_ns)
+    other = webhook.review(worker_pod({kind.pod_label: "other"}), k8s_ns)
     assert other["allowed"] is True and "patch" not in other
 
     write_keys(kube, k8s_ns, "llm-etha-kv", 2)
@@ -300,11 +281,7 @@ def test_auto_annotation_gives_a_kvnamespace_injection_and_clean_up(
 
 
 def test_auto_kvnamespaces_of_same_named_jobs_stay_apart(
-    kube: EmulatorServer,
-    etcd: EtcdCluster,
-    operator: OperatorProcess,
-    tls: TLSFiles,
-    webhook_port: int,
+    kube: EmulatorServer, etcd: EtcdCluster, webhook: Webhook
 ) -> None:
     kind = KINDS["JobSet"]
     spaces = ("team-a-same", "team-b-same")
@@ -316,7 +293,7 @@ def test_auto_kvnamespaces_of_same_named_jobs_stay_apart(
     assert statuses[spaces[0]]["keyPrefix"] != statuses[spaces[1]]["keyPrefix"]
     assert statuses[spaces[0]]["etcdUser"] != statuses[spaces[1]]["etcdUser"]
     for ns in spaces:
-        injected(tls, webhook_port, worker_pod({kind.pod_label: "same"}), ns, "same-etha-kv")
+        injected(webhook, worker_pod({kind.pod_label: "same"}), ns, "same-etha-kv")
     write_keys(kube, spaces[0], "same-etha-kv", 1)
     write_keys(kube, spaces[1], "same-etha-kv", 3)
     # One store's credentials cannot see the other's keys.
@@ -332,11 +309,7 @@ def test_auto_kvnamespaces_of_same_named_jobs_stay_apart(
 
 
 def test_a_pod_arriving_before_its_auto_kvnamespace_waits_for_the_secret(
-    kube: EmulatorServer,
-    operator: OperatorProcess,
-    tls: TLSFiles,
-    webhook_port: int,
-    k8s_ns: str,
+    kube: EmulatorServer, webhook: Webhook, k8s_ns: str
 ) -> None:
     kind = KINDS["JobSet"]
     pod = worker_pod({kind.pod_label: "early"})
@@ -347,7 +320,7 @@ def test_a_pod_arriving_before_its_auto_kvnamespace_waits_for_the_secret(
 
         # The job is known to be auto: the pod gets the (future) Secret and a warning.
         def answered() -> dict[str, Any] | None:
-            answer = review(tls, webhook_port, pod, k8s_ns)
+            answer = webhook.review(pod, k8s_ns)
             return answer if answer.get("patch") else None
 
         answer = wait_for(answered, timeout=60, what="injection before the KVNamespace exists")
@@ -365,11 +338,7 @@ def test_a_pod_arriving_before_its_auto_kvnamespace_waits_for_the_secret(
 
 
 def test_an_auto_job_never_gets_a_hand_made_kvnamespace_of_its_name(
-    kube: EmulatorServer,
-    operator: OperatorProcess,
-    tls: TLSFiles,
-    webhook_port: int,
-    k8s_ns: str,
+    kube: EmulatorServer, webhook: Webhook, k8s_ns: str
 ) -> None:
     """A KVNamespace named like the job but made for something else is not taken over."""
     kind = KINDS["JobSet"]
@@ -386,7 +355,7 @@ def test_an_auto_job_never_gets_a_hand_made_kvnamespace_of_its_name(
     assert not kvns["metadata"].get("ownerReferences")
 
     def denied() -> dict[str, Any] | None:
-        answer = review(tls, webhook_port, worker_pod({kind.pod_label: "taken"}), k8s_ns)
+        answer = webhook.review(worker_pod({kind.pod_label: "taken"}), k8s_ns)
         return answer if answer.get("allowed") is False else None
 
     answer = wait_for(denied, timeout=60, what="the pod of the auto job to be refused")
@@ -435,13 +404,7 @@ dist.destroy_process_group()
 
 
 def test_trainjob_pods_rendezvous_with_what_the_kind_and_the_secret_give(
-    kube: EmulatorServer,
-    etcd: EtcdCluster,
-    operator: OperatorProcess,
-    tls: TLSFiles,
-    webhook_port: int,
-    k8s_ns: str,
-    tmp_path: Path,
+    kube: EmulatorServer, etcd: EtcdCluster, webhook: Webhook, k8s_ns: str, tmp_path: Path
 ) -> None:
     """Two TrainJob nodes: the injected Secret plus the PET_* variables the Trainer's torch
     runtime sets (no RANK, no WORLD_SIZE, nothing hand-written) are enough for etha://,
@@ -450,9 +413,9 @@ def test_trainjob_pods_rendezvous_with_what_the_kind_and_the_secret_give(
     create_job(kube, kind, "finetune", k8s_ns, AUTO)
     status = wait_phase(kube, k8s_ns, "finetune", "Ready")["status"]
     pod = worker_pod({kind.pod_label: "finetune"})
-    secret = injected(tls, webhook_port, pod, k8s_ns, "finetune-etha-kv")["spec"]["containers"][0][
-        "envFrom"
-    ][0]["secretRef"]["name"]
+    secret = injected(webhook, pod, k8s_ns, "finetune-etha-kv")["spec"]["containers"][0]["envFrom"][
+        0
+    ]["secretRef"]["name"]
     script = tmp_path / "worker.py"
     script.write_text(TORCH_WORKER)
     with procs() as p:
@@ -493,11 +456,7 @@ dist.destroy_process_group()
 
 
 def test_torchrun_with_the_etha_backend_needs_only_the_trainjob_command(
-    kube: EmulatorServer,
-    etcd: EtcdCluster,
-    operator: OperatorProcess,
-    k8s_ns: str,
-    tmp_path: Path,
+    kube: EmulatorServer, etcd: EtcdCluster, k8s_ns: str, tmp_path: Path
 ) -> None:
     """examples/jobs/trainjob.yaml's command, `torchrun --rdzv-backend=etha train.py`, on
     two nodes: torchrun takes the node count from PET_NNODES, etha the store from the

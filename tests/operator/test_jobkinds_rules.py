@@ -13,6 +13,7 @@ from etha_operator.jobkinds import SHIPPED, JobKindError, JobKinds, parse_extra
 from etha_operator.settings import load_settings
 
 from etha.kvstore.errors import ConfigurationError
+from tests.support.job_kinds import kind_setting
 
 KINDS = JobKinds()
 
@@ -83,13 +84,8 @@ def test_every_shipped_kind_round_trips_through_its_json_form() -> None:
     assert parse_extra(text) == SHIPPED
 
 
-CUSTOM = {
-    "group": "ml.example.com",
-    "version": "v1",
-    "kind": "TrainingRun",
-    "plural": "trainingruns",
-    "ended": [{"field": "status.outcome", "values": ["Done"], "outcome": "Succeeded"}],
-}
+DONE = {"field": "status.outcome", "values": ["Done"], "outcome": "Succeeded"}
+CUSTOM = kind_setting("ml.example.com/v1", "TrainingRun", "trainingruns", DONE)
 
 
 @pytest.mark.parametrize(
@@ -127,13 +123,8 @@ def test_bad_job_kind_settings_name_the_entry_and_the_fix(text: str, names: str)
 
 
 def test_the_setting_adds_and_replaces_kinds() -> None:
-    stricter_ray = {
-        "group": "ray.io",
-        "version": "v1",
-        "kind": "RayJob",
-        "plural": "rayjobs",
-        "ended": [{"field": "status.jobStatus", "values": ["SUCCEEDED"], "outcome": "Succeeded"}],
-    }
+    succeeded = {"field": "status.jobStatus", "values": ["SUCCEEDED"], "outcome": "Succeeded"}
+    stricter_ray = kind_setting("ray.io/v1", "RayJob", "rayjobs", succeeded)
     env = {
         "ETHA_OPERATOR_ETCD_ENDPOINTS": "http://127.0.0.1:2379",
         "ETHA_OPERATOR_ETCD_PASSWORD": "x",

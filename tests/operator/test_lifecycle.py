@@ -101,12 +101,14 @@ def test_two_kvnamespaces_are_isolated_from_each_other(
 
     # A's credentials pointed at B's prefix: etcd refuses every operation.
     with store_from_secret(kube, k8s_ns, "a-etha-kv", ETHA_KV_NAMESPACE=prefix_b) as intruder:
-        with pytest.raises(PermissionDeniedError):
-            intruder.get("shared")
-        with pytest.raises(PermissionDeniedError):
-            intruder.set("shared", "overwritten")
-        with pytest.raises(PermissionDeniedError):
-            intruder.delete("shared")
+        attempts = {
+            "get": lambda: intruder.get("shared"),
+            "set": lambda: intruder.set("shared", "overwritten"),
+            "delete": lambda: intruder.delete("shared"),
+        }
+        for attempt in attempts.values():
+            with pytest.raises(PermissionDeniedError):
+                attempt()
     with store_from_secret(kube, k8s_ns, "b-etha-kv") as b:
         assert b.get("shared") == b"from-b"
 
@@ -114,11 +116,8 @@ def test_two_kvnamespaces_are_isolated_from_each_other(
 def test_job_completion_deletes_every_key_with_one_range_delete(
     kube: EmulatorServer, operator: OperatorProcess, etcd: EtcdCluster, k8s_ns: str
 ) -> None:
-    kube.create("batch/v1", "jobs", job("trainer"), k8s_ns)
-    kube.create(API, PLURAL, kvnamespace("trainer", "trainer"), k8s_ns)
-    kube.create(API, PLURAL, kvnamespace("bystander", "other-job"), k8s_ns)
-    prefix = wait_phase(kube, k8s_ns, "trainer", "Ready")["status"]["keyPrefix"]
-    other = wait_phase(kube, k8s_ns, "bystander", "Ready")["status"]["keyPrefix"]
+    prefix = create_ready(kube, k8s_ns, "trainer")["keyPrefix"]
+    other = create_ready(kube, k8s_ns, "bystander", "other-job")["keyPrefix"]
     # More keys than etcd allows in one transaction (128): one DeleteRange handles any count.
     with store_from_secret(kube, k8s_ns, "trainer-etha-kv") as store:
         for i in range(300):
@@ -208,8 +207,7 @@ def test_deleted_job_counts_as_ended(
 def test_a_job_that_does_not_exist_yet_is_not_treated_as_ended(
     kube: EmulatorServer, operator: OperatorProcess, k8s_ns: str
 ) -> None:
-    kube.create(API, PLURAL, kvnamespace("early", "later-job"), k8s_ns)
-    wait_phase(kube, k8s_ns, "early", "Ready")
+    create_ready(kube, k8s_ns, "early", "later-job")
     kube.create("batch/v1", "jobs", job("later-job"), k8s_ns)
     wait_for(
         lambda: (kube.get(API, PLURAL, "early", k8s_ns).get("status") or {}).get("jobUID"),

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.operator.helpers import API, PLURAL, kvnamespace, wait_phase
 from tests.support.kube_emulator import EmulatorServer
-from tests.support.operator_runner import REPO, OperatorProcess
+from tests.support.operator_runner import OperatorFactory, OperatorProcess, run_operator
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -21,15 +18,11 @@ IGNORED = f"ignored-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(scope="module")
-def operator(
-    kube: EmulatorServer, operator_factory: Callable[..., OperatorProcess]
-) -> Iterator[OperatorProcess]:
+def operator(kube: EmulatorServer, operator_factory: OperatorFactory) -> OperatorProcess:
     # Namespace-restricted kopf lists Namespace objects to learn which of its namespaces exist.
     for namespace in (WATCHED, IGNORED):
         kube.create("v1", "namespaces", {"metadata": {"name": namespace}})
-    proc = operator_factory(ETHA_OPERATOR_NAMESPACES=WATCHED).start()
-    yield proc
-    proc.stop()
+    return operator_factory(ETHA_OPERATOR_NAMESPACES=WATCHED).start()
 
 
 def test_only_watched_namespaces_are_served(
@@ -47,13 +40,6 @@ def test_only_watched_namespaces_are_served(
 
 
 def test_bad_settings_stop_the_operator_with_the_variable_named() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "etha_operator"],
-        cwd=REPO,
-        env={"PATH": "/usr/bin:/bin", "ETHA_OPERATOR_ETCD_PASSWORD": "x"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_operator({"PATH": "/usr/bin:/bin", "ETHA_OPERATOR_ETCD_PASSWORD": "x"})
     assert result.returncode == 2
     assert "ETHA_OPERATOR_ETCD_ENDPOINTS is not set" in result.stderr

@@ -15,6 +15,7 @@ from etha_operator import model
 from tests.operator.helpers import (
     API,
     PLURAL,
+    create_ready,
     event_reasons,
     kvnamespace,
     store_from_secret,
@@ -136,8 +137,7 @@ def test_second_kvnamespace_with_the_same_prefix_is_refused(
     kube: EmulatorServer, operator: OperatorProcess, k8s_ns: str
 ) -> None:
     prefix = f"shared-{k8s_ns}"
-    kube.create(API, PLURAL, kvnamespace("first", "job-1", keyPrefix=prefix), k8s_ns)
-    wait_phase(kube, k8s_ns, "first", "Ready")
+    create_ready(kube, k8s_ns, "first", "job-1", keyPrefix=prefix)
     with store_from_secret(kube, k8s_ns, "first-etha-kv") as store:
         store.set("precious", "1")
     kube.create(API, PLURAL, kvnamespace("second", "job-2", keyPrefix=prefix), k8s_ns)
@@ -158,8 +158,7 @@ def test_refused_kvnamespace_takes_the_prefix_once_the_owner_is_gone(
     kube: EmulatorServer, operator: OperatorProcess, k8s_ns: str
 ) -> None:
     prefix = f"handover-{k8s_ns}"
-    kube.create(API, PLURAL, kvnamespace("owner", "job-1", keyPrefix=prefix), k8s_ns)
-    wait_phase(kube, k8s_ns, "owner", "Ready")
+    create_ready(kube, k8s_ns, "owner", "job-1", keyPrefix=prefix)
     kube.create(API, PLURAL, kvnamespace("waiting", "job-2", keyPrefix=prefix), k8s_ns)
     wait_phase(kube, k8s_ns, "waiting", "Failed")
     kube.delete(API, PLURAL, "owner", k8s_ns)

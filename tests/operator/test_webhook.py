@@ -13,10 +13,9 @@ import pytest
 from etha_operator import webhook
 
 from tests.operator.helpers import API, PLURAL, kvnamespace, wait_phase
-from tests.support.admission import review, webhook_settings
+from tests.support.admission import Webhook
 from tests.support.kube_emulator import EmulatorServer
 from tests.support.operator_runner import OperatorFactory, OperatorProcess, wait_for
-from tests.support.tls import TLSFiles
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -106,14 +105,12 @@ def test_not_ready_kvnamespace_is_injected_with_a_warning() -> None:
 
 
 @pytest.fixture(scope="module")
-def operator(
-    operator_factory: OperatorFactory, tls: TLSFiles, webhook_port: int
-) -> OperatorProcess:
-    return operator_factory(**webhook_settings(tls, webhook_port)).start()
+def operator(operator_factory: OperatorFactory, webhook: Webhook) -> OperatorProcess:
+    return operator_factory(**webhook.settings()).start()
 
 
 def test_webhook_server_patches_labelled_pods_and_leaves_others_alone(
-    kube: EmulatorServer, operator: OperatorProcess, tls: TLSFiles, webhook_port: int, k8s_ns: str
+    kube: EmulatorServer, operator: OperatorProcess, webhook: Webhook, k8s_ns: str
 ) -> None:
     kube.create(API, PLURAL, kvnamespace("train", "train-job"), k8s_ns)
     wait_phase(kube, k8s_ns, "train", "Ready")
@@ -122,7 +119,7 @@ def test_webhook_server_patches_labelled_pods_and_leaves_others_alone(
     # The webhook reads the operator's index, which follows the watch stream: until it
     # has seen the Ready status, the pod is injected with a "not Ready yet" warning.
     def injected() -> dict[str, Any] | None:
-        answer = review(tls, webhook_port, labelled, k8s_ns)
+        answer = webhook.review(labelled, k8s_ns)
         return answer if answer.get("patch") and not answer.get("warnings") else None
 
     answer = wait_for(injected, timeout=60, what="the webhook to see the Ready KVNamespace")
@@ -134,15 +131,15 @@ def test_webhook_server_patches_labelled_pods_and_leaves_others_alone(
     for container in patched["spec"]["initContainers"] + patched["spec"]["containers"]:
         assert container["envFrom"][-1] == ref
 
-    untouched = review(tls, webhook_port, pod({"app": "other"}), k8s_ns)
+    untouched = webhook.review(pod({"app": "other"}), k8s_ns)
     assert untouched["allowed"] is True
     assert "patch" not in untouched
 
 
 def test_webhook_server_rejects_reserved_variables_and_unknown_kvnamespaces(
-    kube: EmulatorServer, operator: OperatorProcess, tls: TLSFiles, webhook_port: int, k8s_ns: str
+    kube: EmulatorServer, operator: OperatorProcess, webhook: Webhook, k8s_ns: str
 ) -> None:
-    unknown = review(tls, webhook_port, pod({"etha.io/kvnamespace": "nope"}), k8s_ns)
+    unknown = webhook.review(pod({"etha.io/kvnamespace": "nope"}), k8s_ns)
     assert unknown["allowed"] is False
     assert "no KVNamespace 'nope'" in unknown["status"]["message"]
     assert unknown["status"]["code"] == 403
@@ -157,7 +154,7 @@ def test_webhook_server_rejects_reserved_variables_and_unknown_kvnamespaces(
     )
 
     def rejected() -> dict[str, Any] | None:
-        answer = review(tls, webhook_port, bad, k8s_ns)
+        answer = webhook.review(bad, k8s_ns)
         return answer if "reserved" in answer.get("status", {}).get("message", "") else None
 
     answer = wait_for(rejected, timeout=60, what="the reserved-variable rejection")

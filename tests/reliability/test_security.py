@@ -42,6 +42,7 @@ from tests.operator.helpers import (
     finish_job,
     job,
     kvnamespace,
+    role_grants,
     secret_env,
     store_from_secret,
     wait_phase,
@@ -241,8 +242,10 @@ def test_full_lifecycle_leaks_nothing_and_uses_exactly_the_granted_verbs(
     # -- RBAC: granted == used ---------------------------------------------------------------
     used = recorder.verbs()
     docs = manifests({"watchNamespaces": [NS]} if mode == "namespaced" else None)
-    cluster_rules = _rules([d for d in docs if d["kind"] == "ClusterRole"])
-    ns_rules = _rules([d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == NS])
+    cluster_rules = role_grants([d for d in docs if d["kind"] == "ClusterRole"])
+    ns_rules = role_grants(
+        [d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == NS]
+    )
     granted = {(None, g, r): v for (g, r), v in cluster_rules.items()}
     for (g, r), v in ns_rules.items():
         granted[(NS, g, r)] = set(v)
@@ -285,16 +288,6 @@ def test_full_lifecycle_leaks_nothing_and_uses_exactly_the_granted_verbs(
     # KVNamespaces cluster-wide); the chart was fixed in dc15e70. Now: exact.
     assert missing == {}, f"the operator made requests the chart does not grant: {missing}"
     assert unused == {}, f"the chart grants verbs the operator never used: {unused}"
-
-
-def _rules(roles: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
-    granted: dict[tuple[str, str], set[str]] = {}
-    for role in roles:
-        for rule in role["rules"]:
-            for group in rule["apiGroups"]:
-                for resource in rule["resources"]:
-                    granted.setdefault((group, resource), set()).update(rule["verbs"])
-    return granted
 
 
 def _check_isolation(

@@ -3,7 +3,7 @@
 :func:`review` POSTs an ``AdmissionReview`` for one object over HTTPS (verified with the
 test CA) and returns the webhook's ``response``; :func:`worker_pod` is a pod as a job's
 controller makes it; :func:`webhook_settings` are the operator settings that turn its
-webhook server on with the test certificates.
+webhook server on with the test certificates. :class:`Webhook` holds both ends.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import ssl
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from etha_operator.handlers import WEBHOOK_PATH
@@ -75,3 +76,19 @@ def review(
     assert body["response"]["uid"] == uid
     result: dict[str, Any] = body["response"]
     return result
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """The operator's webhook server: its port and the TLS files it serves and is checked with."""
+
+    tls: TLSFiles
+    port: int
+
+    def settings(self) -> dict[str, str]:
+        """The operator settings that serve it (see :func:`webhook_settings`)."""
+        return webhook_settings(self.tls, self.port)
+
+    def review(self, obj: dict[str, Any], namespace: str) -> dict[str, Any]:
+        """The webhook's answer to creating ``obj`` in ``namespace`` (see :func:`review`)."""
+        return review(self.tls, self.port, obj, namespace)

@@ -62,6 +62,9 @@ class GatewayProcess:
         self.token_key_file = token_key_file or write_token_keys(workdir / f"{self.name}.keys")
         self.log_path = workdir / f"{self.name}.log"
         self.port, self.metrics_port = free_ports(2)
+        #: ``host:port`` that clients dial; where Prometheus scrapes.
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.env = {
             "ETHA_GATEWAY_LISTEN": f"127.0.0.1:{self.port}",
             "ETHA_GATEWAY_ETCD_ENDPOINTS": ",".join(etcd_endpoints),
@@ -74,14 +77,6 @@ class GatewayProcess:
             self.env["ETHA_GATEWAY_ETCD_PASSWORD"] = password
         self.env.update(env or {})
         self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         """Start the process and wait until it is ready (``/readyz`` and the port)."""

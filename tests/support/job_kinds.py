@@ -174,10 +174,11 @@ def set_job_status(
 
 
 def kind_setting(
-    group: str, version: str, kind: str, plural: str, *ended: dict[str, Any], **more: Any
+    api_version: str, kind: str, plural: str, *ended: dict[str, Any], **more: Any
 ) -> dict[str, Any]:
     """One entry of ETHA_OPERATOR_JOB_KINDS (the chart's ``jobKinds.extra``): the kind,
     its end rules, and ``more`` fields as given (e.g. ``podLabel``)."""
+    group, version = api_version.split("/")
     return {
         "group": group,
         "version": version,

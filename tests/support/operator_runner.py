@@ -33,14 +33,20 @@ def wait_for(
 ) -> T:
     """Poll ``probe`` until it returns something truthy; raise TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout
-    last: T | None = None
-    while True:
-        last = probe()
-        if last:
-            return last
+    while not (last := probe()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
         time.sleep(interval)
+    return last
+
+
+def run_operator(env: Mapping[str, str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m etha_operator`` with exactly ``env`` until it exits (e.g. on bad
+    settings); its output is captured as text."""
+    command = [sys.executable, "-m", "etha_operator"]
+    return subprocess.run(
+        command, cwd=REPO, env=dict(env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @dataclass
