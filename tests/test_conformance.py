@@ -37,8 +37,11 @@ from etha.kvstore import (
 from etha.kvstore.etcd_client import EtcdClient
 from etha.kvstore.keys import validate_name
 from etha.kvstore.tcpstore import TCPStoreKVStore
-from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_users import root_client
 from tests.support.gateway import GatewayProcess, register_tenant
+from tests.support.local_tcpstore import local_tcpstore_server
+from tests.support.tenants import root_gateway
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -104,11 +107,8 @@ class Backend:
 @pytest.fixture(scope="module")
 def tcpstore_server() -> Iterator[TCPStoreKVStore]:
     """A real TCPStore server in this process on a free port; stopped after the module."""
-    server = TCPStoreKVStore("server", host="127.0.0.1", port=0, is_server=True, timeout=60)
-    try:
+    with local_tcpstore_server(timeout=60) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")
@@ -116,19 +116,11 @@ def conformance_gateway(
     etcd_auth: EtcdCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[GatewayProcess, EtcdClient]]:
     """A real gateway in front of the session's etcd, and root's client to provision tenants."""
-    root = EtcdClient(etcd_auth.endpoints, username=ROOT_USER, password=etcd_auth.root_password)
-    gateway = GatewayProcess(
-        etcd_auth.endpoints,
-        tmp_path_factory.mktemp("conformance-gateway"),
-        username=ROOT_USER,
-        password=etcd_auth.root_password,
-    )
-    try:
-        gateway.start()
+    with (
+        root_client(etcd_auth) as root,
+        root_gateway(etcd_auth, tmp_path_factory.mktemp("conformance-gateway")) as gateway,
+    ):
         yield gateway, root
-    finally:
-        gateway.stop()
-        root.close()
 
 
 def _register(name: str, request: pytest.FixtureRequest) -> Callable[[str], dict[str, str]] | None:
@@ -165,9 +157,8 @@ def _spec(name: str, request: pytest.FixtureRequest) -> dict[str, Any]:
     raise AssertionError(name)
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, namespace: str) -> Iterator[Backend]:
-    """Each backend in turn; the stores it opens are closed after the test."""
+def _backend(request: pytest.FixtureRequest, namespace: str) -> Iterator[Backend]:
+    """The backend ``request.param`` names; its stores are closed after the test."""
     b = Backend(
         request.param,
         _spec(request.param, request),
@@ -178,21 +169,18 @@ def backend(request: pytest.FixtureRequest, namespace: str) -> Iterator[Backend]
         yield b
     finally:
         b.close_all()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, namespace: str) -> Iterator[Backend]:
+    """Each backend in turn; the stores it opens are closed after the test."""
+    yield from _backend(request, namespace)
 
 
 @pytest.fixture(params=[*BACKENDS, "etcd-auth"])
 def backend_with_auth(request: pytest.FixtureRequest, namespace: str) -> Iterator[Backend]:
     """Like ``backend``, plus etcd with auth enabled (root credentials)."""
-    b = Backend(
-        request.param,
-        _spec(request.param, request),
-        namespace,
-        register=_register(request.param, request),
-    )
-    try:
-        yield b
-    finally:
-        b.close_all()
+    yield from _backend(request, namespace)
 
 
 @pytest.fixture

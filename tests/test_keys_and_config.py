@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import string
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from etha.kvstore import (
 from etha.kvstore import config as cfg
 from etha.kvstore.base import (
     MAX_EXPECTED_COUNT,
+    KeysWait,
     KVStore,
     check_bytes_value,
     check_expected_count,
@@ -47,6 +49,16 @@ valid_keys = st.lists(segments, min_size=1, max_size=8).map("/".join)
 keyish = st.text(SEGMENT_CHARS + "/*. \t\n\x00ü&'()#?[]\\", max_size=40)
 
 
+def _accepted_unchanged(validate: Callable[[str], str], value: str) -> bool:
+    """False if ``validate`` rejects ``value``; if it accepts it, it returns it unchanged."""
+    try:
+        result = validate(value)
+    except InvalidKeyError:
+        return False
+    assert result == value
+    return True
+
+
 def _segments_ok(value: str) -> bool:
     return all(seg and seg not in (".", "..") for seg in value.split("/"))
 
@@ -61,11 +73,8 @@ def _segments_ok(value: str) -> bool:
 @example("a*")
 @example("a-b")
 def test_a_valid_key_is_returned_unchanged_and_is_safe(value: str) -> None:
-    try:
-        result = keys.validate_key(value)
-    except InvalidKeyError:
+    if not _accepted_unchanged(keys.validate_key, value):
         return
-    assert result == value
     assert "*" not in value
     assert _segments_ok(value)
     assert 1 <= len(value) <= keys.MAX_KEY_LENGTH
@@ -92,11 +101,8 @@ def test_full_keys_stay_inside_the_namespace_and_split_back(ns: str, comp: str, 
 @example("a-b*")
 @example("a(b*")
 def test_a_valid_pattern_has_only_allowed_characters(value: str) -> None:
-    try:
-        result = keys.validate_pattern(value)
-    except InvalidKeyError:
+    if not _accepted_unchanged(keys.validate_pattern, value):
         return
-    assert result == value
     assert _segments_ok(value)
     assert set(value) <= set(SEGMENT_CHARS + "/*")
 
@@ -210,26 +216,10 @@ class _Bare(KVStore):
     def set_bytes(self, key: str, data: bytes, *, component: str | None = None) -> None:
         raise NotImplementedError
 
-    def wait_for_key(
-        self, key: str, timeout: float = 3600.0, *, component: str | None = None
-    ) -> bytes:
+    def _wait_for_value(self, full_key: str, want: bytes | None, timeout: float) -> bytes:
         raise NotImplementedError
 
-    def wait_for_value(
-        self, key: str, expected: str, timeout: float = 3600.0, *, component: str | None = None
-    ) -> bytes:
-        raise NotImplementedError
-
-    def wait_for_keys(
-        self,
-        key_pattern: str,
-        expected_count: int,
-        value: str = "1",
-        timeout: float = 3600.0,
-        candidate_keys: list[str] | None = None,
-        *,
-        component: str | None = None,
-    ) -> list[str]:
+    def _wait_for_keys(self, wait: KeysWait) -> list[str]:
         raise NotImplementedError
 
 
@@ -525,6 +515,13 @@ ports = st.integers(1, 65535)
 timeouts = st.floats(min_value=0.001, max_value=1e6, allow_nan=False, allow_infinity=False)
 
 
+def assert_env_round_trips(config: EtcdConfig | TCPStoreConfig) -> None:
+    """``config`` written to variables (only known ones) and read back is ``config``."""
+    env = config.to_env()
+    assert set(env) <= cfg.ALL_VARIABLES
+    assert parse_env(env) == config
+
+
 @settings(max_examples=200)
 @given(
     names,
@@ -544,18 +541,9 @@ def test_etcd_config_to_env_round_trips(
 ) -> None:
     username, password = creds if creds else (None, None)
     assume(password is None or password != "")
-    config = EtcdConfig(
-        namespace=ns,
-        component=comp,
-        endpoints=endpoints,
-        tls=tls,
-        username=username,
-        password=password,
-        timeout=timeout,
+    assert_env_round_trips(
+        EtcdConfig(ns, endpoints, comp, username, password, tls=tls, timeout=timeout)
     )
-    env = config.to_env()
-    assert set(env) <= cfg.ALL_VARIABLES
-    assert parse_env(env) == config
 
 
 @settings(max_examples=200)
@@ -565,18 +553,9 @@ def test_etcd_config_to_env_round_trips(
 def test_tcpstore_config_to_env_round_trips(
     ns: str, comp: str, host: str, port: int, is_server: bool, world: int | None, timeout: float
 ) -> None:
-    config = TCPStoreConfig(
-        namespace=ns,
-        component=comp,
-        host=host,
-        port=port,
-        is_server=is_server,
-        world_size=world,
-        timeout=timeout,
+    assert_env_round_trips(
+        TCPStoreConfig(ns, host, port, is_server, component=comp, world_size=world, timeout=timeout)
     )
-    env = config.to_env()
-    assert set(env) <= cfg.ALL_VARIABLES
-    assert parse_env(env) == config
 
 
 @given(st.lists(st.builds(Endpoint, hosts, ports), min_size=1, max_size=4))

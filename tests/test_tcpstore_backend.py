@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -45,6 +46,28 @@ pytestmark = pytest.mark.timeout(60)
 
 # Slack for "did not outlast its timeout" checks: generous, this machine is noisy.
 SLACK = 5.0
+
+
+@contextmanager
+def flickering(client: TCPStoreKVStore, key: str, value: str) -> Iterator[threading.Thread]:
+    """While the body runs, a thread sets ``key`` and deletes it again, over and over.
+
+    Yields that thread; it has stopped and been joined when the block is left.
+    """
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            client.set(key, value)
+            client.delete(key)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        stop.set()
+        thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -148,20 +171,8 @@ def test_get_of_a_missing_key_neither_blocks_nor_creates_it(
 
 def test_get_racing_with_deletes_never_blocks(connect: Callable[..., TCPStoreKVStore]) -> None:
     reader, writer = connect(timeout=3600), connect(timeout=3600)
-    stop = threading.Event()
-
-    def churn() -> None:
-        while not stop.is_set():
-            writer.set("flicker", "on")
-            writer.delete("flicker")
-
-    thread = threading.Thread(target=churn)
-    thread.start()
-    try:
+    with flickering(writer, "flicker", "on"):
         seen = {reader.get("flicker") for _ in range(2000)}
-    finally:
-        stop.set()
-        thread.join()
     assert seen <= {None, b"on"}
 
 
@@ -211,20 +222,21 @@ def test_no_request_uses_add_and_waits_poll_all_candidates_at_once(
     candidates = [f"rank:{i}/ready" for i in range(16)]
     for key in candidates[:10]:
         store.set(key, "1")
-    counting.calls.clear()
-    with pytest.raises(KVTimeoutError):
-        store.wait_for_keys("rank:*/ready", 16, candidate_keys=candidates, timeout=0.3)
-    polls = counting.calls["check"]
-    assert polls >= 2
-    # one check() per poll for all 16 candidates; nothing per key
-    assert set(counting.calls) == {"check"}
 
-    counting.calls.clear()
-    with pytest.raises(KVTimeoutError):
-        store.wait_for_keys("rank:*/ready", 11, candidate_keys=candidates, timeout=0.3)
-    polls = counting.calls["list_keys"]
-    assert polls >= 2
-    assert set(counting.calls) == {"list_keys"}
+    def calls_of_a_wait_that_times_out(expected: int) -> Counter[str]:
+        counting.calls.clear()
+        with pytest.raises(KVTimeoutError):
+            store.wait_for_keys("rank:*/ready", expected, candidate_keys=candidates, timeout=0.3)
+        return counting.calls
+
+    calls = calls_of_a_wait_that_times_out(16)
+    assert calls["check"] >= 2
+    # one check() per poll for all 16 candidates; nothing per key
+    assert set(calls) == {"check"}
+
+    calls = calls_of_a_wait_that_times_out(11)
+    assert calls["list_keys"] >= 2
+    assert set(calls) == {"list_keys"}
 
     counting.calls.clear()
     assert store.wait_for_keys("rank:*/ready", 10, candidate_keys=candidates, timeout=5) == sorted(
@@ -328,24 +340,9 @@ def test_wait_survives_a_candidate_deleted_between_requests(
     store, churner = connect(timeout=3600), connect(timeout=3600)
     candidates = ["k:a", "k:b", "k:c"]
     store.set("k:a", "1")
-    stop = threading.Event()
-
-    def churn() -> None:
-        while not stop.is_set():
-            churner.set("k:b", "1")
-            churner.delete("k:b")
-
-    thread = threading.Thread(target=churn)
-    thread.start()
-    try:
-        with pytest.raises(KVTimeoutError):
-            store.wait_for_keys("k:*", 3, candidate_keys=candidates, timeout=1.0)
-        churner_done = False
-    finally:
-        stop.set()
-        thread.join()
-        churner_done = True
-    assert churner_done
+    with flickering(churner, "k:b", "1") as churn, pytest.raises(KVTimeoutError):
+        store.wait_for_keys("k:*", 3, candidate_keys=candidates, timeout=1.0)
+    assert not churn.is_alive()
     store.set("k:b", "1")
     store.set("k:c", "1")
     assert store.wait_for_keys("k:*", 2, candidate_keys=candidates, timeout=5) == candidates

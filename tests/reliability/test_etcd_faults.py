@@ -10,13 +10,16 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
 from etha.kvstore.etcd_client import EtcdClient
 from tests.reliability.conftest import make_prefix_user, wait_healthy_with_auth
 from tests.support.chaos import EtcdWorkload, FaultLog, WorkloadReport, full_scale, record, scaled
-from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.etcd_server import ROOT_USER, EtcdCluster, EtcdMember
 from tests.support.etcd_users import root_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500 if full_scale() else 400)]
@@ -43,6 +46,62 @@ def member_values(cluster: EtcdCluster, key: bytes) -> dict[str, str]:
     return values
 
 
+@contextmanager
+def running_workload(
+    cluster: EtcdCluster, root: EtcdClient, workers: int, barrier_timeout: float
+) -> Iterator[EtcdWorkload]:
+    """``workers`` threads as a fresh prefix-scoped user, 3 rounds in; stopped on exit.
+
+    The caller verifies the stopped workload (``load.verify(root)``) after the block.
+    """
+    user = make_prefix_user(root)
+    load = EtcdWorkload(
+        cluster.urls,
+        username=user.name,
+        password=user.password,
+        workers=workers,
+        namespace=user.namespace,
+        request_timeout=5.0,
+        barrier_timeout=barrier_timeout,
+    ).start()
+    try:
+        load.wait_rounds(3)
+        yield load
+    finally:
+        load.stop()
+
+
+def restart_leader(cluster: EtcdCluster) -> float:
+    """SIGKILL the leader, start it again after DOWN_S; seconds until healthy again."""
+    leader = cluster.leader()
+    leader.kill()
+    time.sleep(DOWN_S)
+    leader.start()
+    return wait_healthy_with_auth(cluster)
+
+
+def pause_member(member: EtcdMember, seconds: float) -> None:
+    """SIGSTOP ``member`` for ``seconds``, then let it run again."""
+    member.pause()
+    time.sleep(seconds)
+    member.resume()
+
+
+def settle(cluster: EtcdCluster) -> None:
+    """Wait for the cluster to answer with auth again, then give the workers SETTLE_S."""
+    wait_healthy_with_auth(cluster)
+    time.sleep(SETTLE_S)
+
+
+def record_and_check(section: str, report: WorkloadReport, faults: FaultLog, **extra: Any) -> None:
+    """Record the workload's and the faults' figures plus ``extra``, then check them."""
+    figures = report.to_dict()
+    figures.update(faults=faults.counts, fault_durations_s=faults.durations_s, **extra)
+    record(section, figures)
+    print(figures)
+    _check(report)
+
+
 def _check(report: WorkloadReport) -> None:
     assert report.unclear_errors == [], report.unclear_errors
     assert report.writes_lost == 0, report.lost_keys
@@ -65,26 +124,11 @@ def test_workers_survive_leader_kills_and_member_pauses(trio: EtcdCluster) -> No
     faults = FaultLog()
     recovery: list[float] = []
     with root_client(trio) as root:
-        user = make_prefix_user(root)
-        load = EtcdWorkload(
-            trio.urls,
-            username=user.name,
-            password=user.password,
-            workers=workers,
-            namespace=user.namespace,
-            request_timeout=5.0,
-            barrier_timeout=60.0,
-        ).start()
-        try:
-            load.wait_rounds(3)
+        with running_workload(trio, root, workers, barrier_timeout=60.0) as load:
             for i in range(max(kills, pauses)):
                 if i < kills:
-                    leader = trio.leader()
                     with faults.fault("leader_sigkill"):
-                        leader.kill()
-                        time.sleep(DOWN_S)
-                        leader.start()
-                        recovery.append(wait_healthy_with_auth(trio))
+                        recovery.append(restart_leader(trio))
                     time.sleep(SETTLE_S)
                 if i < pauses:
                     # Alternate: pause the leader (forces an election), or a random follower.
@@ -92,27 +136,18 @@ def test_workers_survive_leader_kills_and_member_pauses(trio: EtcdCluster) -> No
                     followers = [m for m in trio.nodes if m is not leader]
                     member = leader if i % 2 == 0 else rng.choice(followers)
                     with faults.fault("leader_sigstop" if member is leader else "follower_sigstop"):
-                        member.pause()
-                        time.sleep(PAUSE_S)
-                        member.resume()
-                    wait_healthy_with_auth(trio)
-                    time.sleep(SETTLE_S)
-        finally:
-            report = load.stop()
-        report = load.verify(root)
-    figures = report.to_dict()
-    figures.update(
-        faults=faults.counts,
-        fault_durations_s=faults.durations_s,
-        cluster_recovery_after_restart_s=[round(r, 3) for r in recovery],
-        pause_s=PAUSE_S,
-        down_s=DOWN_S,
-        members=3,
-        auth=True,
-    )
-    record("etcd_cluster_faults", figures)
-    print(figures)
-    _check(report)
+                        pause_member(member, PAUSE_S)
+                    settle(trio)
+        record_and_check(
+            "etcd_cluster_faults",
+            load.verify(root),
+            faults,
+            cluster_recovery_after_restart_s=[round(r, 3) for r in recovery],
+            pause_s=PAUSE_S,
+            down_s=DOWN_S,
+            members=3,
+            auth=True,
+        )
 
 
 def test_long_pause_of_the_member_every_client_is_connected_to(trio: EtcdCluster) -> None:
@@ -125,41 +160,22 @@ def test_long_pause_of_the_member_every_client_is_connected_to(trio: EtcdCluster
     """
     workers = scaled(6, 16)
     pause = float(scaled(8, 20))
+    faults = FaultLog()
     with root_client(trio) as root:
-        user = make_prefix_user(root)
-        load = EtcdWorkload(
-            trio.urls,
-            username=user.name,
-            password=user.password,
-            workers=workers,
-            namespace=user.namespace,
-            request_timeout=5.0,
-            barrier_timeout=90.0,
-        ).start()
-        faults = FaultLog()
-        try:
-            load.wait_rounds(3)
+        with running_workload(trio, root, workers, barrier_timeout=90.0) as load:
             first = trio.nodes[0]
             was_leader = trio.leader() is first
             with faults.fault("first_endpoint_sigstop"):
-                first.pause()
-                time.sleep(pause)
-                first.resume()
-            wait_healthy_with_auth(trio)
-            time.sleep(SETTLE_S)
-        finally:
-            report = load.stop()
-        report = load.verify(root)
-    figures = report.to_dict()
-    figures.update(
-        faults=faults.counts,
-        pause_s=pause,
-        paused_member_was_leader=was_leader,
-        request_timeout_s=5.0,
-    )
-    record("etcd_long_pause_of_connected_member", figures)
-    print(figures)
-    _check(report)
+                pause_member(first, pause)
+            settle(trio)
+        record_and_check(
+            "etcd_long_pause_of_connected_member",
+            load.verify(root),
+            faults,
+            pause_s=pause,
+            paused_member_was_leader=was_leader,
+            request_timeout_s=5.0,
+        )
 
 
 def test_counters_stay_exact_through_leader_kills(trio: EtcdCluster) -> None:
@@ -209,11 +225,7 @@ def test_counters_stay_exact_through_leader_kills(trio: EtcdCluster) -> None:
         try:
             time.sleep(2)
             for _ in range(kills):
-                leader = trio.leader()
-                leader.kill()
-                time.sleep(DOWN_S)
-                leader.start()
-                wait_healthy_with_auth(trio)
+                restart_leader(trio)
                 time.sleep(SETTLE_S)
         finally:
             stop.set()
