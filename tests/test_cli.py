@@ -23,12 +23,13 @@ from typing import Any
 import pytest
 
 from etha.kvstore.etcd_client import EtcdClient
-from tests.support.etcd_server import ROOT_USER, EtcdCluster, etcd_cluster
+from tests.support.etcd_server import EtcdCluster, etcd_cluster
 from tests.support.etcd_users import grant_prefix_user, root_client
 from tests.support.gateway import GatewayProcess, register_tenant
 from tests.support.ports import free_port
 from tests.support.processes import end_process
 from tests.support.tcpstore_server import TCPStoreServer
+from tests.support.tenants import gateway_fixture
 from tests.support.tls import make_tls
 
 pytestmark = pytest.mark.timeout(180)
@@ -383,20 +384,7 @@ def test_doctor_diagnoses_an_untrusted_server_certificate(
 # -- through the etha gateway -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gateway(
-    etcd_auth: EtcdCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[GatewayProcess]:
-    process = GatewayProcess(
-        etcd_auth.endpoints,
-        tmp_path_factory.mktemp("gateway-cli"),
-        username=ROOT_USER,
-        password=etcd_auth.root_password,
-    ).start()
-    try:
-        yield process
-    finally:
-        process.stop()
+gateway = gateway_fixture("gateway-cli")
 
 
 def _gateway_env(

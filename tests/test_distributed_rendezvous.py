@@ -18,12 +18,11 @@ import torch.distributed as dist
 import etha.distributed
 from etha.distributed.rendezvous import RendezvousSpec, parse_url
 from etha.distributed.store import EthaStore
-from etha.kvstore.config import EtcdConfig, parse_endpoints
+from etha.kvstore.config import EtcdConfig
 from etha.kvstore.errors import ConfigurationError
-from etha.kvstore.etcd_client import EtcdClient
-from tests.support.etcd_server import ROOT_USER, EtcdCluster
-from tests.support.etcd_users import all_keys, namespace_config, read_key
-from tests.support.gateway import GatewayProcess, register_tenant
+from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_users import all_keys, read_key
+from tests.support.tenants import gateway_tenant_fixture, namespace_fixture
 from tests.support.workers import child_env, procs, tail
 
 pytestmark = pytest.mark.timeout(150)
@@ -107,14 +106,8 @@ def test_handler_is_registered_with_torch() -> None:
 # -- real rendezvous ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ns_a(etcd_auth: EtcdCluster) -> EtcdConfig:
-    return namespace_config(etcd_auth, f"rdzv-a-{uuid.uuid4().hex[:8]}")
-
-
-@pytest.fixture(scope="module")
-def ns_b(etcd_auth: EtcdCluster) -> EtcdConfig:
-    return namespace_config(etcd_auth, f"rdzv-b-{uuid.uuid4().hex[:8]}")
+ns_a = namespace_fixture("rdzv-a")
+ns_b = namespace_fixture("rdzv-b")
 
 
 @pytest.fixture
@@ -154,23 +147,8 @@ dist.destroy_process_group()
 """
 
 
-@pytest.fixture(scope="module")
-def ns_gateway(
-    etcd_auth: EtcdCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[EtcdConfig]:
-    """A tenant behind a real etha gateway: the workers reach etcd only through it."""
-    with EtcdClient(
-        etcd_auth.endpoints, username=ROOT_USER, password=etcd_auth.root_password
-    ) as root:
-        username, secret, prefix = register_tenant(root)
-    with GatewayProcess(
-        etcd_auth.endpoints,
-        tmp_path_factory.mktemp("gateway"),
-        username=ROOT_USER,
-        password=etcd_auth.root_password,
-    ) as gateway:
-        endpoints, _ = parse_endpoints(gateway.endpoint)
-        yield EtcdConfig(namespace=prefix, endpoints=endpoints, username=username, password=secret)
+#: A tenant behind a real etha gateway: the workers reach etcd only through it.
+ns_gateway = gateway_tenant_fixture("gateway")
 
 
 @pytest.mark.parametrize("path", ["etcd", "gateway"])

@@ -24,21 +24,16 @@ import torch.distributed as dist
 from etha.distributed.store import EthaStore
 from etha.kvstore.config import EtcdConfig, parse_endpoints
 from tests.support.etcd_server import EtcdCluster, etcd_cluster
-from tests.support.etcd_users import all_keys, namespace_config, read_key
+from tests.support.etcd_users import all_keys, read_key
 from tests.support.ports import free_port
+from tests.support.tenants import gateway_tenant_fixture, namespace_fixture
 from tests.support.workers import child_env, procs, tail
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def ns_a(etcd_auth: EtcdCluster) -> EtcdConfig:
-    return namespace_config(etcd_auth, f"store-a-{uuid.uuid4().hex[:8]}")
-
-
-@pytest.fixture(scope="module")
-def ns_b(etcd_auth: EtcdCluster) -> EtcdConfig:
-    return namespace_config(etcd_auth, f"store-b-{uuid.uuid4().hex[:8]}")
+ns_a = namespace_fixture("store-a")
+ns_b = namespace_fixture("store-b")
 
 
 @pytest.fixture
@@ -773,30 +768,8 @@ def test_chunks_read_at_a_compacted_revision_are_read_again(
 # -- through an etha gateway -----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gateway_config(
-    etcd_auth: EtcdCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[EtcdConfig]:
-    """A tenant (no quotas set) behind one real gateway process, as an EtcdConfig."""
-    from tests.support.etcd_server import ROOT_USER
-    from tests.support.etcd_users import root_client
-    from tests.support.gateway import GatewayProcess, register_tenant
-
-    gateway = GatewayProcess(
-        etcd_auth.endpoints,
-        tmp_path_factory.mktemp("store-gateway"),
-        username=ROOT_USER,
-        password=etcd_auth.root_password,
-    ).start()
-    try:
-        with root_client(etcd_auth) as root:
-            username, secret, prefix = register_tenant(root)
-        endpoints, _ = parse_endpoints(gateway.endpoint)
-        yield EtcdConfig(
-            namespace=prefix, endpoints=endpoints, username=username, password=secret, timeout=30
-        )
-    finally:
-        gateway.stop()
+#: A tenant (no quotas set) behind one real gateway process, as an EtcdConfig.
+gateway_config = gateway_tenant_fixture("store-gateway", timeout=30)
 
 
 def test_chunked_values_through_the_gateway(

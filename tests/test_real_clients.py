@@ -9,7 +9,6 @@ operator (direct mode, real etcd with auth) serves.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -23,7 +22,8 @@ from tests.operator.helpers import API, PLURAL, etcd_users, secret_env, wait_pha
 from tests.support import binaries
 from tests.support.etcd_server import EtcdCluster
 from tests.support.kube_emulator import EmulatorServer
-from tests.support.operator_runner import OperatorProcess, wait_for
+from tests.support.operated import operated_kube
+from tests.support.operator_runner import wait_for
 from tests.test_chart import CHART, NAMESPACE, RELEASE, VALUE_SETS, manifests
 
 pytestmark = [
@@ -134,24 +134,8 @@ def cluster(
 ) -> Iterator[tuple[EmulatorServer, dict[str, str]]]:
     if KUBECTL is None:
         pytest.skip(binaries.missing_reason(binaries.KUBECTL))
-    workdir = tmp_path_factory.mktemp("kubectl")
-    with EmulatorServer() as kube:
-        kubeconfig = kube.write_kubeconfig(workdir / "kubeconfig")
-        operator = OperatorProcess(
-            kubeconfig=kubeconfig,
-            etcd_endpoints=etcd_auth.urls,
-            root_password=etcd_auth.root_password,
-            log_path=workdir / "operator.log",
-        ).start()
-        env = {
-            "KUBECONFIG": str(kubeconfig),
-            "HOME": str(workdir),  # kubectl's discovery cache goes under $HOME/.kube
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        }
-        try:
-            yield kube, env
-        finally:
-            operator.stop()
+    with operated_kube(etcd_auth, tmp_path_factory.mktemp("kubectl")) as k8s:
+        yield k8s.kube, k8s.env
 
 
 def kubectl(env: dict[str, str], *args: str) -> str:

@@ -30,20 +30,15 @@ from etha.distributed.store import EthaStore
 from etha.kvstore.config import EtcdConfig
 from etha.kvstore.etcd_client import EtcdClient
 from tests.support.etcd_server import EtcdCluster
-from tests.support.etcd_users import all_keys, namespace_config, read_key, root_client
+from tests.support.etcd_users import all_keys, read_key, root_client
+from tests.support.tenants import namespace_fixture
 from tests.support.workers import child_env, procs, tail
 
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module")
-def ns_a(etcd_auth: EtcdCluster) -> EtcdConfig:
-    return namespace_config(etcd_auth, f"elastic-a-{uuid.uuid4().hex[:8]}")
-
-
-@pytest.fixture(scope="module")
-def ns_b(etcd_auth: EtcdCluster) -> EtcdConfig:
-    return namespace_config(etcd_auth, f"elastic-b-{uuid.uuid4().hex[:8]}")
+ns_a = namespace_fixture("elastic-a")
+ns_b = namespace_fixture("elastic-b")
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from tests.operator.helpers import etcd_users
 from tests.support import binaries
 from tests.support.etcd_server import EtcdCluster
 from tests.support.kube_emulator import EmulatorServer
-from tests.support.operator_runner import OperatorProcess
+from tests.support.operated import operated_kube
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -156,20 +156,8 @@ def emulated(
     kubectl, helm = binaries.kubectl(), binaries.helm()
     if kubectl is None or helm is None:
         pytest.skip(binaries.missing_reason(binaries.KUBECTL if kubectl is None else binaries.HELM))
-    workdir = tmp_path_factory.mktemp("e2e-dry-run")
-    with EmulatorServer() as kube:
-        kubeconfig = kube.write_kubeconfig(workdir / "kubeconfig")
-        operator = OperatorProcess(
-            kubeconfig=kubeconfig,
-            etcd_endpoints=etcd_auth.urls,
-            root_password=etcd_auth.root_password,
-            log_path=workdir / "operator.log",
-        ).start()
-        env = {"KUBECONFIG": str(kubeconfig), "HOME": str(workdir), "PATH": os.environ["PATH"]}
-        try:
-            yield Tools(kubectl, helm, env), kube
-        finally:
-            operator.stop()
+    with operated_kube(etcd_auth, tmp_path_factory.mktemp("e2e-dry-run")) as k8s:
+        yield Tools(kubectl, helm, k8s.env), k8s.kube
 
 
 def test_kubectl_steps_run_against_the_emulator(

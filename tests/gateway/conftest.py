@@ -10,8 +10,10 @@ import pytest
 
 from etha.kvstore.etcd import EtcdKVStore
 from etha.kvstore.etcd_client import EtcdClient
-from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_users import root_client
 from tests.support.gateway import GatewayProcess, register_tenant
+from tests.support.tenants import gateway_fixture, root_gateway
 
 STORE_TIMEOUT = 15.0
 
@@ -53,37 +55,19 @@ def tenant_client(
 @pytest.fixture(scope="module")
 def root(etcd_auth: EtcdCluster) -> Iterator[EtcdClient]:
     """etcd's root user, straight to etcd (what the operator uses)."""
-    client = EtcdClient(etcd_auth.endpoints, username=ROOT_USER, password=etcd_auth.root_password)
-    try:
+    with root_client(etcd_auth) as client:
         yield client
-    finally:
-        client.close()
 
 
 def start_gateway(
     cluster: EtcdCluster, workdir: Path, env: Mapping[str, str] | None = None, **kwargs: object
 ) -> GatewayProcess:
-    gateway = GatewayProcess(
-        cluster.endpoints,
-        workdir,
-        username=ROOT_USER,
-        password=cluster.root_password,
-        env=env,
-        **kwargs,  # type: ignore[arg-type]
-    )
-    return gateway.start()
+    """A started gateway replica that reaches ``cluster`` as root (the caller stops it)."""
+    return root_gateway(cluster, workdir, env=env, **kwargs).start()
 
 
-@pytest.fixture(scope="module")
-def gateway(
-    etcd_auth: EtcdCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[GatewayProcess]:
-    """One gateway replica in front of the session's etcd (with auth)."""
-    gw = start_gateway(etcd_auth, tmp_path_factory.mktemp("gateway"))
-    try:
-        yield gw
-    finally:
-        gw.stop()
+#: One gateway replica in front of the session's etcd (with auth).
+gateway = gateway_fixture("gateway")
 
 
 @pytest.fixture

@@ -30,10 +30,13 @@ from etha.gateway.tenancy import tenant_key
 from etha.kvstore.etcd_client import EtcdClient
 from tests.gateway.conftest import TenantCreds
 from tests.operator.helpers import API, PLURAL, kvnamespace, secret_env, wait_phase
-from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.etcd_server import EtcdCluster, etcd_cluster
+from tests.support.etcd_users import root_client
 from tests.support.gateway import GatewayProcess
 from tests.support.kube_emulator import EmulatorServer
+from tests.support.operated import operated_kube
 from tests.support.operator_runner import OperatorProcess, wait_for
+from tests.support.tenants import root_gateway
 
 K8S_NS = "hostile"
 CALL_TIMEOUT = 10.0
@@ -221,41 +224,18 @@ def victim_keys(w: World) -> dict[bytes, bytes]:
 
 def make_world(tmp: Path) -> Iterator[World]:
     """Start everything (private etcd, gateway, emulator, operator); stop it all after."""
-    cluster = EtcdCluster(tmp / "etcd", auth=True)
-    cluster.start()
-    try:
-        root = EtcdClient(cluster.urls, username=ROOT_USER, password=cluster.root_password)
-        gateway = GatewayProcess(
-            cluster.endpoints,
-            tmp / "gateway",
-            username=ROOT_USER,
-            password=cluster.root_password,
-        )
-        gateway.start()
-        try:
-            with EmulatorServer() as kube:
-                kubeconfig = kube.write_kubeconfig(tmp / "kubeconfig")
-                operator = OperatorProcess(
-                    kubeconfig=kubeconfig,
-                    etcd_endpoints=cluster.urls,
-                    root_password=cluster.root_password,
-                    log_path=tmp / "operator.log",
-                    gateway_endpoints=[gateway.endpoint],
-                ).start()
-                try:
-                    r = f"atk{uuid.uuid4().hex[:6]}"
-                    w = World(cluster, gateway, kube, operator, root)
-                    w.a = w.provision("attacker", r)
-                    w.b = w.provision("below", f"{r}.b")
-                    w.c = w.provision("above", f"{r}0")
-                    w.sentinels = victim_keys(w)
-                    for key, value in w.sentinels.items():
-                        root.put(key, value)
-                    yield w
-                finally:
-                    operator.stop()
-        finally:
-            gateway.stop()
-            root.close()
-    finally:
-        cluster.cleanup()
+    with (
+        etcd_cluster(tmp / "etcd", auth=True) as cluster,
+        root_client(cluster) as root,
+        root_gateway(cluster, tmp / "gateway") as gateway,
+        operated_kube(cluster, tmp, gateway_endpoints=[gateway.endpoint]) as k8s,
+    ):
+        r = f"atk{uuid.uuid4().hex[:6]}"
+        w = World(cluster, gateway, k8s.kube, k8s.operator, root)
+        w.a = w.provision("attacker", r)
+        w.b = w.provision("below", f"{r}.b")
+        w.c = w.provision("above", f"{r}0")
+        w.sentinels = victim_keys(w)
+        for key, value in w.sentinels.items():
+            root.put(key, value)
+        yield w

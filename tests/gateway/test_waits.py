@@ -22,8 +22,10 @@ from etha.kvstore.errors import KVTimeoutError, PermissionDeniedError, QuotaExce
 from etha.kvstore.etcd import EtcdKVStore, coordination_supported
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from tests.gateway.conftest import TenantCreds, open_store, start_gateway
-from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.etcd_server import EtcdCluster, etcd_cluster
+from tests.support.etcd_users import root_client
 from tests.support.gateway import GatewayProcess, write_token_keys
+from tests.support.tenants import root_gateway
 from tests.support.threads import Waiter
 
 
@@ -232,7 +234,7 @@ def test_waiters_count_against_the_watches_quota(
 def test_plain_etcd_falls_back_to_watches_once(
     etcd_auth: EtcdCluster, root: EtcdClient, namespace: str
 ) -> None:
-    client = EtcdClient(etcd_auth.endpoints, username=ROOT_USER, password=etcd_auth.root_password)
+    client = root_client(etcd_auth)
     store = EtcdKVStore(namespace, endpoints=(), client=client)
     try:
         assert coordination_supported(client)
@@ -363,7 +365,7 @@ def test_same_results_and_errors_as_the_watch_path(
 ) -> None:
     """The same calls on the same keys: through the gateway, and with watches on etcd."""
     via_gateway = open_store([gateway.endpoint], creds)
-    client = EtcdClient(etcd_auth.endpoints, username=ROOT_USER, password=etcd_auth.root_password)
+    client = root_client(etcd_auth)
     direct = EtcdKVStore(creds.prefix, "default", endpoints=(), client=client)
     try:
         for i in range(4):
@@ -399,12 +401,11 @@ def test_compaction_while_the_gateway_was_cut_off_reloads_its_view(tmp_path: Pat
 
     from tests.support.gateway import register_tenant
 
-    cluster = EtcdCluster(tmp_path / "etcd", auth=True)
-    cluster.start()
-    root = EtcdClient(cluster.endpoints, username=ROOT_USER, password=cluster.root_password)
-    gateway = None
-    try:
-        gateway = start_gateway(cluster, tmp_path / "gw")
+    with (
+        etcd_cluster(tmp_path / "etcd", auth=True) as cluster,
+        root_client(cluster) as root,
+        root_gateway(cluster, tmp_path / "gw") as gateway,
+    ):
         username, secret, prefix = register_tenant(root)
         creds = TenantCreds(username, secret, prefix)
         store = open_store([gateway.endpoint], creds, timeout=30)
@@ -433,8 +434,3 @@ def test_compaction_while_the_gateway_was_cut_off_reloads_its_view(tmp_path: Pat
         assert "compacted; reloading" in gateway.log_tail(200), gateway.log_tail(40)
         for creds_store in creds.opened:
             creds_store.close(cleanup=False)
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        root.close()
-        cluster.cleanup()

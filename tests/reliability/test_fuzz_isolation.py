@@ -24,23 +24,17 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from etha.kvstore import errors
 from etha.kvstore.base import MAX_EXPECTED_COUNT
-from etha.kvstore.errors import (
-    InvalidArgumentError,
-    InvalidKeyError,
-    InvalidValueError,
-    KVStoreError,
-    KVTimeoutError,
-    PermissionDeniedError,
-)
 from etha.kvstore.etcd import EtcdKVStore
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from etha.kvstore.keys import compile_pattern
 from tests.reliability.conftest import PrefixUser, make_prefix_user
 from tests.support.chaos import record, scaled
-from tests.support.etcd_server import ROOT_USER, EtcdCluster
+from tests.support.etcd_server import EtcdCluster, etcd_cluster
 from tests.support.etcd_users import root_client
 from tests.support.gateway import GatewayProcess, register_tenant
+from tests.support.tenants import root_gateway
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -139,33 +133,26 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     # A private server: the "nothing else changed" check reads the whole keyspace.
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-fuzz"), auth=True)
-    cluster.start()
-    try:
-        with root_client(cluster) as root:
-            user = make_prefix_user(root)
-            other = f"ns-{uuid.uuid4().hex[:8]}"
-            sentinels = {
-                f"{other}/c/secret".encode(): b"B's value",
-                f"{user.namespace}0/c/k".encode(): b"just past A's range",
-                f"{user.namespace}.".encode(): b"A. (a sibling name)",
-                b"\x00low": b"lowest key",
-                b"\xff\xffhigh": b"highest key",
-            }
-            for key, value in sentinels.items():
-                root.put(key, value)
-            username, secret, _ = register_tenant(root, user.namespace)
-            with GatewayProcess(
-                cluster.endpoints,
-                tmp_path_factory.mktemp("gateway-fuzz"),
-                username=ROOT_USER,
-                password=cluster.root_password,
-            ) as gateway:
-                w = World(cluster, root, user, other, sentinels, gateway, (username, secret))
-                yield w
-            record("fuzzing", {"examples_per_property": EXAMPLES, "outcomes": OUTCOMES})
-    finally:
-        cluster.cleanup()
+    with (
+        etcd_cluster(tmp_path_factory.mktemp("etcd-fuzz"), auth=True) as cluster,
+        root_client(cluster) as root,
+    ):
+        user = make_prefix_user(root)
+        other = f"ns-{uuid.uuid4().hex[:8]}"
+        sentinels = {
+            f"{other}/c/secret".encode(): b"B's value",
+            f"{user.namespace}0/c/k".encode(): b"just past A's range",
+            f"{user.namespace}.".encode(): b"A. (a sibling name)",
+            b"\x00low": b"lowest key",
+            b"\xff\xffhigh": b"highest key",
+        }
+        for key, value in sentinels.items():
+            root.put(key, value)
+        username, secret, _ = register_tenant(root, user.namespace)
+        with root_gateway(cluster, tmp_path_factory.mktemp("gateway-fuzz")) as gateway:
+            w = World(cluster, root, user, other, sentinels, gateway, (username, secret))
+            yield w
+        record("fuzzing", {"examples_per_property": EXAMPLES, "outcomes": OUTCOMES})
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +175,7 @@ def test_fuzzed_component_and_key_stay_inside_the_prefix(
     with world.store() as store:
         try:
             store.set(key, "v", component=component)
-        except InvalidKeyError as exc:
+        except errors.InvalidKeyError as exc:
             assert str(exc)
             _count("set(component, key)", "InvalidKeyError")
         else:
@@ -207,7 +194,7 @@ def test_fuzzed_namespace_is_invalid_or_refused_unless_it_is_the_users(
 ) -> None:
     try:
         store = world.store(namespace)
-    except InvalidKeyError:
+    except errors.InvalidKeyError:
         _count("namespace", "InvalidKeyError")
         return
     with store:
@@ -219,13 +206,13 @@ def test_fuzzed_namespace_is_invalid_or_refused_unless_it_is_the_users(
         ):
             try:
                 op()
-            except InvalidKeyError:
+            except errors.InvalidKeyError:
                 _count("namespace", "InvalidKeyError (key)")
-            except PermissionDeniedError as exc:
+            except errors.PermissionDeniedError as exc:
                 assert namespace != world.user.namespace, exc
                 assert "permission denied" in str(exc)
                 _count("namespace", "PermissionDeniedError")
-            except KVTimeoutError:
+            except errors.KVTimeoutError:
                 assert namespace == world.user.namespace
             else:
                 assert namespace == world.user.namespace
@@ -247,14 +234,14 @@ def test_fuzzed_wait_patterns_and_counts(
         started = time.monotonic()
         try:
             result = store.wait_for_keys(pattern, count, timeout=0.3)
-        except InvalidKeyError:
+        except errors.InvalidKeyError:
             _count("wait_for_keys", "InvalidKeyError")
-        except InvalidArgumentError as exc:
+        except errors.InvalidArgumentError as exc:
             assert not 1 <= count <= MAX_EXPECTED_COUNT, exc
             assert "expected_count" in str(exc)
             assert time.monotonic() - started < 5  # refused, not waited on
             _count("wait_for_keys", "InvalidArgumentError (count)")
-        except KVTimeoutError as exc:
+        except errors.KVTimeoutError as exc:
             assert "timed out" in str(exc)
             _count("wait_for_keys", "KVTimeoutError")
         else:
@@ -373,9 +360,9 @@ def test_raw_requests_with_the_users_token_never_touch_other_keys(
                 finally:
                     watcher.cancel()
             allowed = True
-        except PermissionDeniedError:
+        except errors.PermissionDeniedError:
             _count(label, "PermissionDeniedError")
-        except KVStoreError as exc:  # e.g. an empty key: refused by etcd with its reason
+        except errors.KVStoreError as exc:  # e.g. an empty key: refused by etcd with its reason
             assert str(exc)
             _count(label, type(exc).__name__)
     leaked = [k for k in seen if not a_start <= k < a_end]
@@ -409,7 +396,7 @@ def test_set_of_text_that_is_not_utf8_is_refused_and_nothing_is_stored(
         try:
             encoded = value.encode("utf-8")
         except UnicodeEncodeError:
-            with pytest.raises(InvalidValueError, match="UTF-8"):
+            with pytest.raises(errors.InvalidValueError, match="UTF-8"):
                 store.set(key, value)
             assert store.get(key) is None
             _count("set(text)", "InvalidValueError (not UTF-8)")
@@ -433,7 +420,7 @@ def test_values_around_the_size_limit_are_stored_whole_or_refused_whole(
                 store.set_bytes(key, data)
             else:
                 store.set(key, data.decode())
-        except InvalidValueError as exc:
+        except errors.InvalidValueError as exc:
             assert "bytes" in str(exc)
             assert store.get(key) is None
             _count("oversized", "InvalidValueError")
@@ -452,11 +439,11 @@ def test_empty_inputs_get_clear_errors(world: World) -> None:
             lambda: store.wait_for_keys("", 1, timeout=0),
             lambda: store.set("k", "v", component=""),
         ):
-            with pytest.raises(InvalidKeyError, match="must not be empty"):
+            with pytest.raises(errors.InvalidKeyError, match="must not be empty"):
                 call()
-        with pytest.raises(InvalidKeyError):
+        with pytest.raises(errors.InvalidKeyError):
             world.store("")
         store.set("empty-value", "")  # an empty value is a value
         assert store.get("empty-value") == b""
-        with pytest.raises(InvalidArgumentError, match="expected_count"):
+        with pytest.raises(errors.InvalidArgumentError, match="expected_count"):
             store.wait_for_keys("x*", 0, timeout=0)
