@@ -340,11 +340,12 @@ def wait_logged_in(side: Side, timeout: float = 30.0) -> None:
                 list(side.endpoints), username=side.username, password=side.password, timeout=5
             ) as client:
                 client.range(f"{side.namespace}/probe".encode())
-                return
         except KVStoreError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+        else:
+            return
 
 
 # -- worker processes -------------------------------------------------------------------------

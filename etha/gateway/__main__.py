@@ -25,6 +25,7 @@ from etha.gateway.settings import GatewaySettings, parse_settings
 from etha.gateway.tokens import TokenSigner, load_keys
 from etha.gateway.upstream import Upstream
 from etha.kvstore.errors import ConfigurationError
+from etha.kvstore.etcdv3.transport import channel_credentials, read_pem
 
 log = logging.getLogger("etha.gateway")
 
@@ -32,28 +33,19 @@ log = logging.getLogger("etha.gateway")
 GRACE = 5.0
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read the {what} {path!r}: {exc.strerror}") from None
-
-
 def _etcd_credentials(settings: GatewaySettings) -> grpc.ChannelCredentials | None:
     if not settings.etcd_tls:
         return None
-    root = _read(settings.etcd_ca_file, "etcd CA file") if settings.etcd_ca_file else None
-    key = _read(settings.etcd_key_file, "etcd key file") if settings.etcd_key_file else None
-    cert = _read(settings.etcd_cert_file, "etcd cert file") if settings.etcd_cert_file else None
-    return grpc.ssl_channel_credentials(root, key, cert)
+    return channel_credentials(
+        settings.etcd_ca_file, cert_file=settings.etcd_cert_file, key_file=settings.etcd_key_file
+    )
 
 
 def _server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
-    key = _read(settings.tls_key_file, "TLS key file")
-    cert = _read(settings.tls_cert_file, "TLS certificate file")
+    key = read_pem(settings.tls_key_file, "TLS key file")
+    cert = read_pem(settings.tls_cert_file, "TLS certificate file")
     return grpc.ssl_server_credentials([(key, cert)])
 
 
@@ -76,16 +68,8 @@ async def serve(settings: GatewaySettings) -> None:
         high_water=settings.etcd_space_high_water,
         interval=settings.etcd_space_poll,
     )
-    ctx = GatewayContext(
-        upstream=upstream,
-        registry=registry,
-        quotas=quotas,
-        signer=signer,
-        metrics=metrics,
-        space=space,
-        advertise=settings.advertise,
-        tls=settings.tls,
-    )
+    parts = (upstream, registry, quotas, signer, metrics, space)
+    ctx = GatewayContext(*parts, advertise=settings.advertise, tls=settings.tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -201,7 +201,6 @@ def parse_settings(environ: Mapping[str, str] | None = None) -> GatewaySettings:
         )
     endpoints, scheme_tls = parse_endpoints(raw_endpoints, ETCD_ENDPOINTS)
     host, port = _host_port(LISTEN, env_value(env, LISTEN) or DEFAULT_LISTEN)
-    advertise = _advertise(env, host, port)
     username, password = _etcd_login(env)
 
     ca_file = env_file(env, ETCD_CA_FILE)
@@ -220,27 +219,27 @@ def parse_settings(environ: Mapping[str, str] | None = None) -> GatewaySettings:
         )
     tls_cert, tls_key = _file_pair(env, TLS_CERT_FILE, TLS_KEY_FILE)
 
-    # The variables below are checked in the order of these arguments.
+    # The variables not read yet are read in the order of these arguments.
     return GatewaySettings(
         etcd_endpoints=endpoints,
         etcd_tls=etcd_tls,
-        etcd_ca_file=ca_file,
-        etcd_cert_file=cert_file,
-        etcd_key_file=key_file,
         etcd_timeout=env_seconds(env, ETCD_TIMEOUT, 10.0),
         etcd_username=username,
         etcd_password=password,
         etcd_quota_backend_bytes=_int(
             env, ETCD_QUOTA_BACKEND_BYTES, DEFAULT_ETCD_QUOTA_BACKEND_BYTES
         ),
+        etcd_ca_file=ca_file,
+        etcd_cert_file=cert_file,
         etcd_space_high_water=_high_water(env),
+        etcd_key_file=key_file,
         etcd_space_poll=env_seconds(env, ETCD_SPACE_POLL, 2.0),
         listen_host=host,
         listen_port=port,
-        advertise=advertise,
-        metrics_port=_metrics_port(env),
+        advertise=_advertise(env, host, port),
         tls_cert_file=tls_cert,
         tls_key_file=tls_key,
+        metrics_port=_metrics_port(env),
         token_key_file=token_key_file,
         token_ttl=env_seconds(env, TOKEN_TTL, 600.0),
         quotas={

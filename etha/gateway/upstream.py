@@ -29,9 +29,9 @@ from etha.kvstore.errors import ConfigurationError
 from etha.kvstore.etcdv3.transport import (
     CHANNEL_OPTIONS,
     STUBS,
-    deadline_passed,
+    Step,
     is_token_error,
-    never_sent,
+    next_step,
 )
 
 log = logging.getLogger("etha.gateway.upstream")
@@ -139,7 +139,7 @@ class Upstream:
                 return
             request = etcdrpc.AuthenticateRequest(name=self.username, password=self._password)
             try:
-                response = await self._invoke("Auth", "Authenticate", request, None, None, False)
+                response = await self._invoke("Auth", "Authenticate", request, login=True)
             except grpc.aio.AioRpcError as exc:
                 if _AUTH_DISABLED in (exc.details() or ""):
                     self._password = None  # etcd without auth: send no token
@@ -189,7 +189,7 @@ class Upstream:
         """
         if self._metadata is None and self._password is not None:
             await self.login()
-        return await self._invoke(service, method, request, timeout, self._metadata, True)
+        return await self._invoke(service, method, request, timeout)
 
     def _as_call_metadata(self, md: tuple[tuple[str, str], ...] | None) -> grpc.aio.Metadata | None:
         if md is None:
@@ -204,10 +204,13 @@ class Upstream:
         service: str,
         method: str,
         request: Any,
-        timeout: float | None,
-        md: tuple[tuple[str, str], ...] | None,
-        may_relogin: bool,
+        timeout: float | None = None,
+        *,
+        login: bool = False,
     ) -> Any:
+        """Send with failover; ``login``: the log-in itself (no token, no second log-in)."""
+        md = None if login else self._metadata
+        may_relogin = not login
         total = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + total
         several = len(self.endpoints) > 1
@@ -216,6 +219,7 @@ class Upstream:
             if several and _retryable(service, method, request)
             else None
         )
+        conditional = is_conditional(service, method, request)
         index = self._active
         call_md = self._as_call_metadata(md)
         tried = 0
@@ -235,10 +239,18 @@ class Upstream:
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 out_of_time = deadline - time.monotonic() <= 0
-                if code is grpc.StatusCode.UNAVAILABLE:
-                    if is_conditional(service, method, request) and not never_sent(details):
-                        self._failover(index)
-                        raise
+                relogin = may_relogin and self._password is not None
+                step = next_step(
+                    code,
+                    details,
+                    conditional=conditional,
+                    capped=cap is not None,
+                    may_relogin=relogin,
+                )
+                if step is Step.MAYBE_APPLIED:
+                    self._failover(index)
+                    raise
+                if step is Step.FAIL_OVER:
                     if out_of_time:
                         raise
                     tried += 1
@@ -247,12 +259,12 @@ class Upstream:
                         backoff = min(backoff * 2, 1.0)
                     index = self._failover(index)
                     continue
-                if deadline_passed(code, details) and several:
+                if step is Step.RETRY_ON_NEXT or (step is Step.TIMED_OUT and several):
                     index = self._failover(index)
-                    if cap is not None and not out_of_time:
+                    if step is Step.RETRY_ON_NEXT and not out_of_time:
                         continue
                     raise
-                if may_relogin and self._password is not None and is_token_error(code, details):
+                if step is Step.RELOGIN:
                     await self.login(md)
                     md = self._metadata
                     call_md = self._as_call_metadata(md)
