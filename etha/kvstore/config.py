@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypedDict, cast
 
 from etha import _env
 
@@ -73,6 +73,19 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+class ConnectionOptions(TypedDict):
+    """The connection settings of an etcd client, by the names its constructor takes."""
+
+    username: str | None
+    password: str | None
+    tls: bool
+    ca_file: str | None
+    ca_pem: str | None
+    cert_file: str | None
+    key_file: str | None
+    timeout: float
+
+
 @dataclass(frozen=True)
 class EtcdConfig:
     """Everything needed to open an :class:`~etha.kvstore.etcd.EtcdKVStore`."""
@@ -89,6 +102,14 @@ class EtcdConfig:
     key_file: str | None = None
     timeout: float = DEFAULT_TIMEOUT
     backend: Literal["etcd"] = "etcd"
+
+    def connection(self) -> ConnectionOptions:
+        """The settings besides the endpoints that an etcd client is opened with
+        (``EtcdClient(config.endpoints, **config.connection())``)."""
+        return cast(
+            ConnectionOptions,
+            {name: getattr(self, name) for name in ConnectionOptions.__annotations__},
+        )
 
     def to_env(self) -> dict[str, str]:
         """The ``ETHA_KV_*`` variables that :func:`parse_env` turns back into this config."""

@@ -29,7 +29,7 @@ from etha.kvstore.errors import (
 from etha.kvstore.etcd_client import EtcdClient, prefix_range_end
 from etha.kvstore.keys import namespace_prefix
 from etha_operator import model
-from etha_operator.metrics import InstrumentedEtcdClient
+from etha_operator.metrics import observe_etcd_call
 from etha_operator.settings import OperatorSettings
 
 logger = logging.getLogger(__name__)
@@ -87,8 +87,9 @@ class EtcdAdmin:
     @classmethod
     def from_settings(cls, settings: OperatorSettings) -> EtcdAdmin:
         def connect(endpoints: tuple[Endpoint, ...]) -> EtcdClient:
-            return InstrumentedEtcdClient(
+            return EtcdClient(
                 endpoints,
+                on_call=observe_etcd_call,
                 username=settings.etcd_username if settings.etcd_password else None,
                 password=settings.etcd_password,
                 tls=settings.etcd_tls,

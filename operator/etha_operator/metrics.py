@@ -20,8 +20,6 @@ from typing import Any, TypeVar, cast
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
 
-from etha.kvstore.etcd_client import EtcdClient
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Phases of a KVNamespace; an object without a status yet counts as Pending.
@@ -206,64 +204,16 @@ def register(registry: Any, resource: tuple[str, str, str]) -> None:
 # -- etcd requests -----------------------------------------------------------------------------
 
 
-class InstrumentedEtcdClient(EtcdClient):
-    """An :class:`EtcdClient` whose public calls feed :data:`ETCD_SECONDS`/:data:`ETCD_ERRORS`.
+def observe_etcd_call(call: str, seconds: float, error: BaseException | None) -> None:
+    """Record one etcd request in :data:`ETCD_SECONDS` (and :data:`ETCD_ERRORS` when it failed).
 
-    The method label is ``Service.Method`` (``KV.Range``, ``Auth.UserAdd``): never a key.
+    The ``on_call`` observer of the operator's :class:`~etha.kvstore.etcd_client.EtcdClient`
+    (see :class:`~etha.kvstore.etcdv3.transport.Transport`). The method label is
+    ``Service.Method`` (``KV.Range``, ``Auth.UserAdd``): never a key.
     """
-
-    @contextmanager
-    def _measured(self, method: str) -> Iterator[None]:
-        began = time.perf_counter()
-        try:
-            yield
-        except Exception as exc:
-            ETCD_ERRORS.labels(method, type(exc).__name__).inc()
-            raise
-        finally:
-            ETCD_SECONDS.labels(method).observe(time.perf_counter() - began)
-
-    def call(self, service: str, method: str, request: Any, *, timeout: float | None = None) -> Any:
-        with self._measured(f"{service}.{method}"):
-            return super().call(service, method, request, timeout=timeout)
-
-    def range(
-        self,
-        key: bytes,
-        range_end: bytes | None = None,
-        *,
-        keys_only: bool = False,
-        count_only: bool = False,
-        limit: int = 0,
-        revision: int = 0,
-        serializable: bool = False,
-        timeout: float | None = None,
-    ) -> Any:
-        with self._measured("KV.Range"):
-            return super().range(
-                key,
-                range_end,
-                keys_only=keys_only,
-                count_only=count_only,
-                limit=limit,
-                revision=revision,
-                serializable=serializable,
-                timeout=timeout,
-            )
-
-    def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> Any:
-        with self._measured("KV.Put"):
-            return super().put(key, value, timeout=timeout)
-
-    def delete_range(
-        self, key: bytes, range_end: bytes | None = None, *, timeout: float | None = None
-    ) -> int:
-        with self._measured("KV.DeleteRange"):
-            return super().delete_range(key, range_end, timeout=timeout)
-
-    def txn(self, request: Any, *, timeout: float | None = None) -> Any:
-        # EtcdClient.txn goes through call(), which measures it as KV.Txn.
-        return super().txn(request, timeout=timeout)
+    ETCD_SECONDS.labels(call).observe(seconds)
+    if error is not None:
+        ETCD_ERRORS.labels(call, type(error).__name__).inc()
 
 
 __all__ = [
@@ -282,10 +232,10 @@ __all__ = [
     "PHASES",
     "PROVISION_SECONDS",
     "RECONCILES",
-    "InstrumentedEtcdClient",
     "PhaseBook",
     "counted",
     "mark_retry",
+    "observe_etcd_call",
     "register",
     "serve",
     "timed",

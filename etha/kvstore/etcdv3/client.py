@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import grpc
 from pyetcd import etcdrpc
 
-from etha.kvstore.config import Endpoint, EtcdConfig
+from etha.kvstore.config import EtcdConfig
 from etha.kvstore.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -28,7 +28,9 @@ from etha.kvstore.errors import (
     QuotaExceededError,
 )
 from etha.kvstore.etcdv3.transport import (
+    DEFAULT_MAX_REQUEST_BYTES,
     UNARY_SERVICES,
+    CallObserver,
     Connection,
     Transport,
     normalize_endpoints,
@@ -36,8 +38,6 @@ from etha.kvstore.etcdv3.transport import (
 )
 from etha.kvstore.etcdv3.watch import WatchHub
 
-#: etcd's default ``--max-request-bytes``.
-DEFAULT_MAX_REQUEST_BYTES = 1572864
 #: etcd wraps each request in an internal raft request (a header of a few dozen bytes)
 #: and compares *that* with ``--max-request-bytes``; keep this much room so a request
 #: accepted here is not refused by the server.
@@ -108,70 +108,30 @@ def range_op(key: bytes) -> Any:
 class EtcdClient(Transport):
     """Thread-safe etcd v3 client; one per process per config is enough (see :meth:`shared`).
 
-    Takes the arguments of :class:`~etha.kvstore.etcdv3.transport.Transport`, plus:
-
-    :param max_request_bytes: the server's ``--max-request-bytes``; larger requests are
-        refused here with :class:`InvalidValueError` before anything is sent
+    Takes the arguments of :class:`~etha.kvstore.etcdv3.transport.Transport`: among them
+    ``max_request_bytes`` (larger requests are refused here with
+    :class:`InvalidValueError` before anything is sent) and ``on_call``, an observer told
+    of every call (how long it took, how it failed), e.g. for metrics.
     """
 
     _shared_lock = threading.Lock()
     _shared_clients: dict[tuple[Any, ...], EtcdClient] = {}
-
-    def __init__(
-        self,
-        endpoints: Sequence[str | Endpoint] | str,
-        *,
-        username: str | None = None,
-        password: str | None = None,
-        tls: bool = False,
-        ca_file: str | None = None,
-        ca_pem: str | None = None,
-        cert_file: str | None = None,
-        key_file: str | None = None,
-        timeout: float = 10.0,
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    ) -> None:
-        super().__init__(
-            endpoints,
-            username=username,
-            password=password,
-            tls=tls,
-            ca_file=ca_file,
-            ca_pem=ca_pem,
-            cert_file=cert_file,
-            key_file=key_file,
-            timeout=timeout,
-        )
-        self.max_request_bytes = int(max_request_bytes)
-        self._hub: WatchHub | None = None
-        self._shared_key: tuple[Any, ...] | None = None
-        self._refs = 0
+    _hub: WatchHub | None = None
+    _shared_key: tuple[Any, ...] | None = None
+    _refs = 0
 
     # -- construction and lifetime -----------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: EtcdConfig) -> EtcdClient:
-        """A new (unshared) client for ``config``."""
-        return cls(
-            config.endpoints,
-            username=config.username,
-            password=config.password,
-            tls=config.tls,
-            ca_file=config.ca_file,
-            ca_pem=config.ca_pem,
-            cert_file=config.cert_file,
-            key_file=config.key_file,
-            timeout=config.timeout,
-        )
+    def from_config(cls, config: EtcdConfig, *, on_call: CallObserver | None = None) -> EtcdClient:
+        """A new (unshared) client for ``config``; ``on_call`` as for :class:`Transport`."""
+        return cls(config.endpoints, on_call=on_call, **config.connection())
 
     @staticmethod
     def _config_key(config: EtcdConfig) -> tuple[Any, ...]:
         # Namespace and component are not part of the connection; the pid keeps a forked
         # child from reusing its parent's channels.
-        return (
-            os.getpid(), config.endpoints, config.username, config.password, config.tls,
-            config.ca_file, config.ca_pem, config.cert_file, config.key_file, config.timeout,
-        )  # fmt: skip
+        return (os.getpid(), config.endpoints, *config.connection().values())
 
     @classmethod
     def shared(cls, config: EtcdConfig) -> EtcdClient:
@@ -355,20 +315,19 @@ class EtcdClient(Transport):
         timeout: float | None = None,
     ) -> Any:
         """``KV.Range``: one key, or ``[key, range_end)``; returns the RangeResponse."""
-        # Only the fields that differ from the defaults: this is the hot path of get().
-        request = etcdrpc.RangeRequest(key=key)
-        if range_end:
-            request.range_end = range_end
-        if keys_only:
-            request.keys_only = True
-        if count_only:
-            request.count_only = True
-        if limit:
-            request.limit = limit
-        if revision:
-            request.revision = revision
-        if serializable:
-            request.serializable = True
+        if range_end or keys_only or count_only or limit or revision or serializable:
+            request = etcdrpc.RangeRequest(
+                key=key,
+                range_end=range_end or b"",
+                keys_only=keys_only,
+                count_only=count_only,
+                limit=limit,
+                revision=revision,
+                serializable=serializable,
+            )
+        else:
+            # One key at the latest revision, the hot path of get(): only the key is set.
+            request = etcdrpc.RangeRequest(key=key)
         self.check_size(request, "KV.Range", f" for key {key[:80]!r}")
         return self.send("KV", "Range", request, timeout)
 
@@ -450,6 +409,7 @@ __all__ = [
     "MAX_TXN_OPS",
     "QUOTA_METADATA_KEY",
     "RAFT_OVERHEAD_BYTES",
+    "CallObserver",
     "CasResult",
     "EtcdClient",
     "absent",

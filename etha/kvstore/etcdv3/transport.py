@@ -19,7 +19,7 @@ import enum
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from pyetcd import etcdrpc
@@ -66,6 +66,13 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # Several clients in one process must not share one TCP connection behind our back.
     ("grpc.use_local_subchannel_pool", 1),
 ]
+
+#: etcd's default ``--max-request-bytes``.
+DEFAULT_MAX_REQUEST_BYTES = 1572864
+
+#: Told of every request a :class:`Transport` sent: ``(call, seconds, error)`` with
+#: ``call`` as ``"Service.Method"`` (``"KV.Range"``), never a key. See ``on_call``.
+CallObserver: TypeAlias = Callable[[str, float, BaseException | None], None]
 
 _TOKEN_ERRORS = ("invalid auth token", "user name is empty", "revision of auth store is old")
 _AUTH_DISABLED = "authentication is not enabled"
@@ -285,6 +292,14 @@ class Transport:
     :param tls: use TLS (also implied by https endpoints or any TLS file:
         :func:`etha.kvstore.config.tls_wanted`)
     :param timeout: default deadline of one :meth:`send`, failover and re-login included
+    :param max_request_bytes: the server's ``--max-request-bytes``; the client refuses
+        larger requests before anything is sent
+    :param on_call: called once per :meth:`send` (every unary call of the client), when
+        it has finished, in the calling thread: ``on_call("KV.Put", seconds, error)``
+        with the wall-clock seconds the call took (log-in, failover and retries
+        included) and the exception it raises, or None when it succeeded. Requests
+        refused before sending (argument and size checks) are not reported. It must
+        be quick and must not raise: what it raises replaces the call's result.
     """
 
     def __init__(
@@ -299,6 +314,8 @@ class Transport:
         cert_file: str | None = None,
         key_file: str | None = None,
         timeout: float = 10.0,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        on_call: CallObserver | None = None,
     ) -> None:
         self._endpoints, scheme_tls = normalize_endpoints(endpoints)
         if (username is None) != (password is None):
@@ -313,6 +330,8 @@ class Transport:
         self._password = password
         self.tls = tls or tls_wanted(scheme_tls, ca_file, ca_pem, cert_file)
         self.timeout = float(timeout)
+        self.max_request_bytes = int(max_request_bytes)
+        self.on_call = on_call
         self._credentials: grpc.ChannelCredentials | None = None
         if self.tls:
             self._credentials = channel_credentials(ca_file, ca_pem, cert_file, key_file)
@@ -363,9 +382,9 @@ class Transport:
 
         :raises StoreClosedError: the transport was closed
         """
-        conn = self._active
-        if conn is not None:
-            return conn
+        return self._active or self._first_connection()
+
+    def _first_connection(self) -> Connection:
         with self._lock:
             self.check_open()
             if self._active is None:
@@ -433,8 +452,22 @@ class Transport:
     def send(self, service: str, method: str, request: Any, timeout: float | None = None) -> Any:
         """One unary call with log-in, re-login and failover; no argument or size checks.
 
-        See :meth:`etha.kvstore.etcdv3.client.EtcdClient.call` for the retry rules.
+        See :meth:`etha.kvstore.etcdv3.client.EtcdClient.call` for the retry rules; the
+        ``on_call`` observer is told of it.
         """
+        observer = self.on_call
+        if observer is None:
+            return self._send(service, method, request, timeout)
+        began = time.perf_counter()
+        try:
+            response = self._send(service, method, request, timeout)
+        except BaseException as exc:
+            observer(f"{service}.{method}", time.perf_counter() - began, exc)
+            raise
+        observer(f"{service}.{method}", time.perf_counter() - began, None)
+        return response
+
+    def _send(self, service: str, method: str, request: Any, timeout: float | None) -> Any:
         md = self._metadata
         if md is None and self._password is not None and not self._auth_disabled:
             md = self.token_metadata(timeout)
@@ -562,8 +595,10 @@ def is_token_error(code: grpc.StatusCode | None, details: str) -> bool:
 
 __all__ = [
     "CHANNEL_OPTIONS",
+    "DEFAULT_MAX_REQUEST_BYTES",
     "STUBS",
     "UNARY_SERVICES",
+    "CallObserver",
     "Connection",
     "Step",
     "Transport",
