@@ -18,20 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from etha.kvstore import errors as _errors
 from etha.kvstore.base import KVStore
 from etha.kvstore.config import EtcdConfig, TCPStoreConfig, parse_env
-from etha.kvstore.errors import (
-    ConfigurationError,
-    InvalidArgumentError,
-    InvalidKeyError,
-    InvalidValueError,
-    KVStoreError,
-    KVTimeoutError,
-    PermissionDeniedError,
-    QuotaExceededError,
-    StoreClosedError,
-    UnavailableError,
-)
+
+# Every error type of the hierarchy, listed once (in etha.kvstore.errors).
+from etha.kvstore.errors import *  # noqa: F403
 
 
 def open_store(config: EtcdConfig | TCPStoreConfig) -> KVStore:
@@ -55,20 +47,11 @@ def from_env(environ: Mapping[str, str] | None = None) -> KVStore:
 
 
 __all__ = [
-    "ConfigurationError",
     "EtcdConfig",
-    "InvalidArgumentError",
-    "InvalidKeyError",
-    "InvalidValueError",
     "KVStore",
-    "KVStoreError",
-    "KVTimeoutError",
-    "PermissionDeniedError",
-    "QuotaExceededError",
-    "StoreClosedError",
     "TCPStoreConfig",
-    "UnavailableError",
     "from_env",
     "open_store",
     "parse_env",
 ]
+__all__ += _errors.__all__

@@ -12,6 +12,7 @@ import abc
 import math
 import re
 from types import TracebackType
+from typing import NamedTuple
 
 from etha.kvstore import keys as _keys
 from etha.kvstore.errors import InvalidArgumentError, InvalidValueError
@@ -20,6 +21,25 @@ DEFAULT_WAIT_TIMEOUT = 3600.0
 #: Upper bound for ``wait_for_keys(expected_count=...)``: far above any job's rank count,
 #: low enough that a typo (``10**12``) is rejected instead of waiting for an hour.
 MAX_EXPECTED_COUNT = 1_000_000
+
+
+class KeysWait(NamedTuple):
+    """A :meth:`KVStore.wait_for_keys` call with its arguments checked."""
+
+    #: the component prefix ``{namespace}/{component}/``
+    prefix: str
+    #: the pattern as given, relative to the component
+    pattern: str
+    #: the compiled pattern, matching keys relative to the component
+    regex: re.Pattern[str]
+    #: keys needed, ``1..MAX_EXPECTED_COUNT``
+    expected_count: int
+    #: the value they must hold, encoded
+    value: bytes
+    #: seconds, finite and >= 0
+    timeout: float
+    #: as given (unchecked: only backends that poll need them)
+    candidate_keys: list[str] | None
 
 
 class KVStore(abc.ABC):
@@ -103,7 +123,6 @@ class KVStore(abc.ABC):
         etcd stores bytes directly; TCPStore encodes to base64.
         """
 
-    @abc.abstractmethod
     def wait_for_key(
         self, key: str, timeout: float = DEFAULT_WAIT_TIMEOUT, *, component: str | None = None
     ) -> bytes:
@@ -114,8 +133,8 @@ class KVStore(abc.ABC):
         :returns: The value as bytes
         :raises TimeoutError: If timeout is reached before key exists
         """
+        return self._wait_for_value(self._full_key(key, component), None, check_timeout(timeout))
 
-    @abc.abstractmethod
     def wait_for_keys(
         self,
         key_pattern: str,
@@ -137,8 +156,22 @@ class KVStore(abc.ABC):
         :returns: List of matched keys (relative to the component, sorted)
         :raises TimeoutError: If timeout is reached before expected_count keys are found
         """
+        prefix, regex = self._full_pattern(key_pattern, component)
+        wait = KeysWait(
+            prefix=prefix,
+            pattern=key_pattern,
+            regex=regex,
+            expected_count=check_expected_count(expected_count),
+            value=check_str_value(value, "value"),
+            timeout=check_timeout(timeout),
+            candidate_keys=candidate_keys,
+        )
+        return self._wait_for_keys(wait)
 
     @abc.abstractmethod
+    def _wait_for_keys(self, wait: KeysWait) -> list[str]:
+        """:meth:`wait_for_keys` with its arguments checked (the backend's part)."""
+
     def wait_for_value(
         self,
         key: str,
@@ -151,6 +184,18 @@ class KVStore(abc.ABC):
 
         :returns: The value as bytes when matched
         :raises TimeoutError: If timeout is reached before value matches
+        """
+        full = self._full_key(key, component)
+        want = check_str_value(expected, "expected")
+        return self._wait_for_value(full, want, check_timeout(timeout))
+
+    @abc.abstractmethod
+    def _wait_for_value(self, full_key: str, want: bytes | None, timeout: float) -> bytes:
+        """Wait until ``full_key`` (checked) exists, or with ``want`` holds ``want``;
+        return its value. The backend's part of :meth:`wait_for_key` and
+        :meth:`wait_for_value`; ``timeout`` is checked.
+
+        :raises KVTimeoutError: when ``timeout`` seconds pass first
         """
 
     # -- shared helpers for backends ---------------------------------------------------

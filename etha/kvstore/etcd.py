@@ -8,18 +8,9 @@ read-then-watch loop) < ``store`` (:class:`EtcdKVStore`). See ``docs/etcd-backen
 
 from __future__ import annotations
 
-from etha.kvstore.etcdv3.client import MAX_TXN_OPS
-from etha.kvstore.etcdv3.store import (
-    EtcdKVStore,
-    coordination_supported,
-    gateway_add,
-    note_no_coordination,
-)
+from etha.kvstore.etcdv3 import store as _store
 
-__all__ = [
-    "MAX_TXN_OPS",
-    "EtcdKVStore",
-    "coordination_supported",
-    "gateway_add",
-    "note_no_coordination",
-]
+# The backend's public names, listed once (in etha.kvstore.etcdv3.store).
+from etha.kvstore.etcdv3.store import *  # noqa: F403
+
+__all__ = _store.__all__

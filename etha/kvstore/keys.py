@@ -36,16 +36,22 @@ def _describe(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def validate_name(value: object, what: str) -> str:
-    """Return ``value`` if it is a valid namespace or component name, else raise."""
+def _check_text(value: object, what: str, limit: int) -> str:
+    """Return ``value`` if it is a non-empty str of at most ``limit`` characters, else raise."""
     if not isinstance(value, str):
         raise InvalidKeyError(f"{what} must be a str, got {type(value).__name__}")
     if not value:
         raise InvalidKeyError(f"{what} must not be empty")
-    if len(value) > MAX_NAME_LENGTH:
+    if len(value) > limit:
         raise InvalidKeyError(
-            f"{what} {_describe(value)} is {len(value)} characters; the limit is {MAX_NAME_LENGTH}"
+            f"{what} {_describe(value)} is {len(value)} characters; the limit is {limit}"
         )
+    return value
+
+
+def validate_name(value: object, what: str) -> str:
+    """Return ``value`` if it is a valid namespace or component name, else raise."""
+    value = _check_text(value, what, MAX_NAME_LENGTH)
     if value in (".", ".."):
         raise InvalidKeyError(f"{what} must not be {value!r}")
     if not _NAME_RE.fullmatch(value):
@@ -57,14 +63,7 @@ def validate_name(value: object, what: str) -> str:
 
 
 def _validate_path(value: object, what: str, segment_re: re.Pattern[str], allowed: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidKeyError(f"{what} must be a str, got {type(value).__name__}")
-    if not value:
-        raise InvalidKeyError(f"{what} must not be empty")
-    if len(value) > MAX_KEY_LENGTH:
-        raise InvalidKeyError(
-            f"{what} {_describe(value)} is {len(value)} characters; the limit is {MAX_KEY_LENGTH}"
-        )
+    value = _check_text(value, what, MAX_KEY_LENGTH)
     for segment in value.split("/"):
         if not segment:
             shown = _describe(value)

@@ -33,10 +33,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from etha.kvstore import keys as _keys
 from etha.kvstore.base import (
-    DEFAULT_WAIT_TIMEOUT,
+    KeysWait,
     KVStore,
     check_bytes_value,
-    check_expected_count,
     check_str_value,
     check_timeout,
 )
@@ -145,6 +144,8 @@ class TCPStoreKVStore(KVStore):
     which TCPStore serialises anyway.
 
     :param timeout: seconds for connecting and for each request
+    :ivar host: the server's host as given (or as the wrapped store reports it)
+    :ivar port: the server's port; for a server started on port 0, the port it picked
     :raises ConfigurationError: torch is missing, or the arguments contradict each other
     :raises UnavailableError: the server cannot be reached (or, as server, the port bound)
     """
@@ -183,8 +184,8 @@ class TCPStoreKVStore(KVStore):
                 )
             self._store: Any = store
             self._owns_store = False
-            self._host = str(getattr(store, "host", "") or "<wrapped store>")
-            self._port = int(getattr(store, "port", 0) or 0)
+            self.host: str = str(getattr(store, "host", "") or "<wrapped store>")
+            self.port = int(getattr(store, "port", 0) or 0)
             return
         self._owns_store = True
         if not isinstance(host, str) or not host:
@@ -199,7 +200,7 @@ class TCPStoreKVStore(KVStore):
             isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1
         ):
             raise ConfigurationError(f"world_size must be an int >= 1 or None, got {world_size!r}")
-        self._host = host
+        self.host = host
         try:
             self._store = dist.TCPStore(
                 host,
@@ -215,7 +216,7 @@ class TCPStoreKVStore(KVStore):
                 f"could not {role} {host}:{port} within {timeout}s: {_first_line(exc)};"
                 " check ETHA_KV_TCPSTORE_HOST/PORT and that rank 0 is running"
             ) from None
-        self._port = int(self._store.port)
+        self.port = int(self._store.port)
 
     @classmethod
     def from_config(cls, config: TCPStoreConfig) -> TCPStoreKVStore:
@@ -230,16 +231,6 @@ class TCPStoreKVStore(KVStore):
             timeout=config.timeout,
         )
 
-    @property
-    def host(self) -> str:
-        """The server's host as given (or as the wrapped store reports it)."""
-        return self._host
-
-    @property
-    def port(self) -> int:
-        """The server's port; for a server started on port 0, the port it picked."""
-        return self._port
-
     # -- plumbing ------------------------------------------------------------------------
 
     def _call(self, what: str, fn: Callable[[Any], _T]) -> _T:
@@ -251,7 +242,7 @@ class TCPStoreKVStore(KVStore):
             except self._network_errors as exc:
                 self._broken = _first_line(exc)
                 raise UnavailableError(
-                    f"TCPStore {self._host}:{self._port} failed during {what}: {self._broken};"
+                    f"TCPStore {self.host}:{self.port} failed during {what}: {self._broken};"
                     " the connection is lost for good (is the rank-0 server still running?)"
                 ) from None
             except self._store_errors as exc:
@@ -265,7 +256,7 @@ class TCPStoreKVStore(KVStore):
                 # torch reports a reset connection as a bare RuntimeError in some paths.
                 self._broken = _first_line(exc)
                 raise UnavailableError(
-                    f"TCPStore {self._host}:{self._port} failed during {what}: {self._broken}"
+                    f"TCPStore {self.host}:{self.port} failed during {what}: {self._broken}"
                 ) from None
 
     def _live_store(self) -> Any:
@@ -273,7 +264,7 @@ class TCPStoreKVStore(KVStore):
             raise StoreClosedError(f"{self!r} is closed; open a new store")
         if self._broken is not None:
             raise UnavailableError(
-                f"the connection to TCPStore {self._host}:{self._port} broke earlier"
+                f"the connection to TCPStore {self.host}:{self.port} broke earlier"
                 f" ({self._broken}); open a new store once the server is back"
             )
         return self._store
@@ -343,77 +334,42 @@ class TCPStoreKVStore(KVStore):
         full = self._full_key(key, component)
         return bool(self._call(f"delete of {full!r}", lambda s: s.delete_key(full)))
 
-    def wait_for_key(
-        self, key: str, timeout: float = DEFAULT_WAIT_TIMEOUT, *, component: str | None = None
-    ) -> bytes:
-        """Poll until ``key`` exists; return its stored bytes.
+    def _wait_for_value(self, full_key: str, want: bytes | None, timeout: float) -> bytes:
+        """Poll until ``full_key`` exists (``want`` None) or holds ``want``; return the
+        stored bytes.
 
-        :raises KVTimeoutError: (a TimeoutError) if the key did not appear in time
+        :raises KVTimeoutError: (a TimeoutError) if the key did not appear or match in time
         """
-        full = self._full_key(key, component)
-        timeout = check_timeout(timeout)
-        found = self._poll(timeout, lambda: self._read(full))
-        if found is None:
-            raise KVTimeoutError(f"key {full!r} did not appear within {timeout}s")
-        return found
-
-    def wait_for_value(
-        self,
-        key: str,
-        expected: str,
-        timeout: float = DEFAULT_WAIT_TIMEOUT,
-        *,
-        component: str | None = None,
-    ) -> bytes:
-        """Poll until ``key`` holds ``expected`` (compared as UTF-8); return the bytes.
-
-        :raises KVTimeoutError: (a TimeoutError) if the value did not match in time
-        """
-        full = self._full_key(key, component)
-        want = check_str_value(expected, "expected")
-        timeout = check_timeout(timeout)
         last: list[bytes | None] = [None]
 
         def probe() -> bytes | None:
-            last[0] = self._read(full)
-            return last[0] if last[0] == want else None
+            last[0] = self._read(full_key)
+            return last[0] if want is None or last[0] == want else None
 
         found = self._poll(timeout, probe)
-        if found is None:
-            seen = (
-                "was missing" if last[0] is None else f"held another value ({len(last[0])} bytes)"
-            )
-            raise KVTimeoutError(
-                f"key {full!r} did not get the expected value within {timeout}s; it {seen}"
-            )
-        return found
+        if found is not None:
+            return found
+        if want is None:
+            raise KVTimeoutError(f"key {full_key!r} did not appear within {timeout}s")
+        seen = "was missing" if last[0] is None else f"held another value ({len(last[0])} bytes)"
+        raise KVTimeoutError(
+            f"key {full_key!r} did not get the expected value within {timeout}s; it {seen}"
+        )
 
-    def wait_for_keys(
-        self,
-        key_pattern: str,
-        expected_count: int,
-        value: str = "1",
-        timeout: float = DEFAULT_WAIT_TIMEOUT,
-        candidate_keys: list[str] | None = None,
-        *,
-        component: str | None = None,
-    ) -> list[str]:
-        """Poll ``candidate_keys`` until ``expected_count`` of them hold ``value``.
+    def _wait_for_keys(self, wait: KeysWait) -> list[str]:
+        """Poll ``candidate_keys`` until ``wait.expected_count`` of them hold the value.
 
-        ``candidate_keys`` (relative keys, each matching ``key_pattern``) is required.
+        ``candidate_keys`` (relative keys, each matching the pattern) is required.
         Each poll is one request for all candidates: ``check`` when every candidate is
         needed, ``list_keys`` otherwise; values are read (``multi_get``) only once enough
         candidates exist.
 
-        :returns: every candidate that holds ``value``, relative to the component, sorted
         :raises InvalidArgumentError: candidate_keys missing, or fewer than expected_count
         :raises KVTimeoutError: (a TimeoutError) naming the pattern and the progress
         """
-        prefix, _regex = self._full_pattern(key_pattern, component)
-        count = check_expected_count(expected_count)
-        want = check_str_value(value, "value")
-        timeout = check_timeout(timeout)
-        candidates = _validate_candidates(candidate_keys, key_pattern)
+        prefix, key_pattern = wait.prefix, wait.pattern
+        count, want, timeout = wait.expected_count, wait.value, wait.timeout
+        candidates = _validate_candidates(wait.candidate_keys, key_pattern)
         if count > len(candidates):
             raise InvalidArgumentError(
                 f"expected_count {count} is more than the {len(candidates)} distinct"

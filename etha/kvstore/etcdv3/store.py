@@ -24,12 +24,10 @@ from pyetcd import etcdrpc
 from etha.kvstore import gateway_api as _gw
 from etha.kvstore import keys as _keys
 from etha.kvstore.base import (
-    DEFAULT_WAIT_TIMEOUT,
+    KeysWait,
     KVStore,
     check_bytes_value,
-    check_expected_count,
     check_str_value,
-    check_timeout,
 )
 from etha.kvstore.config import (
     DEFAULT_COMPONENT,
@@ -258,73 +256,37 @@ class EtcdKVStore(KVStore):
 
     # -- waits ---------------------------------------------------------------------------
 
-    def wait_for_key(
-        self, key: str, timeout: float = DEFAULT_WAIT_TIMEOUT, *, component: str | None = None
-    ) -> bytes:
-        """Wait until ``key`` exists; return its value.
+    def _wait_for_value(self, full_key: str, want: bytes | None, timeout: float) -> bytes:
+        """A read, then the watch from the read's revision (or the gateway's Wait).
 
         :raises KVTimeoutError: (a TimeoutError) when ``timeout`` seconds pass first
         """
         self._check_open()
-        full = self._full_key(key, component)
-        seconds = check_timeout(timeout)
-        request = _gw.WaitRequest(mode=_gw.MODE_KEY, key=full.encode())
-        return self._wait(
-            KeyView(full.encode(), None),
-            seconds,
-            f"key {full!r} to exist",
-            request,
-            lambda response: bytes(response.values[0]),
-        )
+        key = full_key.encode()
+        if want is None:
+            return self._wait(
+                KeyView(key, None),
+                timeout,
+                f"key {full_key!r} to exist",
+                _gw.WaitRequest(mode=_gw.MODE_KEY, key=key),
+                lambda response: bytes(response.values[0]),
+            )
+        request = _gw.WaitRequest(mode=_gw.MODE_VALUE, key=key, value=want, has_value=True)
+        what = f"key {full_key!r} to hold {show(want)}"
+        return self._wait(KeyView(key, want), timeout, what, request, lambda _: want)
 
-    def wait_for_value(
-        self,
-        key: str,
-        expected: str,
-        timeout: float = DEFAULT_WAIT_TIMEOUT,
-        *,
-        component: str | None = None,
-    ) -> bytes:
-        """Wait until ``key`` holds ``expected`` (UTF-8); return the value.
+    def _wait_for_keys(self, wait: KeysWait) -> list[str]:
+        """One prefix read (the pattern's literal prefix) plus a watch sees every key, so
+        ``candidate_keys`` is ignored; ``*`` matches any characters, ``/`` included.
 
-        :raises KVTimeoutError: (a TimeoutError) when ``timeout`` seconds pass first
+        :raises KVTimeoutError: (a TimeoutError) when the timeout passes first, saying how
+            many keys were seen
         """
         self._check_open()
-        full = self._full_key(key, component)
-        want = check_str_value(expected, "expected")
-        seconds = check_timeout(timeout)
-        what = f"key {full!r} to hold {show(want)}"
-        request = _gw.WaitRequest(
-            mode=_gw.MODE_VALUE, key=full.encode(), value=want, has_value=True
-        )
-        return self._wait(KeyView(full.encode(), want), seconds, what, request, lambda _: want)
-
-    def wait_for_keys(
-        self,
-        key_pattern: str,
-        expected_count: int,
-        value: str = "1",
-        timeout: float = DEFAULT_WAIT_TIMEOUT,
-        candidate_keys: list[str] | None = None,
-        *,
-        component: str | None = None,
-    ) -> list[str]:
-        """Wait until ``expected_count`` keys matching ``key_pattern`` hold ``value``.
-
-        ``*`` matches any characters, ``/`` included. ``candidate_keys`` is ignored: one
-        prefix read (the pattern's literal prefix) plus a watch sees every key.
-
-        :returns: every matching key holding ``value``, relative to the component, sorted
-        :raises KVTimeoutError: (a TimeoutError) when ``timeout`` seconds pass first,
-            saying how many keys were seen
-        """
-        self._check_open()
-        comp_prefix, regex = self._full_pattern(key_pattern, component)
-        count = check_expected_count(expected_count)
-        want = check_str_value(value, "value")
-        seconds = check_timeout(timeout)
+        comp_prefix, key_pattern = wait.prefix, wait.pattern
+        count, want = wait.expected_count, wait.value
         prefix = (comp_prefix + _keys.literal_prefix(key_pattern)).encode()
-        view = PatternView(prefix, len(comp_prefix.encode()), regex, count, want, key_pattern)
+        view = PatternView(prefix, len(comp_prefix.encode()), wait.regex, count, want, key_pattern)
         what = f"{count} keys matching {comp_prefix + key_pattern!r} to hold {show(want)}"
         strip = len(comp_prefix.encode())
         request = _gw.WaitRequest(
@@ -338,7 +300,7 @@ class EtcdKVStore(KVStore):
         )
         return self._wait(
             view,
-            seconds,
+            wait.timeout,
             what,
             request,
             lambda response: [k[strip:].decode("utf-8", "replace") for k in response.keys],
