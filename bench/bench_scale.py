@@ -24,8 +24,11 @@ start time ``go`` and waits until all N keys exist. Wall time = ``max(done) - go
 ``add``: N ranks call ``Coordination.Add`` on one key at ``go``; wall until the last
 answer; the final value must be N.
 
-Per (kind, N): wall time, etcd CPU and gateway CPU (``/proc/<pid>/stat`` around the
-round), messages sent by etcd (``grpc_server_msg_sent_total``, all methods) and by the
+The ranks spread over ``--replicas`` gateway replicas (default 2, as the chart deploys;
+rank i dials replica i mod R), as a Service spreads connections.
+
+Per (kind, N): wall time, etcd CPU, gateway CPU (all replicas) and the ranks' CPU (the
+worker processes; ``/proc/<pid>/stat`` around the round), messages sent by etcd (``grpc_server_msg_sent_total``, all methods) and by the
 gateway (``etha_gateway_requests_total``: one answer per request), watch events sent by
 etcd (``etcd_debugging_mvcc_events_total``). Medians over ``--repeats`` rounds after a
 warm-up round. etcd runs with ``--bcrypt-cost=4`` so that N direct log-ins (one bcrypt
@@ -225,7 +228,14 @@ def w_connect(kind: str, info: dict[str, Any], ranks: list[int]) -> float:
         with ThreadPoolExecutor(32) as pool:
             _W["ranks"] = dict(zip(ranks, pool.map(one, ranks), strict=True))
         return time.perf_counter() - t0
-    endpoint = info["etcd"] if kind == "direct" else info["gateway"]
+    gateways: list[str] = info["gateways"]
+    etcd: str = info["etcd"]
+
+    def endpoint_of(rank: int) -> str:
+        # Ranks spread over the gateway replicas, as a Service spreads connections.
+        return etcd if kind == "direct" else gateways[rank % len(gateways)]
+
+    endpoint = endpoint_of(ranks[0]) if ranks else etcd
 
     async def connect_all() -> dict[int, _AioRank]:
         share = int(info.get("share", 1))
@@ -243,7 +253,7 @@ def w_connect(kind: str, info: dict[str, Any], ranks: list[int]) -> float:
                 for i, r in enumerate(ranks)
             }
         else:
-            clients = {r: _AioRank(endpoint, info["user"], info["password"]) for r in ranks}
+            clients = {r: _AioRank(endpoint_of(r), info["user"], info["password"]) for r in ranks}
         limit = asyncio.Semaphore(64)
 
         async def one(c: _AioRank) -> None:
@@ -375,7 +385,13 @@ def _metric_sum(url: str, name: str) -> float:
 
 
 class Setup:
-    """etcd (auth, bcrypt cost 4), one gateway replica, a TCPStore server, a tenant."""
+    """etcd (auth, bcrypt cost 4), ``replicas`` gateway replicas, a TCPStore server, a tenant."""
+
+    def __init__(self, replicas: int = 1) -> None:
+        self.replicas = replicas
+        self.gateways: list[Any] = []
+        #: pids whose CPU counts as the ranks' (the worker processes)
+        self.rank_pids: list[int] = []
 
     def __enter__(self) -> Setup:
         from etha.kvstore.etcd_client import EtcdClient
@@ -403,24 +419,28 @@ class Setup:
             # The gateway's log stays in bench/out/ (the key file is removed with the run).
             workdir = Path(self._stack.enter_context(tempfile.TemporaryDirectory()))
             OUT_DIR.mkdir(parents=True, exist_ok=True)
-            self.gateway = GatewayProcess(
-                self.cluster.endpoints, workdir, username=ROOT_USER,
-                password=self.cluster.root_password,
-                env={"ETHA_GATEWAY_QUOTA_WATCHES": "0",
-                     "ETHA_GATEWAY_QUOTA_REQUESTS_PER_SECOND": "0",
-                     "ETHA_GATEWAY_LOG_LEVEL": "INFO"},
-            )  # fmt: skip
-            self.gateway.log_path = OUT_DIR / "scale-gateway.log"
-            self.gateway.log_path.write_text("")
-            self.gateway.start()
-            self._stack.callback(self.gateway.stop)
+            for index in range(self.replicas):
+                # One signing key for all replicas, as the chart mounts one Secret.
+                keys = self.gateways[0].token_key_file if self.gateways else None
+                gateway = GatewayProcess(
+                    self.cluster.endpoints, workdir / f"gw{index}", username=ROOT_USER,
+                    password=self.cluster.root_password, token_key_file=keys,
+                    env={"ETHA_GATEWAY_QUOTA_WATCHES": "0",
+                         "ETHA_GATEWAY_QUOTA_REQUESTS_PER_SECOND": "0",
+                         "ETHA_GATEWAY_LOG_LEVEL": "INFO"},
+                )  # fmt: skip
+                gateway.log_path = OUT_DIR / f"scale-gateway-{index}.log"
+                gateway.log_path.write_text("")
+                gateway.start()
+                self._stack.callback(gateway.stop)
+                self.gateways.append(gateway)
             host, port, _ = self._stack.enter_context(tcpstore_server(timeout=ROUND_LIMIT))
         except BaseException:
             self._stack.close()
             raise
         self.info = {
             "etcd": self.cluster.endpoints[0],
-            "gateway": self.gateway.endpoint,
+            "gateways": [gw.endpoint for gw in self.gateways],
             "host": host,
             "port": port,
             "user": user,
@@ -434,16 +454,18 @@ class Setup:
 
     def counters(self) -> dict[str, float]:
         etcd_url = f"{self.cluster.urls[0]}/metrics"
-        gw = self.gateway
-        assert gw.process is not None
+        gateway_pids = [gw.process.pid for gw in self.gateways if gw.process is not None]
         etcd_proc = self.cluster.nodes[0].process
         assert etcd_proc is not None
         return {
             "etcd_cpu": proc_cpu(etcd_proc.pid),
-            "gateway_cpu": proc_cpu(gw.process.pid),
+            "gateway_cpu": sum(proc_cpu(pid) for pid in gateway_pids),
+            "ranks_cpu": sum(proc_cpu(pid) for pid in self.rank_pids),
             "etcd_msgs": _metric_sum(etcd_url, "grpc_server_msg_sent_total"),
             "etcd_events": _metric_sum(etcd_url, "etcd_debugging_mvcc_events_total"),
-            "gateway_msgs": _metric_sum(gw.metrics_url, "etha_gateway_requests_total"),
+            "gateway_msgs": sum(
+                _metric_sum(gw.metrics_url, "etha_gateway_requests_total") for gw in self.gateways
+            ),
         }
 
 
@@ -475,7 +497,8 @@ def measure(setup: Setup, workers: Workers, kind: str, n: int, repeats: int) -> 
             figures = {k: after[k] - before[k] for k in after}
             figures["wall"] = wall
             log(f"scale {kind} N={n} round {index}: wall {wall:.2f}s, etcd cpu"
-                f" {figures['etcd_cpu']:.2f}s, gateway cpu {figures['gateway_cpu']:.2f}s")  # fmt: skip
+                f" {figures['etcd_cpu']:.2f}s, gateway cpu {figures['gateway_cpu']:.2f}s,"
+                f" ranks cpu {figures['ranks_cpu']:.2f}s")  # fmt: skip
             if index > 0:
                 rounds.append(figures)
             if wall > limit:
@@ -538,6 +561,7 @@ def run_all(
     add_n: int,
     kinds: tuple[str, ...] = KINDS,
     share: int = 1,
+    replicas: int = 2,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {
         "date": utc_now(),
@@ -547,12 +571,14 @@ def run_all(
         "procs": procs,
         "repeats": repeats,
         "ranks_per_channel": share,
+        "gateway_replicas": replicas,
         "results": {},
     }
     direct_stopped: str | None = None
     t0 = time.perf_counter()
-    with Setup() as setup, Workers(procs) as workers:
+    with Setup(replicas) as setup, Workers(procs) as workers:
         setup.info["share"] = share
+        setup.rank_pids = [proc.pid for proc in workers.procs]
         for n in sizes:
             for kind in kinds:
                 name = f"{kind}.N{n}"
@@ -590,9 +616,9 @@ def run_all(
 
 def table_rows(result: dict[str, Any]) -> list[str]:
     rows = [
-        "| N | path | wall s, median (min-max) | etcd CPU s | gateway CPU s | etcd msgs sent"
-        " | etcd watch events | gateway msgs sent |",
-        "|---|---|---|---|---|---|---|---|",
+        "| N | path | wall s, median (min-max) | etcd CPU s | gateway CPU s | ranks' CPU s"
+        " | etcd msgs sent | etcd watch events | gateway msgs sent |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(rounds: list[dict[str, float]], key: str, digits: int = 2) -> str:
@@ -611,7 +637,7 @@ def table_rows(result: dict[str, Any]) -> list[str]:
                 continue
             if "rounds" not in data:
                 reason = data.get("skipped") or f"failed: {data.get('error')}"
-                rows.append(f"| {n:,} | {kind} | {reason} | | | | | |")
+                rows.append(f"| {n:,} | {kind} | {reason} | | | | | | |")
                 continue
             rounds = data["rounds"]
             walls = [r["wall"] for r in rounds]
@@ -623,8 +649,8 @@ def table_rows(result: dict[str, Any]) -> list[str]:
             events = count(rounds, "etcd_events") if kind != "tcpstore" else "-"
             etcd_cpu = cell(rounds, "etcd_cpu") if kind != "tcpstore" else "-"
             rows.append(
-                f"| {n:,} | {kind} | {wall} | {etcd_cpu} | {gw_cpu} | {etcd_msgs} | {events}"
-                f" | {gw_msgs} |"
+                f"| {n:,} | {kind} | {wall} | {etcd_cpu} | {gw_cpu} | {cell(rounds, 'ranks_cpu')}"
+                f" | {etcd_msgs} | {events} | {gw_msgs} |"
             )
     for key, data in result["results"].items():
         if not key.startswith("add") or "rounds" not in data:
@@ -636,7 +662,8 @@ def table_rows(result: dict[str, Any]) -> list[str]:
         rows.append(
             f"| {n:,} | `Add` (gateway) | {percentile(walls, 50):.2f}"
             f" ({min(walls):.2f}-{max(walls):.2f}) | {cell(rounds, 'etcd_cpu')}"
-            f" | {cell(rounds, 'gateway_cpu')} | {count(rounds, 'etcd_msgs')}"
+            f" | {cell(rounds, 'gateway_cpu')} | {cell(rounds, 'ranks_cpu')}"
+            f" | {count(rounds, 'etcd_msgs')}"
             f" ({txns:,.0f} Txns) | - | {count(rounds, 'gateway_msgs')} |"
         )
     return rows
@@ -683,6 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--share", type=int, default=1, help="ranks per gRPC channel (default: one each)"
     )
+    parser.add_argument(
+        "--replicas", type=int, default=2, help="gateway replicas (the chart's default: 2)"
+    )
     parser.add_argument("--report", action="store_true", help="only print/plot scale.json")
     args = parser.parse_args(argv)
     # SIGTERM (a background run cannot get SIGINT) unwinds too: servers and workers stop.
@@ -691,7 +721,13 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(OUT.read_text())
     else:
         result = run_all(
-            args.sizes, args.repeats, args.procs, args.add, tuple(args.kinds), args.share
+            args.sizes,
+            args.repeats,
+            args.procs,
+            args.add,
+            tuple(args.kinds),
+            args.share,
+            args.replicas,
         )
     print("\n".join(table_rows(result)))
     plot(result, DOCS / "img" / "scale.png")

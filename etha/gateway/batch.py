@@ -55,7 +55,7 @@ MAX_OPS = 128
 #: batch is not refused where its puts alone would pass.
 MAX_BYTES = 256 * 1024
 #: Upstream calls in flight before Puts start to queue.
-FLIGHTS = 2
+FLIGHTS = 1
 
 #: Failures of a batch that every put of it would have met alone.
 _SHARED_FAILURES = frozenset({

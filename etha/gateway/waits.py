@@ -67,7 +67,7 @@ log = logging.getLogger("etha.gateway.waits")
 #: come one after another; reloading the range for each would cost a read per round).
 LINGER = 10.0
 #: The least time between two progress rounds that no satisfied waiter is parked on.
-ROUND_GAP = 0.02
+ROUND_GAP = 0.05
 #: A waiter without a gRPC deadline waits at most this long (every wait has a timeout).
 MAX_WAIT = 3600.0
 #: Answered this long before the caller's deadline, so the caller gets our message (the
