@@ -19,9 +19,14 @@ from etha import _env
 # of rules and messages for every variable) live in etha._env; these are their public
 # names.
 from etha._env import Endpoint as Endpoint
+from etha._env import env_bool as env_bool
 from etha._env import env_file as env_file
+from etha._env import env_file_pair as env_file_pair
+from etha._env import env_int as env_int
+from etha._env import env_port as env_port
 from etha._env import env_seconds as env_seconds
 from etha._env import env_value as env_value
+from etha._env import parse_bool as parse_bool
 from etha._env import parse_port as parse_port
 from etha._env import tls_wanted as tls_wanted
 from etha.kvstore.errors import ConfigurationError, InvalidKeyError
@@ -69,8 +74,6 @@ ALL_VARIABLES = frozenset(
 
 DEFAULT_COMPONENT = "default"
 DEFAULT_TIMEOUT = 10.0
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 class ConnectionOptions(TypedDict):
@@ -183,15 +186,6 @@ def _parse_name(env: Mapping[str, str], name: str, value: str) -> str:
         raise ConfigurationError(str(exc)) from None
 
 
-def _parse_bool(name: str, raw: str) -> bool:
-    lowered = raw.lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ConfigurationError(f"{name}={raw!r} must be one of true/false, 1/0, yes/no")
-
-
 def parse_endpoints(raw: str, name: str = ENDPOINTS) -> tuple[tuple[Endpoint, ...], bool | None]:
     """Parse ``host:port[,...]`` with optional ``http://``/``https://`` schemes.
 
@@ -243,10 +237,7 @@ def _parse_etcd(
         raise ConfigurationError(f"{CA_FILE} and {CA_PEM} are both set; set one of them")
     if ca_pem is not None and "BEGIN CERTIFICATE" not in ca_pem:
         raise ConfigurationError(f"{CA_PEM} does not hold a PEM certificate")
-    cert_file, key_file = env_file(env, CERT_FILE), env_file(env, KEY_FILE)
-    if (cert_file is None) != (key_file is None):
-        missing = KEY_FILE if key_file is None else CERT_FILE
-        raise ConfigurationError(f"{missing} is not set: {CERT_FILE} and {KEY_FILE} go together")
+    cert_file, key_file = env_file_pair(env, CERT_FILE, KEY_FILE)
     if scheme_tls is False and tls_wanted(None, ca_file, ca_pem, cert_file):
         raise ConfigurationError(
             f"{ENDPOINTS} uses http:// but TLS files are set; use https:// endpoints"
@@ -284,7 +275,7 @@ def _parse_tcpstore(
     port = parse_port(port_name, raw_port)
     raw_server = env_value(env, TCPSTORE_IS_SERVER)
     if raw_server is not None:
-        is_server = _parse_bool(TCPSTORE_IS_SERVER, raw_server)
+        is_server = parse_bool(TCPSTORE_IS_SERVER, raw_server)
     else:
         rank = env_value(env, "RANK")
         if rank is None:
@@ -299,15 +290,9 @@ def _parse_tcpstore(
     world_name = (
         TCPSTORE_WORLD_SIZE if env_value(env, TCPSTORE_WORLD_SIZE) is not None else "WORLD_SIZE"
     )
-    raw_world = env_value(env, world_name)
     world_size = None
-    if raw_world is not None:
-        try:
-            world_size = int(raw_world)
-        except ValueError:
-            raise ConfigurationError(f"{world_name}={raw_world!r} is not an integer") from None
-        if world_size < 1:
-            raise ConfigurationError(f"{world_name}={raw_world!r} must be at least 1")
+    if env_value(env, world_name) is not None:
+        world_size = env_int(env, world_name, 0, minimum=1)
     return TCPStoreConfig(
         namespace=namespace,
         component=component,

@@ -23,11 +23,13 @@ from typing import Literal
 
 from etha.kvstore.config import (
     Endpoint,
+    env_bool,
     env_file,
+    env_file_pair,
+    env_port,
     env_seconds,
     env_value,
     parse_endpoints,
-    parse_port,
 )
 from etha.kvstore.errors import ConfigurationError
 from etha_operator.jobkinds import JOB_KINDS_ENV, SHIPPED_JOB_KINDS_ENV, JobKinds
@@ -66,8 +68,8 @@ DISCOVERY_INTERVAL = "ETHA_OPERATOR_DISCOVERY_INTERVAL"
 
 Mode = Literal["gateway", "direct"]
 MODES: tuple[Mode, ...] = ("gateway", "direct")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+#: What a missing file of the operator most likely means.
+_MOUNTED = "is the Secret mounted?"
 
 
 @dataclass(frozen=True)
@@ -86,14 +88,19 @@ class OperatorSettings:
     etcd_timeout: float = 5.0
     namespaces: tuple[str, ...] = ()
     webhook_port: int = 9443
-    webhook_cert_file: str | None = None
-    webhook_key_file: str | None = None
     health_port: int = 8080
     #: Port of the Prometheus /metrics endpoint; 0 = off.
     metrics_port: int = 0
+    #: The admission webhook's serving certificate and key; without them it is off.
+    webhook_cert_file: str | None = None
+    webhook_key_file: str | None = None
+    #: Seconds between audits for etcd users/roles without a KVNamespace; 0 = no audit.
     audit_interval: float = 300.0
+    #: Seconds the deletion finalizer tries before it gives up and leaves the rest.
     cleanup_deadline: float = 30.0
+    #: Seconds between re-checks whether a KVNamespace's job has ended.
     job_check_interval: float = 30.0
+    #: Seconds the API server keeps one watch request open (kopf's server timeout).
     watch_server_timeout: float = 300.0
     log_level: int = logging.INFO
     mode: Mode = "gateway"
@@ -134,24 +141,6 @@ class OperatorSettings:
         if self.gateway_mode:
             return self.gateway_endpoints, self.gateway_tls
         return self.worker_endpoints, self.worker_tls
-
-
-def _port(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env_value(env, name)
-    return default if raw is None else parse_port(name, raw)
-
-
-def _file(env: Mapping[str, str], name: str) -> str | None:
-    return env_file(env, name, "is the Secret mounted?")
-
-
-def _bool(env: Mapping[str, str], name: str) -> bool:
-    raw = (env_value(env, name) or "").strip().lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise ConfigurationError(f"{name}={raw!r} must be true or false")
 
 
 def _gateway(
@@ -205,13 +194,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         workers, worker_scheme_tls = endpoints, scheme_tls
     else:
         workers, worker_scheme_tls = parse_endpoints(raw_workers, WORKER_ENDPOINTS)
-    ca_file = _file(env, ETCD_CA_FILE)
-    cert_file, key_file = _file(env, ETCD_CERT_FILE), _file(env, ETCD_KEY_FILE)
-    if (cert_file is None) != (key_file is None):
-        missing = ETCD_KEY_FILE if key_file is None else ETCD_CERT_FILE
-        raise ConfigurationError(
-            f"{missing} is not set: {ETCD_CERT_FILE} and {ETCD_KEY_FILE} go together"
-        )
+    ca_file = env_file(env, ETCD_CA_FILE, _MOUNTED)
+    cert_file, key_file = env_file_pair(env, ETCD_CERT_FILE, ETCD_KEY_FILE, _MOUNTED)
     wants_tls = bool(ca_file or cert_file)
     if scheme_tls is False and wants_tls:
         raise ConfigurationError(
@@ -226,13 +210,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
             f"{ETCD_PASSWORD} is not set: give the etcd root password (from the"
             " root-credentials Secret) or a client certificate"
         )
-    cert_pair = env_value(env, WEBHOOK_CERT_FILE), env_value(env, WEBHOOK_KEY_FILE)
-    if (cert_pair[0] is None) != (cert_pair[1] is None):
-        missing = WEBHOOK_KEY_FILE if cert_pair[1] is None else WEBHOOK_CERT_FILE
-        raise ConfigurationError(
-            f"{missing} is not set: {WEBHOOK_CERT_FILE} and {WEBHOOK_KEY_FILE} go together"
-        )
-    webhook_cert, webhook_key = _file(env, WEBHOOK_CERT_FILE), _file(env, WEBHOOK_KEY_FILE)
+    webhook_cert, webhook_key = env_file_pair(env, WEBHOOK_CERT_FILE, WEBHOOK_KEY_FILE, _MOUNTED)
     listed = (env_value(env, NAMESPACES) or "").split(",")
     namespaces = tuple(ns.strip() for ns in listed if ns.strip())
     mode = (env_value(env, MODE) or "gateway").strip().lower()
@@ -263,11 +241,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         etcd_key_file=key_file,
         etcd_timeout=env_seconds(env, ETCD_TIMEOUT, 5.0, allow_zero=False),
         namespaces=namespaces,
-        webhook_port=_port(env, WEBHOOK_PORT, 9443),
+        webhook_port=env_port(env, WEBHOOK_PORT, 9443),
+        health_port=env_port(env, HEALTH_PORT, 8080),
+        metrics_port=env_port(env, METRICS_PORT, 0, zero_is_off=True),
         webhook_cert_file=webhook_cert,
         webhook_key_file=webhook_key,
-        health_port=_port(env, HEALTH_PORT, 8080),
-        metrics_port=0 if env_value(env, METRICS_PORT) == "0" else _port(env, METRICS_PORT, 0),
         audit_interval=env_seconds(env, AUDIT_INTERVAL, 300.0, allow_zero=True),
         cleanup_deadline=env_seconds(env, CLEANUP_DEADLINE, 30.0, allow_zero=False),
         job_check_interval=env_seconds(env, JOB_CHECK_INTERVAL, 30.0, allow_zero=False),
@@ -277,7 +255,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         gateway_endpoints=gateway[0],
         gateway_tls=gateway[1],
         gateway_ca=gateway[2],
-        allow_unsafe_direct=_bool(env, ALLOW_UNSAFE_DIRECT),
+        allow_unsafe_direct=env_bool(env, ALLOW_UNSAFE_DIRECT),
         job_kinds=JobKinds.from_setting(
             env_value(env, JOB_KINDS), env_value(env, SHIPPED_JOB_KINDS)
         ),
