@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pyetcd import etcdrpc
 from pyetcd.etcdrpc import auth_pb2, rpc_pb2
@@ -41,13 +40,16 @@ READWRITE = auth_pb2.Permission.READWRITE
 BLOCKING_ALARMS = {1: "NOSPACE", 2: "CORRUPT"}
 
 
-@dataclass(frozen=True)
-class Grant:
+class Grant(NamedTuple):
     """One permission of a role: ``[key, range_end)`` with a READ/WRITE/READWRITE type."""
 
     key: bytes
     range_end: bytes
     perm_type: int
+
+    def permission(self) -> Any:
+        """The grant as etcd's ``authpb.Permission`` message."""
+        return auth_pb2.Permission(permType=self.perm_type, key=self.key, range_end=self.range_end)
 
 
 def prefix_grant(prefix: str) -> Grant:
@@ -292,12 +294,9 @@ class EtcdAdmin:
                     ),
                 )
         if wanted not in grants:
-            permission = auth_pb2.Permission(
-                permType=READWRITE, key=wanted.key, range_end=wanted.range_end
-            )
             self._auth(
                 "RoleGrantPermission",
-                etcdrpc.AuthRoleGrantPermissionRequest(name=role, perm=permission),
+                etcdrpc.AuthRoleGrantPermissionRequest(name=role, perm=wanted.permission()),
             )
         self._remember(wanted.key, role)
 
