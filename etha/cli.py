@@ -279,6 +279,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _watch_batches(watcher: Any, timeout: float, done: Callable[[], bool]) -> Iterator[Any]:
+    """The watch's event batches until ``done()``, ``timeout`` seconds pass or the stream
+    ends (the caller cancels the watch)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        events = watcher.get(remaining)
+        if events is None:
+            return
+        yield events
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     pattern = check_view_pattern(args.pattern)
     matches = _matcher(pattern)
@@ -296,15 +310,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        deadline = time.monotonic() + args.timeout
+
+        def done() -> bool:
+            return args.count is not None and seen >= args.count
+
         try:
-            while args.count is None or seen < args.count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                events = watcher.get(remaining)
-                if events is None:
-                    break
+            for events in _watch_batches(watcher, args.timeout, done):
                 for event in events:
                     view_key = session.view(event.kv.key)
                     if not matches(view_key):
@@ -377,6 +388,10 @@ class BarrierState:
             return None
         rank = int(found.group(1))
         return rank if rank < self.expected else None
+
+    def complete(self) -> bool:
+        """True once the barrier holds (``summary()["complete"]``)."""
+        return bool(self.summary()["complete"])
 
     def summary(self) -> dict[str, Any]:
         present: list[Any] = []
@@ -460,20 +475,13 @@ def cmd_barrier(args: argparse.Namespace) -> int:
         response = session.client.range(start, end)
         for kv in response.kvs:
             state.apply(session.view(kv.key), kv.value)
-        if args.watch and not state.summary()["complete"]:
+        if args.watch and not state.complete():
             revision = int(response.header.revision)
             watcher = session.client.watch_hub.watch(start, end, revision + 1)
             if not args.json:
                 _say(state.describe())
-            deadline = time.monotonic() + args.timeout
             try:
-                while not state.summary()["complete"]:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    events = watcher.get(remaining)
-                    if events is None:
-                        break
+                for events in _watch_batches(watcher, args.timeout, state.complete):
                     changed = False
                     for event in events:
                         value = event.kv.value if event.type == PUT else None
