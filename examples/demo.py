@@ -83,13 +83,11 @@ class Log:
 
 def wait_for(probe: Callable[[], T | None], timeout: float, what: str) -> T:
     deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
+    while not (value := probe()):
         if time.monotonic() > deadline:
             raise DemoFailure(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.05)
+    return value
 
 
 def load_examples() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -274,6 +272,14 @@ def prove_revoked(env: dict[str, str]) -> str:
     raise DemoFailure("the revoked credentials still write to etcd")
 
 
+def _kill_leftovers(procs: list[subprocess.Popen[str]]) -> None:
+    """Kill (and reap) the workers still running, e.g. after another one failed."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def run_workers(workers: int, env: dict[str, str]) -> list[dict[str, Any]]:
     procs = []
     base = {k: v for k, v in os.environ.items() if not k.startswith("ETHA_KV_")}
@@ -293,15 +299,12 @@ def run_workers(workers: int, env: dict[str, str]) -> list[dict[str, Any]]:
     try:
         for rank, proc in enumerate(procs):
             out, err = proc.communicate(timeout=180)
-            if proc.returncode != 0:
+            if proc.returncode == 0:
+                results.append(json.loads(out.strip().splitlines()[-1]))
+            else:
                 failures.append(f"rank {rank} exited {proc.returncode}: {err.strip()[-500:]}")
-                continue
-            results.append(json.loads(out.strip().splitlines()[-1]))
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _kill_leftovers(procs)
     if failures:
         raise DemoFailure("; ".join(failures))
     return results
