@@ -57,11 +57,11 @@ def count_keys(etcd: EtcdCluster, prefix: str) -> int:
 
 
 def etcd_users(etcd: EtcdCluster) -> list[str]:
-    return etcd.etcdctl("user", "list").stdout.split()
+    return etcd.users()
 
 
 def etcd_roles(etcd: EtcdCluster) -> list[str]:
-    return etcd.etcdctl("role", "list").stdout.split()
+    return etcd.roles()
 
 
 def finish_job(kube: EmulatorServer, namespace: str, name: str, condition: str = "Complete") -> Any:
@@ -138,7 +138,7 @@ def write_keys(kube: EmulatorServer, namespace: str, secret: str, count: int) ->
 def wait_gone_from_etcd(etcd: EtcdCluster, user: str, role: str, what: str) -> None:
     """Wait (60 s at most) until etcd has neither ``user`` nor ``role``."""
     wait_for(
-        lambda: user not in etcd_users(etcd) and role not in etcd_roles(etcd),
+        lambda: user not in etcd.users() and role not in etcd.roles(),
         timeout=60,
         interval=0.5,
         what=what,

@@ -18,8 +18,6 @@ from tests.operator.helpers import (
     PLURAL,
     count_keys,
     create_ready,
-    etcd_roles,
-    etcd_users,
     restart_etcd,
     root_client,
     wait_gone_from_etcd,
@@ -114,10 +112,10 @@ def test_audit_removes_orphans_created_behind_the_operators_back(
 
     wait_gone_from_etcd(etcd, orphan, orphan, "the audit to remove the orphan")
     assert count_keys(etcd, orphan_prefix) == 0
-    users = etcd_users(etcd)
+    users = etcd.users()
     # Only operator-made names (etha-<uid>) without a KVNamespace are orphans.
     assert "alice" in users and "etha-not-a-uid" in users
-    assert alive["etcdUser"] in users and alive["etcdRole"] in etcd_roles(etcd)
+    assert alive["etcdUser"] in users and alive["etcdRole"] in etcd.roles()
     assert count_keys(etcd, alive["keyPrefix"]) == 1
 
 

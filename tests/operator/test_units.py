@@ -66,23 +66,30 @@ def test_gateway_mode_is_the_default_and_workers_get_the_gateway(tmp_path: Path)
 @pytest.mark.parametrize(
     ("env", "variable"),
     [
-        ({"ETHA_OPERATOR_GATEWAY_ENDPOINTS": ""}, "ETHA_OPERATOR_GATEWAY_ENDPOINTS is not set"),
-        ({"ETHA_OPERATOR_MODE": "proxy"}, "ETHA_OPERATOR_MODE"),
-        ({"ETHA_OPERATOR_WORKER_ENDPOINTS": "etcd:2379"}, "applies to direct mode only"),
-        ({"ETHA_OPERATOR_GATEWAY_CA_PEM": "not a pem"}, "ETHA_OPERATOR_GATEWAY_CA_PEM"),
+        (
+            {**GATEWAY, "ETHA_OPERATOR_GATEWAY_ENDPOINTS": ""},
+            "ETHA_OPERATOR_GATEWAY_ENDPOINTS is not set",
+        ),
+        ({**GATEWAY, "ETHA_OPERATOR_MODE": "proxy"}, "ETHA_OPERATOR_MODE"),
+        ({**GATEWAY, "ETHA_OPERATOR_WORKER_ENDPOINTS": "etcd:2379"}, "applies to direct mode only"),
+        ({**GATEWAY, "ETHA_OPERATOR_GATEWAY_CA_PEM": "not a pem"}, "ETHA_OPERATOR_GATEWAY_CA_PEM"),
         (
             {
+                **GATEWAY,
                 "ETHA_OPERATOR_GATEWAY_ENDPOINTS": "http://gw:2379",
                 "ETHA_OPERATOR_GATEWAY_CA_PEM": PEM,
             },
             "use https:// endpoints",
         ),
-        ({"ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT": "maybe"}, "ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT"),
+        (
+            {**GATEWAY, "ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT": "maybe"},
+            "ETHA_OPERATOR_ALLOW_UNSAFE_DIRECT",
+        ),
     ],
 )
 def test_gateway_settings_errors_name_the_problem(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigurationError, match=variable):
-        load_settings({**GATEWAY, **env})
+        load_settings(env)
 
 
 # -- direct mode's etcd version gate ---------------------------------------------------------
@@ -189,7 +196,11 @@ def test_settings_worker_endpoints_namespaces_and_tls(tmp_path: Path) -> None:
         ({"ETHA_OPERATOR_CLEANUP_DEADLINE": "0"}, "ETHA_OPERATOR_CLEANUP_DEADLINE"),
         ({"ETHA_OPERATOR_CLEANUP_DEADLINE": "soon"}, "ETHA_OPERATOR_CLEANUP_DEADLINE"),
         ({"ETHA_OPERATOR_ETCD_CA_FILE": "/nonexistent/ca.pem"}, "ETHA_OPERATOR_ETCD_CA_FILE"),
-        ({"ETHA_OPERATOR_WEBHOOK_CERT_FILE": "/x.pem"}, "ETHA_OPERATOR_WEBHOOK_KEY_FILE"),
+        pytest.param(
+            {"ETHA_OPERATOR_WEBHOOK_CERT_FILE": "/x.pem"},
+            "ETHA_OPERATOR_WEBHOOK_KEY_FILE",
+            id="a-certificate-without-its-key",
+        ),
         ({"ETHA_OPERATOR_LOG_LEVEL": "LOUD"}, "ETHA_OPERATOR_LOG_LEVEL"),
     ],
 )

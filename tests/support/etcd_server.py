@@ -219,6 +219,14 @@ class EtcdCluster:
             [*cmd, *args], capture_output=True, text=True, check=check, env=env, timeout=60
         )
 
+    def users(self) -> list[str]:
+        """The etcd users, as root sees them."""
+        return self.etcdctl("user", "list").stdout.split()
+
+    def roles(self) -> list[str]:
+        """The etcd roles, as root sees them."""
+        return self.etcdctl("role", "list").stdout.split()
+
     def wait_healthy(self, timeout: float = 30.0, nodes: list[EtcdMember] | None = None) -> None:
         """Block until every given (default: every running) member answers a read."""
         deadline = time.monotonic() + timeout
