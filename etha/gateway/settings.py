@@ -16,6 +16,9 @@ from etha.gateway.tenancy import QUOTA_NAMES
 from etha.kvstore.config import (
     Endpoint,
     env_file,
+    env_file_pair,
+    env_int,
+    env_port,
     env_seconds,
     env_value,
     parse_endpoints,
@@ -93,19 +96,6 @@ class GatewaySettings:
         return self.tls_cert_file is not None
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env_value(env, name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a whole number") from None
-    if value < 0:
-        raise ConfigurationError(f"{name}={raw!r} must be zero (unlimited) or more")
-    return value
-
-
 def _host_port(name: str, raw: str) -> tuple[str, int]:
     host, sep, port = raw.rpartition(":")
     if not sep or not port:
@@ -148,15 +138,6 @@ def _etcd_login(env: Mapping[str, str]) -> tuple[str | None, str | None]:
     return username, password
 
 
-def _file_pair(env: Mapping[str, str], cert: str, key: str) -> tuple[str | None, str | None]:
-    """A certificate file and its key file: both set or neither."""
-    cert_file, key_file = env_file(env, cert), env_file(env, key)
-    if (cert_file is None) != (key_file is None):
-        missing = key if key_file is None else cert
-        raise ConfigurationError(f"{missing} is not set: {cert} and {key} go together")
-    return cert_file, key_file
-
-
 def _high_water(env: Mapping[str, str]) -> float:
     raw = env_value(env, ETCD_SPACE_HIGH_WATER)
     if raw is None:
@@ -171,11 +152,6 @@ def _high_water(env: Mapping[str, str]) -> float:
             " (e.g. 0.8: refuse writes above 80% of etcd's quota)"
         )
     return high_water
-
-
-def _metrics_port(env: Mapping[str, str]) -> int:
-    raw = env_value(env, METRICS_PORT)
-    return 0 if raw in (None, "0") else parse_port(METRICS_PORT, str(raw))
 
 
 def _log_level(env: Mapping[str, str]) -> int:
@@ -204,7 +180,7 @@ def parse_settings(environ: Mapping[str, str] | None = None) -> GatewaySettings:
     username, password = _etcd_login(env)
 
     ca_file = env_file(env, ETCD_CA_FILE)
-    cert_file, key_file = _file_pair(env, ETCD_CERT_FILE, ETCD_KEY_FILE)
+    cert_file, key_file = env_file_pair(env, ETCD_CERT_FILE, ETCD_KEY_FILE)
     etcd_tls = tls_wanted(scheme_tls, ca_file, cert_file=cert_file)
     if scheme_tls is False and tls_wanted(None, ca_file, cert_file=cert_file):
         raise ConfigurationError(
@@ -217,7 +193,7 @@ def parse_settings(environ: Mapping[str, str] | None = None) -> GatewaySettings:
             f"{TOKEN_KEY_FILE} is not set: name a file with one signing key per line,"
             " shared by every gateway replica"
         )
-    tls_cert, tls_key = _file_pair(env, TLS_CERT_FILE, TLS_KEY_FILE)
+    tls_cert, tls_key = env_file_pair(env, TLS_CERT_FILE, TLS_KEY_FILE)
 
     # The variables not read yet are read in the order of these arguments.
     return GatewaySettings(
@@ -226,7 +202,7 @@ def parse_settings(environ: Mapping[str, str] | None = None) -> GatewaySettings:
         etcd_timeout=env_seconds(env, ETCD_TIMEOUT, 10.0),
         etcd_username=username,
         etcd_password=password,
-        etcd_quota_backend_bytes=_int(
+        etcd_quota_backend_bytes=env_int(
             env, ETCD_QUOTA_BACKEND_BYTES, DEFAULT_ETCD_QUOTA_BACKEND_BYTES
         ),
         etcd_ca_file=ca_file,
@@ -239,11 +215,11 @@ def parse_settings(environ: Mapping[str, str] | None = None) -> GatewaySettings:
         advertise=_advertise(env, host, port),
         tls_cert_file=tls_cert,
         tls_key_file=tls_key,
-        metrics_port=_metrics_port(env),
+        metrics_port=env_port(env, METRICS_PORT, 0, zero_is_off=True),
         token_key_file=token_key_file,
         token_ttl=env_seconds(env, TOKEN_TTL, 600.0),
         quotas={
-            name: _int(env, var, DEFAULT_QUOTAS[name]) for name, var in QUOTA_VARIABLES.items()
+            name: env_int(env, var, DEFAULT_QUOTAS[name]) for name, var in QUOTA_VARIABLES.items()
         },
         quota_resync=env_seconds(env, QUOTA_RESYNC, 30.0),
         log_level=_log_level(env),
