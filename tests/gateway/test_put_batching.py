@@ -7,8 +7,7 @@ received is read from etcd's own metrics, not from the gateway's claims.
 from __future__ import annotations
 
 import asyncio
-import re
-import urllib.request
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from pyetcd import etcdrpc
 
 from etha.kvstore.etcd_client import EtcdClient
 from tests.gateway.conftest import TenantCreds, start_gateway
+from tests.support.etcd_metrics import handled_calls
 from tests.support.etcd_server import ROOT_USER, EtcdCluster, etcd_cluster
 from tests.support.gateway import GatewayProcess, register_tenant
 
@@ -27,14 +27,7 @@ Factory = Callable[..., TenantCreds]
 
 def _etcd_calls(cluster: EtcdCluster) -> dict[str, float]:
     """etcd's count of handled KV.Put and KV.Txn calls (its own metrics)."""
-    text = urllib.request.urlopen(f"{cluster.urls[0]}/metrics", timeout=10).read().decode()
-    counts = {"Put": 0.0, "Txn": 0.0}
-    for method in counts:
-        pattern = re.compile(
-            r'^grpc_server_handled_total\{[^}]*grpc_method="%s"[^}]*\} (\S+)$' % method, re.M
-        )
-        counts[method] = sum(float(v) for v in pattern.findall(text))
-    return counts
+    return {method: handled_calls(cluster, method) for method in ("Put", "Txn")}
 
 
 async def _ranks_put(
@@ -107,7 +100,7 @@ def test_concurrent_puts_of_one_key_chain_their_prev_kv(
     order = [v for _, v in sorted(zip(revisions, values, strict=True))]
     by_value = dict(zip(values, answers, strict=True))
     assert not by_value[order[0]].HasField("prev_kv")
-    for earlier, later in zip(order, order[1:], strict=False):
+    for earlier, later in itertools.pairwise(order):
         assert bytes(by_value[later].prev_kv.value) == earlier
     assert bytes(root.range(key).kvs[0].value) == order[-1]
 
