@@ -819,6 +819,15 @@ def _tls_echo(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, hostname: 
         thread.join(timeout=10)
 
 
+def _serving(secret: dict[str, Any], workdir: Path) -> ssl.SSLContext:
+    """A server context with the TLS Secret's pair, loaded the way kopf's server does."""
+    for key in ("tls.crt", "tls.key"):
+        (workdir / key).write_bytes(base64.b64decode(secret["data"][key]))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(workdir / "tls.crt", workdir / "tls.key")
+    return context
+
+
 def test_self_signed_pair_serves_tls_that_the_ca_bundle_verifies(tmp_path: Path) -> None:
     """A real TLS handshake: the server loads the Secret's pair the way kopf's webhook
     server does (ssl load_cert_chain); the client trusts only the webhook's caBundle and
@@ -826,10 +835,7 @@ def test_self_signed_pair_serves_tls_that_the_ca_bundle_verifies(tmp_path: Path)
     docs = manifests()
     hook = _webhook(docs)
     secret = _webhook_secret(docs)
-    for key in ("tls.crt", "tls.key"):
-        (tmp_path / key).write_bytes(base64.b64decode(secret["data"][key]))
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    server_ctx = _serving(secret, tmp_path)
     client_ctx = ssl.create_default_context(
         cadata=base64.b64decode(hook["clientConfig"]["caBundle"]).decode()
     )
@@ -1239,10 +1245,7 @@ def test_gateway_tls_ca_reaches_the_operator_and_verifies_the_gateway(tmp_path: 
     assert op_env["ETHA_OPERATOR_GATEWAY_CA_FILE"]["value"] == "/etc/etha/gateway-ca/ca.crt"
     # A real handshake: the gateway's pair, verified by that CA under the Service name the
     # operator hands to workers.
-    for key in ("tls.crt", "tls.key"):
-        (tmp_path / key).write_bytes(base64.b64decode(secret["data"][key]))
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    server_ctx = _serving(secret, tmp_path)
     client_ctx = ssl.create_default_context(
         cadata=base64.b64decode(secret["data"]["ca.crt"]).decode()
     )
@@ -1364,7 +1367,6 @@ def test_chart_ships_the_operators_job_kind_table() -> None:
 
 
 def test_a_custom_job_kind_renders_into_rbac_crd_and_operator_settings() -> None:
-    from etha_operator.settings import load_settings
 
     docs = manifests({"jobKinds": {"extra": [CUSTOM_KIND]}})
     granted = _rules(one(docs, "ClusterRole"))
@@ -1384,16 +1386,7 @@ def test_a_custom_job_kind_renders_into_rbac_crd_and_operator_settings() -> None
     assert "(self.apiVersion == 'batch/v1' && self.kind == 'Job')" in pair_rule["rule"]
 
     # The operator, given the rendered environment, follows the new rule.
-    container = operator_deployment(docs)["spec"]["template"]["spec"]["containers"][0]
-    env = {
-        e["name"]: e["value"]
-        for e in container["env"]
-        if "value" in e and not e["name"].endswith("_FILE")  # files live in the pod
-    }
-    env.setdefault("ETHA_OPERATOR_ETCD_PASSWORD", "x")
-    env["ETHA_OPERATOR_GATEWAY_ENDPOINTS"] = "http://etha-gateway:2379"
-    env.pop("ETHA_OPERATOR_GATEWAY_CA_FILE", None)
-    kinds = load_settings(env).job_kinds
+    kinds = _operator_job_kinds(docs)
     rule = kinds.get("ml.example.com/v1", "TrainingRun")
     assert rule is not None and rule.pod_label == "ml.example.com/run"
     assert rule.end({"status": {"outcome": "Done"}}) == ("Done", "Succeeded")

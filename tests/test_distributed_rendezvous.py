@@ -7,9 +7,10 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -151,32 +152,52 @@ dist.destroy_process_group()
 ns_gateway = gateway_tenant_fixture("gateway")
 
 
-@pytest.mark.parametrize("path", ["etcd", "gateway"])
-def test_four_processes_all_reduce_and_barrier(
-    etcd_auth: EtcdCluster, path: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> None:
-    ns_a: EtcdConfig = request.getfixturevalue("ns_a" if path == "etcd" else "ns_gateway")
-    script = tmp_path / "gloo_worker.py"
-    script.write_text(GLOO_WORKER)
-    run = f"run-{uuid.uuid4().hex[:8]}"
-    world = 4
+def run_ranks(
+    code: str,
+    config: EtcdConfig,
+    world: int,
+    tmp_path: Path,
+    args: Callable[[int, str], list[str]],
+) -> list[dict[str, Any]]:
+    """Run ``code`` as ranks 0..world-1 of one job in ``config``'s namespace.
+
+    Rank r gets ``args(r, out)`` and writes its JSON result to ``out``; every rank must
+    exit 0 (else the logs' tails are shown). Returns the results in rank order.
+    """
+    script = tmp_path / "worker.py"
+    script.write_text(code)
+    outs = [str(tmp_path / f"out{r}.json") for r in range(world)]
     with procs() as p:
         logs = [tmp_path / f"rank{r}.log" for r in range(world)]
         workers = [
             p.python(
                 script,
-                [f"etha:///{run}", str(tmp_path / f"out{r}.json"), "args" if r % 2 else "env"],
-                child_env(ns_a, RANK=str(r), WORLD_SIZE=str(world)),
+                args(r, outs[r]),
+                child_env(config, RANK=str(r), WORLD_SIZE=str(world)),
                 logs[r],
             )
             for r in range(world)
         ]
         codes = p.wait_all(workers, timeout=120)
         assert codes == [0] * world, "\n---\n".join(tail(log) for log in logs)
-    results = sorted(
-        (json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(world)),
-        key=lambda r: r["rank"],
+    return [json.loads(Path(out).read_text()) for out in outs]
+
+
+@pytest.mark.parametrize("path", ["etcd", "gateway"])
+def test_four_processes_all_reduce_and_barrier(
+    etcd_auth: EtcdCluster, path: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    ns_a: EtcdConfig = request.getfixturevalue("ns_a" if path == "etcd" else "ns_gateway")
+    run = f"run-{uuid.uuid4().hex[:8]}"
+    world = 4
+    outputs = run_ranks(
+        GLOO_WORKER,
+        ns_a,
+        world,
+        tmp_path,
+        lambda r, out: [f"etha:///{run}", out, "args" if r % 2 else "env"],
     )
+    results = sorted(outputs, key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == [0, 1, 2, 3]
     assert all(r["world"] == world for r in results)
     assert all(r["sum"] == [10.0, 4.0] for r in results)  # 1+2+3+4, and one per rank
@@ -223,25 +244,8 @@ def test_inline_store_survives_gc_and_is_freed_after_destroy(
 ) -> None:
     # torch keeps only the C++ half of a Python store; the Python half must stay alive
     # while torch uses it (new_group after gc) and go once the process group is gone.
-    script = tmp_path / "inline_worker.py"
-    script.write_text(INLINE_STORE_WORKER)
     scope = f"inline-{uuid.uuid4().hex[:8]}"
-    world = 4
-    with procs() as p:
-        logs = [tmp_path / f"rank{r}.log" for r in range(world)]
-        workers = [
-            p.python(
-                script,
-                [scope, str(tmp_path / f"out{r}.json")],
-                child_env(ns_a, RANK=str(r), WORLD_SIZE=str(world)),
-                logs[r],
-            )
-            for r in range(world)
-        ]
-        codes = p.wait_all(workers, timeout=120)
-        assert codes == [0] * world, "\n---\n".join(tail(log) for log in logs)
-    for r in range(world):
-        result = json.loads((tmp_path / f"out{r}.json").read_text())
+    for result in run_ranks(INLINE_STORE_WORKER, ns_a, 4, tmp_path, lambda r, out: [scope, out]):
         assert result == {"kind": "EthaStore", "sum": 10.0, "freed": True, "closed": True}
 
 

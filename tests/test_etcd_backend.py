@@ -29,7 +29,8 @@ from etha.kvstore.etcdv3.wait import PatternView as _PatternView
 from tests.support.etcd_server import ROOT_USER, EtcdCluster, etcd_cluster
 from tests.support.etcd_users import grant_prefix_user, root_client
 from tests.support.threads import Waiter, wait_threads_gone
-from tests.support.tls import TLSFiles, make_tls
+from tests.support.tls import TLSFiles
+from tests.support.tls_clusters import tls_cluster_fixture, tls_files_fixture
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -328,22 +329,8 @@ def test_wait_after_token_expiry_on_an_idle_stream(tmp_path: Path, namespace: st
 # -- TLS ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    return make_tls(tmp_path_factory.mktemp("tls-backend"))
-
-
-@pytest.fixture(scope="module")
-def etcd_mtls_auth(
-    tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles
-) -> Iterator[EtcdCluster]:
-    with etcd_cluster(
-        tmp_path_factory.mktemp("etcd-mtls-backend"),
-        auth=True,
-        tls=tls_files,
-        client_cert_auth=True,
-    ) as cluster:
-        yield cluster
+tls_files = tls_files_fixture("tls-backend")
+etcd_mtls_auth = tls_cluster_fixture("etcd-mtls-backend", client_cert_auth=True)
 
 
 def test_store_over_mtls_with_cert_user(

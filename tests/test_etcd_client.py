@@ -29,7 +29,8 @@ from tests.support.etcd_server import ROOT_USER, EtcdCluster, etcd_cluster
 from tests.support.etcd_users import grant_prefix_user, root_client
 from tests.support.ports import free_port
 from tests.support.threads import wait_threads_gone
-from tests.support.tls import TLSFiles, make_tls
+from tests.support.tls import TLSFiles
+from tests.support.tls_clusters import tls_cluster_fixture, tls_files_fixture
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -249,27 +250,9 @@ def test_shared_is_refcounted(etcd_plain: EtcdCluster) -> None:
 # -- TLS ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    return make_tls(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture(scope="module")
-def etcd_tls(
-    tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles
-) -> Iterator[EtcdCluster]:
-    with etcd_cluster(tmp_path_factory.mktemp("etcd-tls"), auth=True, tls=tls_files) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def etcd_mtls(
-    tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles
-) -> Iterator[EtcdCluster]:
-    with etcd_cluster(
-        tmp_path_factory.mktemp("etcd-mtls"), auth=True, tls=tls_files, client_cert_auth=True
-    ) as cluster:
-        yield cluster
+tls_files = tls_files_fixture("tls")
+etcd_tls = tls_cluster_fixture("etcd-tls")
+etcd_mtls = tls_cluster_fixture("etcd-mtls", client_cert_auth=True)
 
 
 def test_tls_with_ca_file_and_password(etcd_tls: EtcdCluster, tls_files: TLSFiles) -> None:

@@ -102,16 +102,30 @@ def test_wait_while_the_server_stays_down_fails_within_its_timeout(
         store.close(cleanup=False)
 
 
+def barrier_with_rank_0_in(store: EtcdKVStore, ranks: int, timeout: float) -> Waiter:
+    """A barrier of ``ranks`` waiting in a thread, and rank 0 arrived once it waits."""
+    barrier = Waiter(lambda: store.wait_for_keys("rank:*/ready", ranks, timeout=timeout))
+    barrier.start()
+    time.sleep(0.5)
+    store.set("rank:0/ready", "1")
+    return barrier
+
+
+def joined(waiter: Waiter, timeout: float) -> object:
+    """What the waiter's call returned; it must end within ``timeout`` and not raise."""
+    waiter.join(timeout)
+    assert not waiter.is_alive()
+    assert waiter.error is None, waiter.error
+    return waiter.result
+
+
 def test_three_members_survive_the_loss_of_the_first_endpoint(
     trio: EtcdCluster, namespace: str
 ) -> None:
     store = open_store(trio, namespace)
     try:
         store.set("before", "1")
-        barrier = Waiter(lambda: store.wait_for_keys("rank:*/ready", 3, timeout=60))
-        barrier.start()
-        time.sleep(0.5)
-        store.set("rank:0/ready", "1")
+        barrier = barrier_with_rank_0_in(store, 3, timeout=60)
         first = trio.nodes[0]
         assert store.client.connection().endpoint.port == first.client_port
         first.stop()
@@ -119,10 +133,7 @@ def test_three_members_survive_the_loss_of_the_first_endpoint(
         store.set("rank:1/ready", "1")
         assert store.get("before") == b"1"
         store.set("rank:2/ready", "1")
-        barrier.join(90)
-        assert not barrier.is_alive()
-        assert barrier.error is None, barrier.error
-        assert barrier.result == ["rank:0/ready", "rank:1/ready", "rank:2/ready"]
+        assert joined(barrier, 90) == ["rank:0/ready", "rank:1/ready", "rank:2/ready"]
         # A new wait after the loss goes through a surviving member too.
         later = Waiter(lambda: store.wait_for_value("after", "x", timeout=60))
         later.start()
@@ -151,10 +162,7 @@ def test_a_hung_member_is_left_for_the_next_one(trio: EtcdCluster, namespace: st
     first = trio.nodes[0]
     try:
         store.set("before", "1")
-        barrier = Waiter(lambda: store.wait_for_keys("rank:*/ready", 2, timeout=30))
-        barrier.start()
-        time.sleep(0.5)
-        store.set("rank:0/ready", "1")
+        barrier = barrier_with_rank_0_in(store, 2, timeout=30)
         assert store.client.connection().endpoint.port == first.client_port
         first.pause()
         # A read is retried on the next member within the call's own timeout.
@@ -163,10 +171,7 @@ def test_a_hung_member_is_left_for_the_next_one(trio: EtcdCluster, namespace: st
         store.set("rank:1/ready", "1")
         # The barrier's watch stream left the hung member too (a progress request went
         # unanswered), so the second arrival reaches it well within its timeout.
-        barrier.join(60)
-        assert not barrier.is_alive()
-        assert barrier.error is None, barrier.error
-        assert barrier.result == ["rank:0/ready", "rank:1/ready"]
+        assert joined(barrier, 60) == ["rank:0/ready", "rank:1/ready"]
         assert store.client.watch_hub.describe() != (
             f"watch stream connected to 127.0.0.1:{first.client_port}"
         )

@@ -384,26 +384,34 @@ def _missing_file(tmp_path: Path) -> str:
     return str(tmp_path / "does-not-exist.pem")
 
 
+def _bad_values(
+    variable: str, values: dict[str, str], base: dict[str, str] = BASE_ETCD
+) -> list[tuple[str, dict[str, str], str]]:
+    """Error cases: ``base`` with ``variable`` set to each (labelled) bad value."""
+    return [(label, {**base, variable: value}, variable) for label, value in values.items()]
+
+
 # Every documented error: (environment, the variable the message must name).
 ERROR_CASES: list[tuple[str, dict[str, str], str]] = [
     ("no namespace", {"ETHA_KV_ENDPOINTS": "a:1"}, "ETHA_KV_NAMESPACE"),
-    ("bad namespace", {**BASE_ETCD, "ETHA_KV_NAMESPACE": "a/b"}, "ETHA_KV_NAMESPACE"),
-    ("bad component", {**BASE_ETCD, "ETHA_KV_COMPONENT": "x*"}, "ETHA_KV_COMPONENT"),
-    ("bad backend", {**BASE_ETCD, "ETHA_KV_BACKEND": "redis"}, "ETHA_KV_BACKEND"),
-    ("bad timeout", {**BASE_ETCD, "ETHA_KV_TIMEOUT": "soon"}, "ETHA_KV_TIMEOUT"),
-    ("zero timeout", {**BASE_ETCD, "ETHA_KV_TIMEOUT": "0"}, "ETHA_KV_TIMEOUT"),
-    ("nan timeout", {**BASE_ETCD, "ETHA_KV_TIMEOUT": "nan"}, "ETHA_KV_TIMEOUT"),
-    ("inf timeout", {**BASE_ETCD, "ETHA_KV_TIMEOUT": "inf"}, "ETHA_KV_TIMEOUT"),
+    *_bad_values("ETHA_KV_NAMESPACE", {"bad namespace": "a/b"}),
+    *_bad_values("ETHA_KV_COMPONENT", {"bad component": "x*"}),
+    *_bad_values("ETHA_KV_BACKEND", {"bad backend": "redis"}),
+    *_bad_values(
+        "ETHA_KV_TIMEOUT",
+        {"bad timeout": "soon", "zero timeout": "0", "nan timeout": "nan", "inf timeout": "inf"},
+    ),
     ("no endpoints", {"ETHA_KV_NAMESPACE": "n"}, "ETHA_KV_ENDPOINTS"),
-    ("empty endpoint", {**BASE_ETCD, "ETHA_KV_ENDPOINTS": "a:1,,b:2"}, "ETHA_KV_ENDPOINTS"),
-    ("no port", {**BASE_ETCD, "ETHA_KV_ENDPOINTS": "a"}, "ETHA_KV_ENDPOINTS"),
-    ("bad port", {**BASE_ETCD, "ETHA_KV_ENDPOINTS": "a:99999"}, "ETHA_KV_ENDPOINTS"),
-    ("bad scheme", {**BASE_ETCD, "ETHA_KV_ENDPOINTS": "grpc://a:1"}, "ETHA_KV_ENDPOINTS"),
-    ("path", {**BASE_ETCD, "ETHA_KV_ENDPOINTS": "http://a:1/v3"}, "ETHA_KV_ENDPOINTS"),
-    (
-        "mixed schemes",
-        {**BASE_ETCD, "ETHA_KV_ENDPOINTS": "http://a:1,https://b:2"},
+    *_bad_values(
         "ETHA_KV_ENDPOINTS",
+        {
+            "empty endpoint": "a:1,,b:2",
+            "no port": "a",
+            "bad port": "a:99999",
+            "bad scheme": "grpc://a:1",
+            "path": "http://a:1/v3",
+            "mixed schemes": "http://a:1,https://b:2",
+        },
     ),
     ("user no password", {**BASE_ETCD, "ETHA_KV_USERNAME": "u"}, "ETHA_KV_PASSWORD"),
     ("password no user", {**BASE_ETCD, "ETHA_KV_PASSWORD": "p"}, "ETHA_KV_USERNAME"),

@@ -370,17 +370,28 @@ def test_closing_a_wrapping_store_leaves_the_torch_store_usable(raw: Any, namesp
         store.set("k", "w")
 
 
+def error_of_an_endless_wait(
+    store: TCPStoreKVStore, interrupt: Callable[[], object], after: float
+) -> BaseException | None:
+    """Start a wait for a key that never comes, ``interrupt()`` it ``after`` seconds in.
+
+    The wait must then end within 30 s; returns what it raised (None if it returned).
+    """
+    waiter = Waiter(lambda: store.wait_for_key("never", timeout=3600))
+    waiter.start()
+    time.sleep(after)
+    interrupt()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
+    return waiter.error
+
+
 def test_wait_in_another_thread_ends_when_the_store_is_closed(
     connect: Callable[..., TCPStoreKVStore],
 ) -> None:
     store = connect()
-    waiter = Waiter(lambda: store.wait_for_key("never", timeout=3600))
-    waiter.start()
-    time.sleep(0.2)
-    store.close()
-    waiter.join(timeout=30)
-    assert not waiter.is_alive()
-    assert isinstance(waiter.error, StoreClosedError), waiter.error
+    error = error_of_an_endless_wait(store, store.close, after=0.2)
+    assert isinstance(error, StoreClosedError), error
 
 
 # -- construction and configuration ---------------------------------------------------------------
@@ -506,13 +517,8 @@ def test_a_wait_in_progress_fails_when_the_server_dies(
     external_server: TCPStoreServer, namespace: str
 ) -> None:
     store = TCPStoreKVStore(namespace, host="127.0.0.1", port=external_server.port, timeout=5)
-    waiter = Waiter(lambda: store.wait_for_key("never", timeout=3600))
-    waiter.start()
-    time.sleep(0.3)
-    external_server.kill()
-    waiter.join(timeout=30)
-    assert not waiter.is_alive()
-    assert isinstance(waiter.error, UnavailableError), waiter.error
+    error = error_of_an_endless_wait(store, external_server.kill, after=0.3)
+    assert isinstance(error, UnavailableError), error
     store.close()
 
 

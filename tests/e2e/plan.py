@@ -103,13 +103,13 @@ class Plan:
             flags += ["--set-string", f"image.{key}={value}"]
         return flags
 
+    def _helm_release(self, verb: str) -> list[str]:
+        """``helm <verb>`` of this release of the chart, in the system namespace."""
+        return [verb, self.release, str(CHART), "--namespace", self.system_namespace]
+
     def helm_install(self) -> list[str]:
         return [
-            "install",
-            self.release,
-            str(CHART),
-            "--namespace",
-            self.system_namespace,
+            *self._helm_release("install"),
             "--create-namespace",
             *self.helm_set_flags(),
             "--wait",
@@ -119,14 +119,7 @@ class Plan:
 
     def helm_template(self) -> list[str]:
         """The install line as `helm template` (what the dry run renders)."""
-        return [
-            "template",
-            self.release,
-            str(CHART),
-            "--namespace",
-            self.system_namespace,
-            *self.helm_set_flags(),
-        ]
+        return [*self._helm_release("template"), *self.helm_set_flags()]
 
     def helm_uninstall(self) -> list[str]:
         return ["uninstall", self.release, "--namespace", self.system_namespace, "--wait"]
@@ -225,25 +218,19 @@ class Plan:
 
     # -- kubectl commands ----------------------------------------------------------------------
 
+    def _on(self, verb: str, kind: str) -> list[str]:
+        """``kubectl <verb> <kind>/<name> -n <tenant namespace>``, without its options."""
+        return [verb, f"{kind}/{self.name}", "-n", self.tenant_namespace]
+
     def wait_phase(self, phase: str, timeout: str = "180s") -> list[str]:
         return [
-            "wait",
-            f"kvnamespace/{self.name}",
-            "-n",
-            self.tenant_namespace,
+            *self._on("wait", "kvnamespace"),
             f"--for=jsonpath={{.status.phase}}={phase}",
             f"--timeout={timeout}",
         ]
 
     def wait_job_complete(self) -> list[str]:
-        return [
-            "wait",
-            f"job/{self.name}",
-            "-n",
-            self.tenant_namespace,
-            "--for=condition=complete",
-            "--timeout=600s",
-        ]
+        return [*self._on("wait", "job"), "--for=condition=complete", "--timeout=600s"]
 
     def worker_logs(self) -> list[str]:
         return [
@@ -260,11 +247,4 @@ class Plan:
         return ["exec", "-n", self.tenant_namespace, "probe", "--", "etha", "doctor"]
 
     def delete_kvnamespace(self) -> list[str]:
-        return [
-            "delete",
-            f"kvnamespace/{self.name}",
-            "-n",
-            self.tenant_namespace,
-            "--wait=true",
-            "--timeout=180s",
-        ]
+        return [*self._on("delete", "kvnamespace"), "--wait=true", "--timeout=180s"]

@@ -31,6 +31,7 @@ from etha.gateway.tenancy import TENANTS_PREFIX, tenant_key
 from etha.gateway.tokens import TokenSigner, load_keys
 from etha.kvstore import gateway_api
 from tests.gateway.hostile import CALL_TIMEOUT, World, make_world
+from tests.support.protobuf_wire import varint
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -389,7 +390,7 @@ def _admin_calls(w: World, lease_id: int) -> list[tuple[str, str, Any, str]]:
             etcdrpc.MemberUpdateRequest(ID=member, peerURLs=["http://127.0.0.1:9"]),
             "unary",
         ),
-        ("Cluster", "MemberPromote", b"\x08" + _varint(member), "unary"),
+        ("Cluster", "MemberPromote", b"\x08" + varint(member), "unary"),
         ("Lease", "LeaseGrant", etcdrpc.LeaseGrantRequest(TTL=60), "unary"),
         ("Lease", "LeaseGrant", etcdrpc.LeaseGrantRequest(TTL=60, ID=lease_id), "unary"),
         ("Lease", "LeaseRevoke", etcdrpc.LeaseRevokeRequest(ID=lease_id), "unary"),
@@ -457,15 +458,6 @@ def _admin_calls(w: World, lease_id: int) -> list[tuple[str, str, Any, str]]:
         ),
     ]
     return calls
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 #: Services and methods the bundled descriptors define; every other admin method

@@ -33,6 +33,7 @@ from etha.gateway.confine import (
     check_watch_create,
 )
 from etha.gateway.tenancy import tenant_range
+from tests.support.protobuf_wire import varint
 
 PREFIXES = ["a", "ns-1", "x.y", "t-0123abcd", "Z:9_"]
 
@@ -328,17 +329,8 @@ def test_compare_range_end_is_checked() -> None:
         assert info.value.reason == reason
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _with_unknown(message: bytes, field: int) -> bytes:
-    return message + _varint(field << 3 | 0) + b"\x01"  # varint field `field` = 1
+    return message + varint(field << 3 | 0) + b"\x01"  # varint field `field` = 1
 
 
 @pytest.mark.parametrize("field", [7, 8])

@@ -130,10 +130,10 @@ def test_watches_quota(gateway: GatewayProcess, tenant: Factory) -> None:
 def test_requests_per_second_quota(
     gateway: GatewayProcess, tenant: Factory, root: EtcdClient
 ) -> None:
-    creds = tenant(quotas={"requests_per_second": 5})
-    key = f"{creds.prefix}/r".encode()
     refused: list[QuotaExceededError] = []
     last_ok = -1
+    creds = tenant(quotas={"requests_per_second": 5})
+    key = f"{creds.prefix}/r".encode()
     with tenant_client([gateway.endpoint], creds) as client:
         for i in range(40):
             try:

@@ -24,6 +24,7 @@ from etha.gateway.tenancy import TENANTS_PREFIX
 from etha.kvstore import KVTimeoutError, PermissionDeniedError
 from etha.kvstore.etcd import note_no_coordination
 from etha.kvstore.etcd_client import EtcdClient
+from etha.kvstore.etcdv3.watch import Watcher
 from tests.gateway.conftest import TenantCreds, open_store, start_gateway, tenant_client
 from tests.support.etcd_server import EtcdCluster, etcd_cluster
 from tests.support.gateway import GatewayProcess, register_tenant, revoke_tenant
@@ -219,6 +220,16 @@ def test_cluster_and_status_describe_the_gateway(gateway: GatewayProcess, tenant
         assert status.dbSize == 0 and status.leader == 0
 
 
+def assert_locked_out(client: EtcdClient, watcher: Watcher, key: bytes) -> None:
+    """The open watch ends (within 20 s) and the next put is refused, both as denied."""
+    deadline = time.monotonic() + 20
+    with pytest.raises(PermissionDeniedError):
+        while time.monotonic() < deadline:
+            watcher.get(timeout=1)
+    with pytest.raises(PermissionDeniedError):
+        client.put(key, b"3")
+
+
 def test_revocation_fails_the_next_call_and_ends_an_open_watch(
     gateway: GatewayProcess, tenant: Factory, root: EtcdClient
 ) -> None:
@@ -233,12 +244,7 @@ def test_revocation_fails_the_next_call_and_ends_an_open_watch(
         assert events is not None and events[0].kv.value == b"2"
         revoke_tenant(root, creds.username)
         # The gateway ends the stream; the client cannot log in again; the watch fails.
-        deadline = time.monotonic() + 20
-        with pytest.raises(PermissionDeniedError):
-            while time.monotonic() < deadline:
-                watcher.get(timeout=1)
-        with pytest.raises(PermissionDeniedError):
-            client.put(key, b"3")
+        assert_locked_out(client, watcher, key)
     assert root.range(key).kvs[0].value == b"2"
 
 
@@ -396,10 +402,5 @@ def test_record_changes_retire_tokens_and_a_new_secret_ends_old_streams(
         assert events is not None and events[-1].kv.value == b"2"
         # A new secret: the old one no longer logs in, and the open watch ends.
         register_tenant(root, creds.prefix, username=creds.username, quotas={"keys": 50})
-        deadline = time.monotonic() + 20
-        with pytest.raises(PermissionDeniedError):
-            while time.monotonic() < deadline:
-                watcher.get(timeout=1)
-        with pytest.raises(PermissionDeniedError):
-            client.put(key, b"3")
+        assert_locked_out(client, watcher, key)
     assert root.range(key).kvs[0].value == b"2"
