@@ -27,7 +27,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_server import etcd_cluster
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -1038,7 +1038,7 @@ def _run_bootstrap(
 def test_bootstrap_enables_auth_on_a_real_etcd_idempotently(tmp_path: Path) -> None:
     script = _bootstrap_script(tmp_path)
     password = "bootstrap-test-secret-9f3a"
-    with EtcdCluster(tmp_path / "etcd") as cluster:
+    with etcd_cluster(tmp_path / "etcd") as cluster:
         endpoint = cluster.endpoints[0]
         assert cluster.etcdctl("put", "probe", "1", auth=False, check=False).returncode == 0
 
@@ -1078,7 +1078,7 @@ def test_bootstrap_makes_the_gateway_user_with_exactly_two_ranges(tmp_path: Path
     script = _bootstrap_script(tmp_path)
     password, gw_password = "bootstrap-root-5c1d", "bootstrap-gateway-77ab"
     extra = {"GATEWAY_ETCD_USER": "etha-gateway", "GATEWAY_ETCD_PASSWORD": gw_password}
-    with EtcdCluster(tmp_path / "etcd") as cluster:
+    with etcd_cluster(tmp_path / "etcd") as cluster:
         endpoint = cluster.endpoints[0]
         first = _run_bootstrap(script, endpoint, password, **extra)
         assert first.returncode == 0, first.stderr
