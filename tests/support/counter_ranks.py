@@ -50,8 +50,9 @@ class RankResult:
 
 
 def _rank(
-    rank: int, spec: dict[str, Any], progress: Any, go: Any, stop: Any, into: list[RankResult]
+    rank: int, spec: dict[str, Any], shared: tuple[Any, Any, Any, Any], into: list[RankResult]
 ) -> None:
+    progress, go, stop, flagged = shared
     from etha.distributed.store import EthaStore
     from etha.kvstore.config import EtcdConfig
     from etha.kvstore.errors import KVStoreError, KVTimeoutError, UnavailableError
@@ -88,6 +89,8 @@ def _rank(
                 text = f"{type(cause).__name__}: {cause}"[:400]
                 if isinstance(cause, (UnavailableError, KVTimeoutError)):
                     result.unknown.append(text)
+                    if spec.get("flag_text") and spec["flag_text"] in text:
+                        flagged.value = 1
                 else:
                     result.failed.append(f"{type(exc).__name__}: {exc}"[:400])
             else:
@@ -104,12 +107,11 @@ def _rank(
 
 
 def _process_main(
-    ranks: list[int], spec: dict[str, Any], progress: Any, go: Any, stop: Any, out: str
+    ranks: list[int], spec: dict[str, Any], shared: tuple[Any, Any, Any, Any], out: str
 ) -> None:
     results: list[RankResult] = []
     threads = [
-        threading.Thread(target=_rank, args=(r, spec, progress, go, stop, results), daemon=True)
-        for r in ranks
+        threading.Thread(target=_rank, args=(r, spec, shared, results), daemon=True) for r in ranks
     ]
     for thread in threads:
         thread.start()
@@ -134,6 +136,8 @@ class CounterRanks:
         self.progress = ctx.Array("i", [-1] * self.workers)
         self.go_flag = ctx.Value("i", 0)
         self.stop_flag = ctx.Value("i", 0)
+        #: set by a rank when an unknown-outcome error's text contains spec["flag_text"]
+        self.flagged = ctx.Value("i", 0)
         workdir.mkdir(parents=True, exist_ok=True)
         self.outs = [workdir / f"ranks-{p}.json" for p in range(processes)]
         self.procs = [
@@ -142,9 +146,7 @@ class CounterRanks:
                 args=(
                     list(range(p, self.workers, processes)),
                     spec,
-                    self.progress,
-                    self.go_flag,
-                    self.stop_flag,
+                    (self.progress, self.go_flag, self.stop_flag, self.flagged),
                     str(self.outs[p]),
                 ),
                 name=f"counter-ranks-{p}",
