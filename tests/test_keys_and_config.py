@@ -28,7 +28,6 @@ from etha.kvstore import (
 from etha.kvstore import config as cfg
 from etha.kvstore.base import (
     MAX_EXPECTED_COUNT,
-    KeysWait,
     KVStore,
     check_bytes_value,
     check_expected_count,
@@ -216,11 +215,41 @@ class _Bare(KVStore):
     def set_bytes(self, key: str, data: bytes, *, component: str | None = None) -> None:
         raise NotImplementedError
 
-    def _wait_for_value(self, full_key: str, want: bytes | None, timeout: float) -> bytes:
+    def wait_for_key(
+        self, key: str, timeout: float = 3600.0, *, component: str | None = None
+    ) -> bytes:
         raise NotImplementedError
 
-    def _wait_for_keys(self, wait: KeysWait) -> list[str]:
+    def wait_for_keys(
+        self,
+        key_pattern: str,
+        expected_count: int,
+        value: str = "1",
+        timeout: float = 3600.0,
+        candidate_keys: list[str] | None = None,
+        *,
+        component: str | None = None,
+    ) -> list[str]:
         raise NotImplementedError
+
+    def wait_for_value(
+        self, key: str, expected: str, timeout: float = 3600.0, *, component: str | None = None
+    ) -> bytes:
+        raise NotImplementedError
+
+
+def _documented_abstract_methods() -> set[str]:
+    """The methods docs/api/etha.kvstore.base.rst marks ``:abstractmethod:``."""
+    text = (Path(__file__).resolve().parents[1] / "docs/api/etha.kvstore.base.rst").read_text()
+    methods = re.findall(r"\.\. py:method:: (\w+)\(.*\n((?:\s+:\w+:.*\n)*)", text)
+    return {name for name, options in methods if ":abstractmethod:" in options}
+
+
+def test_the_kvstore_abc_is_exactly_the_documented_interface() -> None:
+    """A store written elsewhere implements the documented abstract methods, no more."""
+    assert KVStore.__abstractmethods__ == _documented_abstract_methods()
+    assert "wait_for_keys" in KVStore.__abstractmethods__
+    _Bare("job-1", "trainer")  # the documented methods suffice to instantiate
 
 
 def test_base_builds_full_keys_with_component_override() -> None:

@@ -123,6 +123,7 @@ class KVStore(abc.ABC):
         etcd stores bytes directly; TCPStore encodes to base64.
         """
 
+    @abc.abstractmethod
     def wait_for_key(
         self, key: str, timeout: float = DEFAULT_WAIT_TIMEOUT, *, component: str | None = None
     ) -> bytes:
@@ -133,8 +134,8 @@ class KVStore(abc.ABC):
         :returns: The value as bytes
         :raises TimeoutError: If timeout is reached before key exists
         """
-        return self._wait_for_value(self._full_key(key, component), None, check_timeout(timeout))
 
+    @abc.abstractmethod
     def wait_for_keys(
         self,
         key_pattern: str,
@@ -156,22 +157,8 @@ class KVStore(abc.ABC):
         :returns: List of matched keys (relative to the component, sorted)
         :raises TimeoutError: If timeout is reached before expected_count keys are found
         """
-        prefix, regex = self._full_pattern(key_pattern, component)
-        wait = KeysWait(
-            prefix=prefix,
-            pattern=key_pattern,
-            regex=regex,
-            expected_count=check_expected_count(expected_count),
-            value=check_str_value(value, "value"),
-            timeout=check_timeout(timeout),
-            candidate_keys=candidate_keys,
-        )
-        return self._wait_for_keys(wait)
 
     @abc.abstractmethod
-    def _wait_for_keys(self, wait: KeysWait) -> list[str]:
-        """:meth:`wait_for_keys` with its arguments checked (the backend's part)."""
-
     def wait_for_value(
         self,
         key: str,
@@ -184,18 +171,6 @@ class KVStore(abc.ABC):
 
         :returns: The value as bytes when matched
         :raises TimeoutError: If timeout is reached before value matches
-        """
-        full = self._full_key(key, component)
-        want = check_str_value(expected, "expected")
-        return self._wait_for_value(full, want, check_timeout(timeout))
-
-    @abc.abstractmethod
-    def _wait_for_value(self, full_key: str, want: bytes | None, timeout: float) -> bytes:
-        """Wait until ``full_key`` (checked) exists, or with ``want`` holds ``want``;
-        return its value. The backend's part of :meth:`wait_for_key` and
-        :meth:`wait_for_value`; ``timeout`` is checked.
-
-        :raises KVTimeoutError: when ``timeout`` seconds pass first
         """
 
     # -- shared helpers for backends ---------------------------------------------------
@@ -278,3 +253,68 @@ def check_expected_count(expected_count: object) -> int:
             f"expected_count must be between 1 and {MAX_EXPECTED_COUNT}, got {expected_count}"
         )
     return expected_count
+
+
+class CheckedWaitsKVStore(KVStore):
+    """A :class:`KVStore` whose wait methods check their arguments in one place.
+
+    etha's backends derive from it and implement only the waiting itself,
+    :meth:`_wait_for_value` and :meth:`_wait_for_keys`. :class:`KVStore` stays the
+    interface as documented, its wait methods abstract: a store written elsewhere
+    derives from it directly.
+    """
+
+    def wait_for_key(
+        self, key: str, timeout: float = DEFAULT_WAIT_TIMEOUT, *, component: str | None = None
+    ) -> bytes:
+        """See :meth:`KVStore.wait_for_key`."""
+        return self._wait_for_value(self._full_key(key, component), None, check_timeout(timeout))
+
+    def wait_for_keys(
+        self,
+        key_pattern: str,
+        expected_count: int,
+        value: str = "1",
+        timeout: float = DEFAULT_WAIT_TIMEOUT,
+        candidate_keys: list[str] | None = None,
+        *,
+        component: str | None = None,
+    ) -> list[str]:
+        """See :meth:`KVStore.wait_for_keys`."""
+        prefix, regex = self._full_pattern(key_pattern, component)
+        wait = KeysWait(
+            prefix=prefix,
+            pattern=key_pattern,
+            regex=regex,
+            expected_count=check_expected_count(expected_count),
+            value=check_str_value(value, "value"),
+            timeout=check_timeout(timeout),
+            candidate_keys=candidate_keys,
+        )
+        return self._wait_for_keys(wait)
+
+    @abc.abstractmethod
+    def _wait_for_keys(self, wait: KeysWait) -> list[str]:
+        """:meth:`wait_for_keys` with its arguments checked (the backend's part)."""
+
+    def wait_for_value(
+        self,
+        key: str,
+        expected: str,
+        timeout: float = DEFAULT_WAIT_TIMEOUT,
+        *,
+        component: str | None = None,
+    ) -> bytes:
+        """See :meth:`KVStore.wait_for_value`."""
+        full = self._full_key(key, component)
+        want = check_str_value(expected, "expected")
+        return self._wait_for_value(full, want, check_timeout(timeout))
+
+    @abc.abstractmethod
+    def _wait_for_value(self, full_key: str, want: bytes | None, timeout: float) -> bytes:
+        """Wait until ``full_key`` (checked) exists, or with ``want`` holds ``want``;
+        return its value. The backend's part of :meth:`wait_for_key` and
+        :meth:`wait_for_value`; ``timeout`` is checked.
+
+        :raises KVTimeoutError: when ``timeout`` seconds pass first
+        """

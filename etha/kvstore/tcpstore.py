@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from etha.kvstore import keys as _keys
 from etha.kvstore.base import (
+    CheckedWaitsKVStore,
     KeysWait,
-    KVStore,
     check_bytes_value,
     check_str_value,
     check_timeout,
@@ -131,7 +131,7 @@ def _validate_candidates(candidate_keys: object, pattern: str) -> list[str]:
     return list(seen)
 
 
-class TCPStoreKVStore(KVStore):
+class TCPStoreKVStore(CheckedWaitsKVStore):
     """A :class:`~etha.kvstore.base.KVStore` on ``torch.distributed.TCPStore``.
 
     Either wraps an existing torch store (``store=``; it is not closed by :meth:`close`

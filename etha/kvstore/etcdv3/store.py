@@ -24,8 +24,8 @@ from pyetcd import etcdrpc
 from etha.kvstore import gateway_api as _gw
 from etha.kvstore import keys as _keys
 from etha.kvstore.base import (
+    CheckedWaitsKVStore,
     KeysWait,
-    KVStore,
     check_bytes_value,
     check_str_value,
 )
@@ -98,7 +98,7 @@ def gateway_add(client: EtcdClient, key: bytes, delta: int) -> int | None:
     return int(response.value)
 
 
-class EtcdKVStore(KVStore):
+class EtcdKVStore(CheckedWaitsKVStore):
     """KVStore on etcd v3.
 
     All stores of one process with the same connection settings share one
