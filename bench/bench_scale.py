@@ -47,13 +47,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
 import signal
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
@@ -70,6 +70,7 @@ from bench.common import (
     log,
     machine_info,
     percentile,
+    run_threads,
     sleep_until,
     tcpstore_server,
     utc_now,
@@ -308,29 +309,14 @@ def w_barrier(kind: str, info: dict[str, Any], round_id: int, n: int, go: float)
 
 
 def _tcpstore_barrier(ranks: dict[int, Any], base: str, n: int, go: float) -> list[float]:
-    done: list[float] = []
-    lock = threading.Lock()
-    errors: list[BaseException] = []
+    def one(store: Any) -> float:
+        sleep_until(go)
+        if store.add(f"{base}/arrived", 1) == n:
+            store.set(f"{base}/done", "1")
+        store.wait([f"{base}/done"], timedelta(seconds=ROUND_LIMIT))
+        return time.perf_counter()
 
-    def one(store: Any) -> None:
-        try:
-            sleep_until(go)
-            if store.add(f"{base}/arrived", 1) == n:
-                store.set(f"{base}/done", "1")
-            store.wait([f"{base}/done"], timedelta(seconds=ROUND_LIMIT))
-            with lock:
-                done.append(time.perf_counter())
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in ranks.values()]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return done
+    return run_threads([functools.partial(one, store) for store in ranks.values()])
 
 
 def w_add(info: dict[str, Any], key: str, n: int, go: float) -> list[tuple[int, float]]:
