@@ -2,7 +2,8 @@
 
 Every error the library raises derives from :class:`KVStoreError`. Where Python has a
 built-in exception with the same meaning, the etha class also derives from it, so that
-``except TimeoutError`` and ``except ValueError`` keep working as the API reference (docs/api) promises.
+``except TimeoutError`` and ``except ValueError`` keep working as the API reference
+(docs/api) promises.
 """
 
 from __future__ import annotations
