@@ -211,21 +211,30 @@ def test_etcd_leader_killed_mid_batch_the_txn_is_fenced_and_the_count_exact(
     tmp_path: Path, ranks_factory: Any
 ) -> None:
     """3 etcd members; the gateway talks to the leader first. The leader is SIGKILLed
-    while adds are in flight (the Txn's connection breaks: UNAVAILABLE after sending),
-    the fence goes to another member once a new leader is elected; the dead member is
-    restarted and the next leader killed until a fence is seen."""
+    while adds are in flight (the Txn's connection breaks: UNAVAILABLE after sending);
+    the fence goes to another member once the other two elect a leader.
+
+    The killed member stays down: etcd 3.5.0-3.5.2 can restart a member killed under
+    write load with writes missing (etcd-io/etcd#13766, fixed in 3.5.3), and the counter
+    would then be wrong for etcd's reasons. When the kill caught no Txn, the new leader
+    is SIGSTOPped instead (the one follower left has no quorum until SIGCONT), until a
+    fence is seen."""
     with etcd_cluster(tmp_path / "etcd", members=3, auth=True, start_timeout=90) as cluster:
         first = cluster.leader()
         order = [first.endpoint] + [n.endpoint for n in cluster.nodes if n is not first]
 
-        def kill_leader(cycle: int) -> None:
-            leader = first if cycle == 0 else cluster.leader()
-            leader.kill()
-            time.sleep(UPSTREAM_TIMEOUT_S)
-            leader.start()
-            cluster.wait_healthy(timeout=60, nodes=[leader])
+        def fail_leader(cycle: int) -> None:
+            if cycle == 0:
+                first.kill()
+                return
+            leader = cluster.leader()
+            leader.pause()
+            try:
+                time.sleep(PAUSE_S)
+            finally:
+                leader.resume()
 
-        _fence_under_faults(cluster, order, tmp_path, ranks_factory, kill_leader, 4)
+        _fence_under_faults(cluster, order, tmp_path, ranks_factory, fail_leader, 4)
 
 
 def _wait_stuck(ranks: CounterRanks, which: list[int], timeout: float = 15.0) -> None:
