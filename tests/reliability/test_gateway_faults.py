@@ -16,6 +16,8 @@ documented errors a client sees while a replica or etcd's leader is down
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import multiprocessing
 import time
@@ -34,6 +36,9 @@ from tests.reliability.conftest import wait_healthy_with_auth
 from tests.support.chaos import EtcdWorkload, FaultLog, full_scale, record, scaled, wait_until
 from tests.support.etcd_server import ROOT_USER, EtcdCluster
 from tests.support.etcd_users import root_client
+from tests.support.gateway import write_token_keys
+from tests.support.spawned import end_all, join_all
+from tests.support.tenants import root_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200 if full_scale() else 420)]
 
@@ -115,23 +120,22 @@ class RankProcesses:
 
     def wait_rounds(self, rounds: int, timeout: float = 180.0) -> None:
         """Block until every rank finished ``rounds`` rounds (all started and warm)."""
-        deadline = time.monotonic() + timeout
-        while min(self.progress[:]) < rounds:
-            dead = [p.name for p in self.procs if not p.is_alive()]
-            if dead:
+
+        def every_rank_there() -> bool:
+            if min(self.progress[:]) >= rounds:
+                return True
+            if dead := [p.name for p in self.procs if not p.is_alive()]:
                 raise RuntimeError(f"rank processes exited early: {dead}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"ranks at {self.progress[:]} after {timeout}s, want {rounds}")
-            time.sleep(0.1)
+            return False
+
+        wait_until(every_rank_there, timeout, f"every rank to finish {rounds} rounds")
 
     def stop(self) -> dict[str, Any]:
         """Every rank stops before the same round; their verified reports, merged."""
         # Ranks are at most one barrier apart and report progress every 50 ms: the
         # highest round seen + 3 is ahead of every rank and reachable by all.
         self.stop_at.value = self.max_round() + 3
-        deadline = time.monotonic() + BARRIER_TIMEOUT_S * 2 + 120
-        for proc in self.procs:
-            proc.join(max(0.1, deadline - time.monotonic()))
+        join_all(self.procs, BARRIER_TIMEOUT_S * 2 + 120)
         reports = []
         for proc, out in zip(self.procs, self.outs, strict=True):
             if proc.is_alive() or not out.exists():
@@ -144,11 +148,7 @@ class RankProcesses:
         return merged
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.kill()
-            if proc.pid is not None:
-                proc.join(10)
+        end_all(self.procs)
 
 
 def merge_reports(reports: list[dict[str, Any]], workers: int) -> dict[str, Any]:
@@ -238,44 +238,32 @@ class Tenant:
 @pytest.fixture
 def replicas(trio: EtcdCluster, tmp_path: Path) -> Iterator[list[Any]]:
     """Two gateway replicas (one token key file) in front of ``trio``; both stopped at the end."""
-    support = pytest.importorskip("tests.support.gateway")
-    keys = support.write_token_keys(tmp_path / "token.keys")
-    started: list[Any] = []
-    try:
-        for i in range(2):
-            gw = support.GatewayProcess(
-                trio.endpoints,
-                tmp_path / f"gateway-{i}",
-                username=ROOT_USER,
-                password=trio.root_password,
-                token_key_file=keys,
-                name=f"replica-{i}",
+    keys = write_token_keys(tmp_path / "token.keys")
+    with contextlib.ExitStack() as stack:
+        yield [
+            stack.enter_context(
+                root_gateway(
+                    trio, tmp_path / f"gateway-{i}", token_key_file=keys, name=f"replica-{i}"
+                )
             )
-            started.append(gw)
-            gw.start()
-        yield started
-    finally:
-        for gw in started:
-            gw.stop()
+            for i in range(2)
+        ]
 
 
 @pytest.fixture
 def ranks_factory(tmp_path: Path) -> Iterator[Any]:
     """Makes :class:`RankProcesses`; every process they started is ended at teardown."""
-    made: list[RankProcesses] = []
+    numbers = itertools.count()
+    with contextlib.ExitStack() as made:
 
-    def make(spec: dict[str, Any]) -> RankProcesses:
-        workdir = tmp_path / f"ranks-{len(made)}"
-        workdir.mkdir()
-        ranks = RankProcesses(workdir, spec)
-        made.append(ranks)
-        return ranks
+        def make(spec: dict[str, Any]) -> RankProcesses:
+            workdir = tmp_path / f"ranks-{next(numbers)}"
+            workdir.mkdir()
+            ranks = RankProcesses(workdir, spec)
+            made.callback(ranks.close)
+            return ranks
 
-    try:
         yield make
-    finally:
-        for ranks in made:
-            ranks.close()
 
 
 def _spec(trio: EtcdCluster, replicas: list[Any], tenant: Tenant, workers: int) -> dict[str, Any]:
