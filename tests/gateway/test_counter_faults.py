@@ -7,7 +7,11 @@ and at most that plus the adds whose outcome the library reported as unknown.
 
 The fence is observed in etcd's own history of the key: an add batch always changes the
 value (every delta is +1), so a put that leaves the value as it was (or puts ``0`` on a
-missing key) is a fence Txn that the gateway wrote after losing etcd's answer.
+missing key) is a fence Txn that the gateway wrote after losing etcd's answer. A fence
+that found the counter changed shows as the gateway's answer to the adds (FENCE_FAILED).
+
+Faults: etcd SIGSTOPped past the gateway's deadline; etcd's leader SIGKILLed (3
+members); a gateway replica SIGKILLed, or SIGSTOPped and then SIGKILLed, under 32 ranks.
 """
 
 from __future__ import annotations
