@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -36,6 +37,7 @@ from pyetcd import etcdrpc
 
 from etha.gateway.confine import check_range
 from etha.kvstore import gateway_api as api
+from etha.kvstore.etcdv3.transport import deadline_passed, never_sent
 
 if TYPE_CHECKING:
     from etha.gateway.registry import Tenant
@@ -47,6 +49,8 @@ log = logging.getLogger("etha.gateway.counter")
 MAX_BATCH = 4096
 #: Give up on a batch after this many lost compares in a row (callers see ABORTED).
 MAX_CONFLICTS = 1000
+#: Seconds to try a fence before the add's outcome is reported unknown.
+FENCE_BUDGET = 30.0
 _EQUAL = etcdrpc.Compare.EQUAL
 _MOD = etcdrpc.Compare.MOD
 _CREATE = etcdrpc.Compare.CREATE
@@ -97,13 +101,18 @@ def _compare(key: bytes, base: _Base) -> Any:
 
 def _is_ambiguous(exc: grpc.aio.AioRpcError) -> bool:
     """Might the Txn have been applied although we have no answer?"""
-    code = exc.code()
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED or code is grpc.StatusCode.CANCELLED:
+    code, details = exc.code(), exc.details() or ""
+    if deadline_passed(code, details) or code is grpc.StatusCode.CANCELLED:
         return True
-    if code is grpc.StatusCode.UNAVAILABLE:
-        details = (exc.details() or "").lower()
-        return not ("failed to connect" in details or "connection refused" in details)
-    return False
+    return code is grpc.StatusCode.UNAVAILABLE and not never_sent(details)
+
+
+#: The answer when an add may or may not have been applied. Never etcd's own words: a
+#: client reads "failed to connect" as "never sent" and would send the add again.
+MAYBE_APPLIED = (
+    "etha gateway: etcd's answer to an add was lost and the counter changed since;"
+    " the add may or may not have been applied: read the counter before retrying"
+)
 
 
 class _Key:
@@ -121,8 +130,20 @@ class Counters:
     """The ``Add`` handler of one gateway replica (see the module docstring)."""
 
     def __init__(self, ctx: GatewayContext) -> None:
+        from prometheus_client import Counter
+
         self.ctx = ctx
         self._keys: dict[bytes, _Key] = {}
+        registry = getattr(getattr(ctx, "metrics", None), "registry", None)
+        kwargs: dict[str, Any] = {} if registry is None else {"registry": registry}
+        self.fences = Counter(
+            "etha_gateway_add_fences",
+            "Adds whose etcd answer was lost, by what the fence found: kept_out (the lost"
+            " Txn can no longer apply; retried) or unknown (the caller is told it may have"
+            " been applied)",
+            ["outcome"],
+            **kwargs,
+        )
 
     async def add(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         """The ``Coordination.Add`` handler."""
@@ -225,29 +246,31 @@ class Counters:
         """After a lost answer: make sure the lost Txn never applies, or report it.
 
         :returns: the new base when the lost Txn provably did not apply
-        :raises AddFailed: UNAVAILABLE when it may have been applied
+        :raises AddFailed: UNAVAILABLE :data:`MAYBE_APPLIED` otherwise, whatever etcd
+            answered the fence (its error says nothing about the lost Txn)
         """
         value = str(base.value).encode()
         put = etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=value))
         read = etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key))
         fence = etcdrpc.TxnRequest(compare=[_compare(key, base)], success=[put], failure=[read])
-        for _ in range(10):
+        give_up = time.monotonic() + FENCE_BUDGET
+        while time.monotonic() < give_up:
             try:
                 response = await self.ctx.upstream.call("KV", "Txn", fence)
             except grpc.aio.AioRpcError as exc:
-                if _is_ambiguous(exc):
+                if _is_ambiguous(exc) or exc.code() is grpc.StatusCode.UNAVAILABLE:
                     # A fence applied twice is harmless; its compare keeps the lost Txn out.
                     await asyncio.sleep(0.1)
                     continue
-                raise AddFailed(exc.code(), exc.details() or "etcd refused the add") from None
+                log.warning("fence on a counter refused (%s); add outcome unknown", exc.code())
+                break
             if response.succeeded:
+                self.fences.labels("kept_out").inc()
                 return _Base(base.value, int(response.header.revision))
             break
-        raise AddFailed(
-            grpc.StatusCode.UNAVAILABLE,
-            "etha gateway: etcd's answer to an add was lost and the counter changed since;"
-            " the add may or may not have been applied: read the counter before retrying",
-        )
+        self.fences.labels("unknown").inc()
+        log.warning("an add's answer was lost and the counter moved on: outcome unknown")
+        raise AddFailed(grpc.StatusCode.UNAVAILABLE, MAYBE_APPLIED)
 
 
 __all__ = ["AddFailed", "Counters"]

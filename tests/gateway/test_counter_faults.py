@@ -35,9 +35,9 @@ from tests.support.gateway import GatewayProcess, register_tenant, write_token_k
 pytestmark = pytest.mark.timeout(180)
 
 KEY = "counter"
-#: The gateway's answer when a fence found the counter changed after the lost Txn's base
-#: (the Txn may have been applied). The gateway counts fences nowhere (no metric, no log),
-#: so this answer, as the library passes it on, is how a test sees that outcome.
+#: Part of the gateway's answer (etha.gateway.counter.MAYBE_APPLIED) when a fence found
+#: the counter changed after the lost Txn's base (the Txn may have been applied): how a
+#: rank, which sees only the library's error, knows that outcome.
 FENCE_FAILED = "etcd's answer to an add was lost and the counter changed since"
 #: The gateway's deadline for each etcd call: short, so a lost answer is noticed fast.
 UPSTREAM_TIMEOUT_S = 1.0
@@ -134,6 +134,16 @@ def check_exact(results: list[RankResult], final: int) -> tuple[int, int]:
     return len(values), unknown
 
 
+def _fences_counted(gw: GatewayProcess) -> dict[str, float]:
+    """``etha_gateway_add_fences_total`` by outcome, from the gateway's /metrics."""
+    counts = {"kept_out": 0.0, "unknown": 0.0}
+    for line in gw.metrics().splitlines():
+        for outcome in counts:
+            if line.startswith(f'etha_gateway_add_fences_total{{outcome="{outcome}"}} '):
+                counts[outcome] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
 def _fence_under_faults(
     cluster: EtcdCluster,
     endpoints: list[str],
@@ -185,6 +195,11 @@ def _fence_under_faults(
         )
         # Without a fence this test would prove nothing about fencing.
         assert found or fenced_unknown, f"no fence ran after {cycle} faults"
+        # The gateway's own count of fences agrees with what etcd and the ranks saw.
+        counted = _fences_counted(gw)
+        assert counted["kept_out"] + counted["unknown"] >= 1, counted
+        if fenced_unknown:
+            assert counted["unknown"] >= 1, counted
     finally:
         root.close()
         gw.stop()
