@@ -68,8 +68,16 @@ async def serve(settings: GatewaySettings) -> None:
         high_water=settings.etcd_space_high_water,
         interval=settings.etcd_space_poll,
     )
-    parts = (upstream, registry, quotas, signer, metrics, space)
-    ctx = GatewayContext(*parts, advertise=settings.advertise, tls=settings.tls)
+    ctx = GatewayContext(
+        upstream=upstream,
+        registry=registry,
+        quotas=quotas,
+        signer=signer,
+        metrics=metrics,
+        space=space,
+        advertise=settings.advertise,
+        tls=settings.tls,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
