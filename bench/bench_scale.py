@@ -438,6 +438,19 @@ class Setup:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
+    def settle(self, limit: float = 120.0) -> None:
+        """Return once etcd is idle again (under 5% of a core over a second), or after
+        ``limit`` seconds: a failed round may leave etcd sending for a while."""
+        etcd_proc = self.cluster.nodes[0].process
+        assert etcd_proc is not None
+        give_up = time.monotonic() + limit
+        while time.monotonic() < give_up:
+            before = proc_cpu(etcd_proc.pid)
+            time.sleep(1.0)
+            if proc_cpu(etcd_proc.pid) - before < 0.05:
+                return
+        log(f"etcd still busy {limit:.0f}s after a failed round; measuring anyway")
+
     def counters(self) -> dict[str, float]:
         etcd_url = f"{self.cluster.urls[0]}/metrics"
         gateway_pids = [gw.process.pid for gw in self.gateways if gw.process is not None]
@@ -562,9 +575,17 @@ def run_all(
     }
     direct_stopped: str | None = None
     t0 = time.perf_counter()
-    with Setup(replicas) as setup, Workers(procs) as workers:
+    with Setup(replicas) as setup, contextlib.ExitStack() as stack:
         setup.info["share"] = share
-        setup.rank_pids = [proc.pid for proc in workers.procs]
+
+        def fresh_workers() -> Workers:
+            # A worker that missed its deadline may still answer late: a pipe out of
+            # step is never reused, the processes are replaced.
+            pool = stack.enter_context(Workers(procs))
+            setup.rank_pids = [proc.pid for proc in pool.procs]
+            return pool
+
+        workers = fresh_workers()
         for n in sizes:
             for kind in kinds:
                 name = f"{kind}.N{n}"
@@ -579,8 +600,9 @@ def run_all(
                     first = f"{lines[0][:200]} {detail[:200]}".strip()
                     log(f"scale {name} FAILED: {first}")
                     result["results"][name] = {"error": first}
-                    with contextlib.suppress(Exception):
-                        workers.call(w_close, (), timeout=60)
+                    workers.close()
+                    workers = fresh_workers()
+                    setup.settle()
                     if kind == "direct":
                         direct_stopped = f"not run: the direct path failed at N={n} ({first[:80]})"
                     continue
