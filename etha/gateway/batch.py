@@ -15,6 +15,9 @@ How a Put travels (:meth:`PutBatcher.put`):
   batch, so two puts of one key are still applied in arrival order). A batch of one is
   a plain Put; a larger one is one Txn without compares, whose ``success`` ops are the
   queued ``PutRequest`` messages unchanged.
+* Under concurrent load (the previous batch carried more than one put) a flight waits
+  :data:`LINGER` before it takes the next batch, so that more puts share each Txn. A
+  caller alone, even one putting back to back, never waits.
 
 Why this is correct:
 
@@ -56,6 +59,9 @@ MAX_OPS = 128
 MAX_BYTES = 256 * 1024
 #: Upstream calls in flight before Puts start to queue.
 FLIGHTS = 1
+#: Under concurrent load (the previous batch carried more than one put), a flight waits
+#: this long before it takes the next batch, so that more puts share each Txn.
+LINGER = 0.002
 
 #: Failures of a batch that every put of it would have met alone.
 _SHARED_FAILURES = frozenset({
@@ -89,6 +95,7 @@ class PutBatcher:
     :param max_ops: puts per Txn at most
     :param max_bytes: bytes of puts per Txn at most (a larger put goes alone)
     :param flights: upstream calls in flight before puts queue
+    :param linger: seconds a flight waits under concurrent load before the next batch
     """
 
     def __init__(
@@ -98,6 +105,7 @@ class PutBatcher:
         max_ops: int = MAX_OPS,
         max_bytes: int = MAX_BYTES,
         flights: int = FLIGHTS,
+        linger: float = LINGER,
     ) -> None:
         if max_ops < 1 or flights < 1:
             raise ValueError("max_ops and flights must be at least 1")
@@ -105,6 +113,9 @@ class PutBatcher:
         self.max_ops = max_ops
         self.max_bytes = max_bytes
         self.flights = flights
+        self.linger = linger
+        #: puts in the batch sent last; 0 when no flight runs (a new burst starts at once)
+        self._last_size = 0
         self._queue: collections.deque[_Entry] = collections.deque()
         self._flying = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -154,12 +165,17 @@ class PutBatcher:
     async def _fly(self) -> None:
         try:
             while True:
+                if self._last_size > 1 and len(self._queue) < self.max_ops:
+                    await asyncio.sleep(self.linger)
                 batch = self._take()
                 if not batch:
                     return
+                self._last_size = len(batch)
                 await self._send(batch)
         finally:
             self._flying -= 1
+            if not self._flying:
+                self._last_size = 0
 
     def _take(self) -> list[_Entry]:
         """The next batch: queue order, unique keys, within the op and byte bounds."""
@@ -239,4 +255,4 @@ class PutBatcher:
             entry.future.set_result(response)
 
 
-__all__ = ["FLIGHTS", "MAX_BYTES", "MAX_OPS", "PutBatcher"]
+__all__ = ["FLIGHTS", "LINGER", "MAX_BYTES", "MAX_OPS", "PutBatcher"]
