@@ -35,7 +35,10 @@ warm-up round. etcd runs with ``--bcrypt-cost=4`` so that N direct log-ins (one 
 check each) finish before the barrier; log-ins are not part of any figure.
 
 The direct path is bounded: a round that does not finish within :data:`DIRECT_LIMIT`
-seconds (or fails) stops the direct path for larger N, and the table says so.
+seconds (or fails) stops the direct path for larger N, and so does a projection over
+the limit (its cost grows as N^2: a median of t seconds at N means about 4t at 2N);
+the table says which. A direct round left running would keep etcd busy under the
+rounds that follow it.
 
     python -m bench.bench_scale                 # full run (make bench-scale)
     python -m bench.bench_scale --sizes 256 1024 --repeats 2
@@ -539,6 +542,27 @@ def measure_add(setup: Setup, workers: Workers, n: int, repeats: int) -> dict[st
     return {"rounds": rounds}
 
 
+def _direct_projection(result: dict[str, Any], n: int) -> str | None:
+    """Why the direct path is not run at ``n``: its N^2 projection from the largest
+    smaller N measured is over :data:`DIRECT_LIMIT` (None: run it)."""
+    measured = [
+        (int(key.split(".N")[1]), data["rounds"])
+        for key, data in result["results"].items()
+        if key.startswith("direct.") and data.get("rounds")
+    ]
+    smaller = [(m, rounds) for m, rounds in measured if m < n]
+    if not smaller:
+        return None
+    m, rounds = max(smaller)
+    projected = percentile([r["wall"] for r in rounds], 50) * (n / m) ** 2
+    if projected <= DIRECT_LIMIT:
+        return None
+    return (
+        f"not run: projected {projected:.0f} s from N={m:,} (N^2), over the"
+        f" {DIRECT_LIMIT:.0f} s limit"
+    )
+
+
 def _txns(url: str) -> float:
     text = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310
     return sum(
@@ -591,6 +615,11 @@ def run_all(
                 name = f"{kind}.N{n}"
                 if kind == "direct" and direct_stopped:
                     result["results"][name] = {"skipped": direct_stopped}
+                    continue
+                if kind == "direct" and (prior := _direct_projection(result, n)):
+                    direct_stopped = prior
+                    result["results"][name] = {"skipped": prior}
+                    log(f"scale {name}: {prior}")
                     continue
                 try:
                     data = measure(setup, workers, kind, n, repeats)
