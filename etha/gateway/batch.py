@@ -78,6 +78,13 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _fail(batch: list[_Entry], exc: BaseException) -> None:
+    """Every caller of ``batch`` still waiting gets ``exc``."""
+    for entry in batch:
+        if not entry.future.done():
+            entry.future.set_exception(exc)
+
+
 class _Entry:
     __slots__ = ("future", "request", "size", "timeout")
 
@@ -119,9 +126,6 @@ class PutBatcher:
         self._queue: collections.deque[_Entry] = collections.deque()
         self._flying = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        #: upstream calls made, and puts they carried (for metrics and tests)
-        self.calls = 0
-        self.puts = 0
 
     def batchable(self, request: Any) -> bool:
         """Whether ``request`` may share a Txn (see the module docstring)."""
@@ -136,8 +140,6 @@ class PutBatcher:
             when that answer concerns every put of it, see the module docstring)
         """
         if not self.batchable(request):
-            self.calls += 1
-            self.puts += 1
             return await self._call("KV", "Put", request, timeout=timeout)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)
@@ -156,11 +158,6 @@ class PutBatcher:
             if not future.done():
                 future.cancel()
             raise
-
-    async def close(self) -> None:
-        """Wait for the batches in flight (new puts are still accepted)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _fly(self) -> None:
         try:
@@ -204,8 +201,6 @@ class PutBatcher:
     async def _send(self, batch: list[_Entry]) -> None:
         timeouts = [e.timeout for e in batch]
         timeout = None if None in timeouts else max(t for t in timeouts if t is not None)
-        self.calls += 1
-        self.puts += len(batch)
         if len(batch) == 1:
             await self._settle(batch[0], timeout)
             return
@@ -214,12 +209,9 @@ class PutBatcher:
             response = await self._call("KV", "Txn", txn, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _SHARED_FAILURES:
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(exc)
+                _fail(batch, exc)
                 return
             # Perhaps about the batch, not the puts: each put alone gets its own answer.
-            self.calls += len(batch)
             await asyncio.gather(*(self._settle(e, e.timeout) for e in batch))
             return
         except asyncio.CancelledError:
@@ -227,9 +219,7 @@ class PutBatcher:
                 entry.future.cancel()
             raise
         except Exception as exc:
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(exc)
+            _fail(batch, exc)
             return
         for entry, op in zip(batch, response.responses, strict=True):
             if entry.future.done():
@@ -248,8 +238,7 @@ class PutBatcher:
         try:
             response = await self._call("KV", "Put", entry.request, timeout=timeout)
         except Exception as exc:
-            if not entry.future.done():
-                entry.future.set_exception(exc)
+            _fail([entry], exc)
             return
         if not entry.future.done():
             entry.future.set_result(response)
