@@ -130,20 +130,8 @@ class Counters:
     """The ``Add`` handler of one gateway replica (see the module docstring)."""
 
     def __init__(self, ctx: GatewayContext) -> None:
-        from prometheus_client import Counter
-
         self.ctx = ctx
         self._keys: dict[bytes, _Key] = {}
-        registry = getattr(getattr(ctx, "metrics", None), "registry", None)
-        kwargs: dict[str, Any] = {} if registry is None else {"registry": registry}
-        self.fences = Counter(
-            "etha_gateway_add_fences",
-            "Adds whose etcd answer was lost, by what the fence found: kept_out (the lost"
-            " Txn can no longer apply; retried) or unknown (the caller is told it may have"
-            " been applied)",
-            ["outcome"],
-            **kwargs,
-        )
 
     async def add(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         """The ``Coordination.Add`` handler."""
@@ -265,10 +253,10 @@ class Counters:
                 log.warning("fence on a counter refused (%s); add outcome unknown", exc.code())
                 break
             if response.succeeded:
-                self.fences.labels("kept_out").inc()
+                self.ctx.metrics.add_fences.labels("kept_out").inc()
                 return _Base(base.value, int(response.header.revision))
             break
-        self.fences.labels("unknown").inc()
+        self.ctx.metrics.add_fences.labels("unknown").inc()
         log.warning("an add's answer was lost and the counter moved on: outcome unknown")
         raise AddFailed(grpc.StatusCode.UNAVAILABLE, MAYBE_APPLIED)
 

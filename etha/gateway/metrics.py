@@ -56,6 +56,14 @@ class GatewayMetrics:
         self.watches_open = Gauge(
             "etha_gateway_watches_open", "Open watches, by tenant", ["tenant"], registry=r
         )
+        self.add_fences = Counter(
+            "etha_gateway_add_fences",
+            "Adds whose etcd answer was lost, by what the fence found: kept_out (the lost"
+            " Txn can no longer apply; retried) or unknown (the caller is told it may have"
+            " been applied)",
+            ["outcome"],
+            registry=r,
+        )
         self._request_children: dict[tuple[str, str, str], Any] = {}
         self._seconds_children: dict[str, Any] = {}
         self._upstream_children: dict[str, Any] = {}
