@@ -30,7 +30,7 @@ from etha.kvstore.etcdv3.transport import (
     CHANNEL_OPTIONS,
     STUBS,
     Step,
-    is_token_error,
+    is_conditional,
     next_step,
 )
 
@@ -44,11 +44,6 @@ _RETRYABLE = frozenset({
 })  # fmt: skip
 _ATTEMPT_SHARE = 1 / 3
 _MIN_ATTEMPT = 1.0
-
-
-def is_conditional(service: str, method: str, request: Any) -> bool:
-    """A Txn with compares: re-sending one that was applied would apply it twice."""
-    return service == "KV" and method == "Txn" and len(request.compare) > 0
 
 
 def _retryable(service: str, method: str, request: Any) -> bool:
@@ -297,4 +292,4 @@ class Upstream:
             await channel.close()
 
 
-__all__ = ["Upstream", "is_conditional", "is_token_error"]
+__all__ = ["Upstream"]
