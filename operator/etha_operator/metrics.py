@@ -20,10 +20,12 @@ from typing import Any, TypeVar, cast
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
 
+from etha_operator.model import Phase
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Phases of a KVNamespace; an object without a status yet counts as Pending.
-PHASES = ("Pending", "Ready", "JobEnded", "Cleaned", "Revoked", "Failed")
+PHASES = tuple(phase.value for phase in Phase)
 #: Why keys were deleted.
 JOB_END, FINALIZER, AUDIT = "job_end", "finalizer", "audit"
 
