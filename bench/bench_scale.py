@@ -367,8 +367,12 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _metric_sum(url: str, name: str) -> float:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310
+def _metrics_page(url: str) -> str:
+    return str(urllib.request.urlopen(url, timeout=10).read().decode())  # noqa: S310
+
+
+def _metric_sum(text: str, name: str) -> float:
+    """The sum of metric ``name`` over all its label sets in a ``/metrics`` page."""
     pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", re.M)
     return sum(float(m.group(1)) for m in pattern.finditer(text))
 
@@ -455,7 +459,9 @@ class Setup:
         log(f"etcd still busy {limit:.0f}s after a failed round; measuring anyway")
 
     def counters(self) -> dict[str, float]:
-        etcd_url = f"{self.cluster.urls[0]}/metrics"
+        from tests.support.etcd_metrics import handled
+
+        etcd_page = _metrics_page(f"{self.cluster.urls[0]}/metrics")
         gateway_pids = [gw.process.pid for gw in self.gateways if gw.process is not None]
         etcd_proc = self.cluster.nodes[0].process
         assert etcd_proc is not None
@@ -463,10 +469,12 @@ class Setup:
             "etcd_cpu": proc_cpu(etcd_proc.pid),
             "gateway_cpu": sum(proc_cpu(pid) for pid in gateway_pids),
             "ranks_cpu": sum(proc_cpu(pid) for pid in self.rank_pids),
-            "etcd_msgs": _metric_sum(etcd_url, "grpc_server_msg_sent_total"),
-            "etcd_events": _metric_sum(etcd_url, "etcd_debugging_mvcc_events_total"),
+            "etcd_msgs": _metric_sum(etcd_page, "grpc_server_msg_sent_total"),
+            "etcd_events": _metric_sum(etcd_page, "etcd_debugging_mvcc_events_total"),
+            "etcd_txns": handled(etcd_page, "Txn"),
             "gateway_msgs": sum(
-                _metric_sum(gw.metrics_url, "etha_gateway_requests_total") for gw in self.gateways
+                _metric_sum(_metrics_page(gw.metrics_url), "etha_gateway_requests_total")
+                for gw in self.gateways
             ),
         }
 
@@ -521,8 +529,6 @@ def measure_add(setup: Setup, workers: Workers, n: int, repeats: int) -> dict[st
         for index in range(repeats + 1):
             key = f"adds/{uuid.uuid4().hex[:8]}"
             before = setup.counters()
-            etcd_url = f"{setup.cluster.urls[0]}/metrics"
-            txn_before = _txns(etcd_url)
             go = time.perf_counter() + 0.5
             out = workers.call(w_add, {w: (info, key, n, go) for w in plan}, timeout=ROUND_LIMIT)
             flat = [x for per in out for x in per]
@@ -532,7 +538,6 @@ def measure_add(setup: Setup, workers: Workers, n: int, repeats: int) -> dict[st
             after = setup.counters()
             figures = {k: after[k] - before[k] for k in after}
             figures["wall"] = max(t for _, t in flat) - go
-            figures["etcd_txns"] = _txns(etcd_url) - txn_before
             log(f"scale add N={n} round {index}: wall {figures['wall']:.2f}s,"
                 f" {figures['etcd_txns']:.0f} txns, etcd cpu {figures['etcd_cpu']:.2f}s")  # fmt: skip
             if index > 0:
@@ -560,15 +565,6 @@ def _direct_projection(result: dict[str, Any], n: int) -> str | None:
     return (
         f"not run: projected {projected:.0f} s from N={m:,} (N^2), over the"
         f" {DIRECT_LIMIT:.0f} s limit"
-    )
-
-
-def _txns(url: str) -> float:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310
-    return sum(
-        float(m.group(2))
-        for m in re.finditer(r"^grpc_server_handled_total\{([^}]*)\} (\S+)$", text, re.M)
-        if 'grpc_method="Txn"' in m.group(1)
     )
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import re
 import time
-import urllib.request
 from collections.abc import Callable
 
 import grpc
@@ -18,20 +16,12 @@ from etha.kvstore.errors import KVStoreError
 from etha.kvstore.etcd import coordination_supported, gateway_add
 from etha.kvstore.etcd_client import EtcdClient, normalize_endpoints
 from tests.gateway.conftest import TenantCreds, tenant_client
+from tests.support.etcd_metrics import handled_calls
 from tests.support.etcd_server import EtcdCluster
 from tests.support.gateway import GatewayProcess
 
 PROCESSES = 64
 ADDS_EACH = 8
-
-
-def etcd_txns(cluster: EtcdCluster) -> float:
-    """Txn calls etcd has handled (its own ``grpc_server_handled_total``)."""
-    text = urllib.request.urlopen(f"{cluster.urls[0]}/metrics", timeout=10).read().decode()  # noqa: S310
-    pattern = re.compile(r"^grpc_server_handled_total\{([^}]*)\} (\S+)$", re.M)
-    return sum(
-        float(m.group(2)) for m in pattern.finditer(text) if 'grpc_method="Txn"' in m.group(1)
-    )
 
 
 def _adder(env: dict[str, str], key: str, count: int, go: float) -> list[int]:
@@ -73,10 +63,10 @@ def test_adds_of_64_processes_are_exact_in_few_transactions(
     with ctx.Pool(PROCESSES) as pool:
         # Warm the pool (imports torch once per process) before counting transactions.
         pool.starmap(_adder, [(env, "warm", 0, 0.0)] * PROCESSES, chunksize=1)
-        txns_before = etcd_txns(etcd_auth)
+        txns_before = handled_calls(etcd_auth, "Txn")["Txn"]
         go = time.perf_counter() + 2.0
         results = pool.starmap(_adder, [(env, "counter", ADDS_EACH, go)] * PROCESSES, chunksize=1)
-        txns = etcd_txns(etcd_auth) - txns_before
+        txns = handled_calls(etcd_auth, "Txn")["Txn"] - txns_before
     total = PROCESSES * ADDS_EACH
     flat = sorted(v for per in results for v in per)
     # Linearizable: every add saw a distinct value, and together they are exactly 1..total.

@@ -27,7 +27,7 @@ Factory = Callable[..., TenantCreds]
 
 def _etcd_calls(cluster: EtcdCluster) -> dict[str, float]:
     """etcd's count of handled KV.Put and KV.Txn calls (its own metrics)."""
-    return {method: handled_calls(cluster, method) for method in ("Put", "Txn")}
+    return handled_calls(cluster, "Put", "Txn")
 
 
 async def _ranks_put(
